@@ -1,0 +1,202 @@
+"""Frozen configuration: the model's architecture, the KV cache and the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a decoder-only transformer, normalised across model families.
+
+    Built from a Hugging Face ``config.json`` dict (``from_hf_dict``) or from GGUF metadata
+    (the GGUF reader produces an HF-style dict first). ``hf`` keeps the original dict for
+    family-specific fields.
+    """
+
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # e.g. "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    hf: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else _ARCH_FROM_TYPE.get(d.get("model_type", ""), "")
+        heads = _first(d, "num_attention_heads", "n_head", "num_heads")
+        hidden = _first(d, "hidden_size", "n_embd", "d_model")
+        kv_heads = _first(d, "num_key_value_heads", "multi_query_group_num", default=None)
+        if d.get("multi_query_attention") is False:
+            kv_heads = heads
+        if kv_heads is None:
+            kv_heads = heads
+        head_dim = d.get("head_dim") or d.get("kv_channels") or hidden // heads
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", True) else None
+        return cls(
+            architecture=arch,
+            model_type=d.get("model_type", ""),
+            vocab_size=_first(d, "vocab_size", "padded_vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_first(d, "intermediate_size", "ffn_hidden_size", "ffn_dim", default=4 * hidden),
+            num_hidden_layers=_first(d, "num_hidden_layers", "num_layers", "n_layer"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            max_position_embeddings=_first(
+                d, "max_position_embeddings", "seq_length", "n_positions", default=4096
+            ),
+            rms_norm_eps=_first(d, "rms_norm_eps", "layernorm_epsilon", "layer_norm_epsilon", default=1e-6),
+            rope_theta=float(_rope_theta(d)),
+            rope_scaling=_rope_scaling(d),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", False) or d.get("add_qkv_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            hidden_act=d.get("hidden_act") or d.get("activation_function") or "silu",
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=eos_ids,
+            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
+            hf=dict(d),
+        )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+_ARCH_FROM_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "opt": "OPTForCausalLM",
+    "chatglm": "ChatGLMModel",
+    "glm": "GlmForCausalLM",
+}
+
+
+def _first(d: dict[str, Any], *keys: str, default: Any = KeyError) -> Any:
+    for k in keys:
+        if d.get(k) is not None:
+            return d[k]
+    if default is KeyError:
+        raise KeyError(f"config is missing all of {keys}")
+    return default
+
+
+def _rope_theta(d: dict[str, Any]) -> float:
+    if d.get("rope_theta") is not None:
+        return d["rope_theta"]
+    params = d.get("rope_parameters") or {}
+    if isinstance(params, dict) and params.get("rope_theta") is not None:
+        return params["rope_theta"]
+    return 10000.0 * float(d.get("rope_ratio", 1.0))
+
+
+def _rope_scaling(d: dict[str, Any]) -> dict[str, Any] | None:
+    rs = d.get("rope_scaling")
+    if rs is None:
+        params = d.get("rope_parameters")
+        if isinstance(params, dict) and params.get("rope_type", "default") != "default":
+            rs = params
+    if not rs:
+        return None
+    rs = dict(rs)
+    kind = rs.get("rope_type") or rs.get("type") or "default"
+    if kind == "default":
+        return None
+    rs["rope_type"] = kind
+    return rs
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    # Either an explicit number of blocks, or a memory budget from which it is derived.
+    num_blocks: int | None = None
+    memory_budget_bytes: int | None = None  # CPU default: see EngineConfig
+    gpu_memory_utilization: float = 0.90
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 8192
+    max_model_len: int | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    seed: int = 0
+    enforce_eager: bool = False  # disable CUDA graphs
+    attention_backend: str = "auto"  # auto | reference | triton | triton-sync
+    linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
+    calibration: str = "auto"  # auto | off | path to a calibration JSON
+    load_format: str = "auto"
+    random_weights: bool = False  # build from config with random weights (benchmarks)
+    show_progress: bool = True
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from fdpp.errors import FdppError
+
+        raise FdppError(f"device={device!r} was requested but no CUDA GPU is visible; use device='cpu'")
+    return dev
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device, model_dtype: str | None = None) -> torch.dtype:
+    """``auto`` means float32 on the CPU (fast and exact there) and the checkpoint's half type on a GPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if model_dtype in ("bfloat16", "float16"):
+            return _DTYPES[model_dtype]
+        return torch.float16
+    if dtype not in _DTYPES:
+        from fdpp.errors import FdppError
+
+        raise FdppError(f"unknown dtype {dtype!r}; choose one of auto, float32, float16, bfloat16")
+    return _DTYPES[dtype]
