@@ -1,0 +1,392 @@
+"""ImplA of the heuristic dataflow: GEMV on CUDA cores for the smallest M (FastGEMV style).
+
+``y[M, N] = x[M, K] @ W[N, K]^T`` with W in its loaded (row-major [N, K]) layout. Each program owns
+``BLOCK_N`` rows of W and streams them along K in ``BLOCK_K`` chunks with wide (16-byte) loads; the
+math is broadcast-multiply + ``tl.sum`` in fp32 on the CUDA cores (no ``tl.dot``: M is far below the
+smallest tensor-core tile). For M == 1 the partial products are kept in a [BLOCK_N, BLOCK_K] fp32
+accumulator and reduced once after the loop (FastGEMV's deferred reduction); for 1 < M the x rows form
+a small [BLOCK_M, BLOCK_K] register tile and each chunk is reduced into [BLOCK_M, BLOCK_N].
+
+When N alone gives too few programs to fill the SMs, ``SPLIT_K`` programs share a row block: each
+writes an fp32 partial into a workspace ``[SPLIT_K, M, N]`` and a second small kernel
+(``splitk_epilogue_kernel``) sums the partials and applies the epilogue. The 2-pass reduction needs no
+zero-filled buffer and no atomics, so results are deterministic.
+
+Epilogues (fused into the last pass): bias, ``silu_and_mul`` (W is a fused [gate; up] of 2F rows; the
+program loads gate rows j and up rows j + F and writes silu(gate) * up), residual add.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTS = (None, "silu_and_mul")
+
+
+@triton.jit
+def _epilogue_store(
+    acc,
+    acc_up,
+    offs_m,
+    offs_n,
+    M,
+    N_OUT,
+    F,
+    bias_ptr,
+    res_ptr,
+    out_ptr,
+    stride_rm,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    IS_GATED: tl.constexpr,
+):
+    """Bias, SiLU(gate) * up and residual on an fp32 tile, then one cast and store.
+
+    ``offs_m`` and ``offs_n`` are any mutually broadcastable index tensors (a scalar row and a [BLOCK_N]
+    vector for the M == 1 GEMV, [BLOCK_M, 1] x [1, BLOCK_N] or the transposed [1, BLOCK_M] x [BLOCK_N, 1]
+    of the flat GEMM). ``acc_up`` is ignored unless IS_GATED.
+    """
+    mask_n = offs_n < N_OUT
+    mask = (offs_m < M) & mask_n
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if IS_GATED:
+            acc_up += tl.load(bias_ptr + F + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if IS_GATED:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
+    if HAS_RESIDUAL:
+        acc += tl.load(res_ptr + offs_m * stride_rm + offs_n, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_m * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gemv_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] (N = 2F when gated)
+    bias_ptr,  # [N] or dummy
+    res_ptr,  # [M, N_OUT] or dummy
+    out_ptr,  # [M, N_OUT]
+    ws_ptr,  # [SPLIT_K, M, N] fp32 workspace or dummy
+    M,
+    N_OUT,  # output columns computed here: F when gated, else N
+    K,
+    F,  # row offset of the "up" half of a gated weight
+    stride_xm,
+    stride_wn,
+    stride_rm,
+    stride_om,
+    KB_PER_SPLIT,  # number of BLOCK_K chunks each split walks
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    IS_GATED: tl.constexpr,
+    USE_WORKSPACE: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # NOTE: out-of-range rows wrap around instead of being masked: they load valid memory, their
+    # results are dropped by the store mask, and the hot loop keeps unmasked row addressing.
+    rows = offs_n % N_OUT
+    k_start = pid_k * KB_PER_SPLIT * BLOCK_K
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    if IS_GATED:
+        w_rows_up = w_ptr + (rows + F)[:, None].to(tl.int64) * stride_wn
+
+    if BLOCK_M == 1:
+        m = pid_m
+        x_row = x_ptr + m * stride_xm
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc2_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for kb in range(0, KB_PER_SPLIT):
+            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * xv[None, :]
+            if IS_GATED:
+                w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                acc2_up += w_up.to(tl.float32) * xv[None, :]
+        acc = tl.sum(acc2, axis=1)  # [BLOCK_N]
+        acc_up = tl.sum(acc2_up, axis=1)
+        offs_m_e = tl.zeros([BLOCK_N], dtype=tl.int32) + m  # a tensor: masks stay vector-shaped
+        offs_n_e = offs_n
+    else:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kb in range(0, KB_PER_SPLIT):
+            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            xv = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+            if IS_GATED:
+                w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+                acc_up += tl.sum(xv[:, None, :] * w_up[None, :, :], axis=2)
+        offs_m_e = offs_m[:, None]
+        offs_n_e = offs_n[None, :]
+
+    if USE_WORKSPACE:
+        # Raw fp32 partial of this K split; splitk_epilogue_kernel finishes the job.
+        mask = (offs_m_e < M) & (offs_n_e < N_OUT)
+        tl.store(ws_ptr + (pid_k * M + offs_m_e) * N_OUT + offs_n_e, acc, mask=mask)
+    else:
+        _epilogue_store(
+            acc, acc_up, offs_m_e, offs_n_e, M, N_OUT, F, bias_ptr, res_ptr, out_ptr,
+            stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL, IS_GATED,
+        )
+
+
+@triton.jit
+def splitk_epilogue_kernel(
+    ws_ptr,  # [num_splits, M, N_WS] fp32 partial sums
+    bias_ptr,
+    res_ptr,
+    out_ptr,  # [M, N_OUT]
+    M,
+    N_OUT,
+    N_WS,  # row length of the workspace: 2F when gated, else N_OUT
+    F,
+    NUM_SPLITS,
+    stride_rm,
+    stride_om,
+    BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    IS_GATED: tl.constexpr,
+):
+    """Second pass of split-K: sum the fp32 partials of one output row block, apply the epilogue."""
+    m = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask_n = offs_n < N_OUT
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, NUM_SPLITS):
+        row = ws_ptr + (s * M + m) * N_WS
+        acc += tl.load(row + offs_n, mask=mask_n, other=0.0)
+        if IS_GATED:
+            acc_up += tl.load(row + F + offs_n, mask=mask_n, other=0.0)
+    offs_m = tl.zeros([BLOCK], dtype=tl.int32) + m
+    _epilogue_store(
+        acc, acc_up, offs_m, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr,
+        stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL, IS_GATED,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared wrapper helpers (also used by flat_gemm.py)
+# ----------------------------------------------------------------------------------------------------
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_linear_args(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    act: str | None,
+) -> tuple[int, int, int, int]:
+    """Validate the inputs of a linear kernel; returns (M, N, K, N_OUT).
+
+    x must be a 2-D [M, K] tensor and weight [N, K], both of one supported dtype, on one device, with
+    unit stride along K. ``act="silu_and_mul"`` needs an even N (fused [gate; up]) and gives N_OUT = N/2.
+    """
+    if act not in ACTS:
+        raise ValueError(f"{op}: act={act!r} is not supported; use one of {ACTS}")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"{op}: expected x [M, K] and weight [N, K], got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    M, K = x.shape
+    N, Kw = weight.shape
+    if K != Kw:
+        raise ValueError(f"{op}: x has K={K} columns but weight has K={Kw}; weight must be [N, K]")
+    if x.dtype not in _SUPPORTED_DTYPES or weight.dtype != x.dtype:
+        raise TypeError(
+            f"{op}: x and weight must share one dtype of {_SUPPORTED_DTYPES}, got {x.dtype} and {weight.dtype}"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"{op}: x and weight need unit stride along K; call .contiguous() first")
+    n_out = N
+    if act == "silu_and_mul":
+        if N % 2:
+            raise ValueError(f"{op}: act='silu_and_mul' needs a fused [gate; up] weight with even N, got N={N}")
+        n_out = N // 2
+    if bias is not None:
+        if bias.shape != (N,) or bias.dtype != x.dtype or bias.device != x.device or bias.stride(0) != 1:
+            raise ValueError(
+                f"{op}: bias must be a contiguous [{N}] {x.dtype} tensor on {x.device}, got "
+                f"{tuple(bias.shape)} {bias.dtype} on {bias.device}"
+            )
+    if residual is not None:
+        if residual.shape != (M, n_out) or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"{op}: residual must be [{M}, {n_out}] {x.dtype} on {x.device}, got "
+                f"{tuple(residual.shape)} {residual.dtype} on {residual.device}"
+            )
+        if residual.stride(1) != 1:
+            raise ValueError(f"{op}: residual needs unit stride along its last dim; call .contiguous() first")
+    return M, N, K, n_out
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Multiprocessor count of ``device`` (cached; 1 off CUDA, where the interpreter runs)."""
+    if device.type != "cuda":
+        return 1
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _NUM_SMS.get(idx)
+    if n is None:
+        n = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+def launch_splitk_epilogue(
+    ws: torch.Tensor,
+    num_splits: int,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    out: torch.Tensor,
+    n_ws: int,
+    is_gated: bool,
+) -> None:
+    """Reduce the fp32 partials in ``ws`` [num_splits, M, n_ws] into ``out`` [M, N_OUT] with the epilogue."""
+    M, n_out = out.shape
+    block = min(1024, triton.next_power_of_2(n_out))
+    grid = (M, triton.cdiv(n_out, block))
+    splitk_epilogue_kernel[grid](
+        ws,
+        bias if bias is not None else out,
+        residual if residual is not None else out,
+        out,
+        M,
+        n_out,
+        n_ws,
+        n_out if is_gated else 0,
+        num_splits,
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        BLOCK=block,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        IS_GATED=is_gated,
+        num_warps=4,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# GEMV wrapper
+# ----------------------------------------------------------------------------------------------------
+
+GEMV_MAX_BLOCK_M = 16
+
+
+def default_gemv_config(n_out: int, k: int, m: int, sms: int = 132) -> dict:
+    """A reasonable GEMV config when no tuned one is given: enough programs for ~4 per SM, split-K otherwise."""
+    block_m = min(triton.next_power_of_2(max(m, 1)), 8)
+    block_k = max(64, min(512, 2048 // block_m))
+    block_n = 16 if block_m == 1 else 8
+    progs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
+    split_k = 1
+    num_kb = triton.cdiv(k, block_k)
+    while progs * split_k < 2 * sms and split_k * 2 <= num_kb and split_k < 8:
+        split_k *= 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": 4}
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """``epilogue(x @ weight.T)`` on CUDA cores. x [M, K], weight [N, K]; returns [M, N] or [M, N/2] (gated).
+
+    ``config`` keys (all optional): BLOCK_M (max rows of x per program, power of 2), BLOCK_N, BLOCK_K,
+    SPLIT_K, num_warps, num_stages. Missing keys come from ``default_gemv_config``.
+    """
+    M, N, K, n_out = check_linear_args("gemv", x, weight, bias, residual, act)
+    is_gated = act == "silu_and_mul"
+    out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    cfg = default_gemv_config(n_out, K, M, num_sms(x.device))
+    if config:
+        cfg.update(config)
+    block_m = min(triton.next_power_of_2(M), int(cfg["BLOCK_M"]), GEMV_MAX_BLOCK_M)
+    block_n, block_k = int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+    num_kb = triton.cdiv(K, block_k)
+    kb_per_split = triton.cdiv(num_kb, max(1, int(cfg.get("SPLIT_K", 1))))
+    num_splits = triton.cdiv(num_kb, kb_per_split)  # no empty splits
+    use_ws = num_splits > 1
+    # With split-K the workspace holds the raw [M, N] product; gating happens in the second pass.
+    n_ws = N
+    ws = torch.empty((num_splits, M, n_ws), device=x.device, dtype=torch.float32) if use_ws else out
+    kernel_n = n_ws if use_ws else n_out
+    grid = (triton.cdiv(kernel_n, block_n), triton.cdiv(M, block_m), num_splits)
+    gemv_kernel[grid](
+        x,
+        weight,
+        bias if bias is not None else out,
+        residual if residual is not None else out,
+        out,
+        ws,
+        M,
+        kernel_n,
+        K,
+        n_out if is_gated else 0,
+        x.stride(0),
+        weight.stride(0),
+        residual.stride(0) if residual is not None else 0,
+        out.stride(0),
+        kb_per_split,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        HAS_BIAS=bias is not None and not use_ws,
+        HAS_RESIDUAL=residual is not None and not use_ws,
+        IS_GATED=is_gated and not use_ws,
+        USE_WORKSPACE=use_ws,
+        num_warps=int(cfg.get("num_warps", 4)),
+        num_stages=int(cfg.get("num_stages", 2)),
+    )
+    if use_ws:
+        launch_splitk_epilogue(ws, num_splits, bias, residual, out, n_ws, is_gated)
+    return out
+
+
+def gemv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+) -> torch.Tensor:
+    """Plain-PyTorch float64 reference of every linear kernel here (returns float64)."""
+    y = x.double() @ weight.double().T
+    if bias is not None:
+        y = y + bias.double()
+    if act == "silu_and_mul":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is not None:
+        y = y + residual.double()
+    return y
