@@ -1,0 +1,85 @@
+"""Flags shared by the commands that load a model or sample."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default=None,
+                   help="Hugging Face folder, .gguf file, or preset name (llama-2-7b, llama-2-13b, llama-3-8b, "
+                   "... with random weights). Default: the embedded SmolLM2-135M-Instruct.")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="compute dtype (auto: float32 on CPU, the checkpoint's half type on GPU)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
+    g.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default: 1 GiB on CPU; GPU: from --gpu-memory-utilization)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory fdpp may use (weights + activations + KV cache)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "triton-sync"],
+                   help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
+    g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
+                   help="linear layer implementation (auto: the tuned lookup table on GPU)")
+    g.add_argument("--calibration", default="auto",
+                   help="unified-max calibration: auto (cached, made on first use), off, or a JSON path")
+    g.add_argument("--seed", type=int, default=0, help="global random seed")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help="most tokens to generate per prompt")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (-1: off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="penalise tokens already seen (>1)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI presence penalty")
+    g.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI frequency penalty")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--seed-sampling", type=int, default=None, dest="sampling_seed",
+                   help="per-request sampling seed (reproducible sampling)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def llm_from_args(args: argparse.Namespace) -> Any:
+    from fdpp.llm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        attention_backend=args.attention_backend,
+        linear_backend=args.linear_backend,
+        calibration=args.calibration,
+        seed=args.seed,
+        show_progress=not args.quiet,
+    )
+    if args.kv_cache_memory is not None:
+        kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
+    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs)
+
+
+def sampling_from_args(args: argparse.Namespace) -> Any:
+    from fdpp.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        stop=args.stop,
+        seed=args.sampling_seed,
+        ignore_eos=args.ignore_eos,
+    )

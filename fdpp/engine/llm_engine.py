@@ -1,0 +1,322 @@
+"""The engine: requests in, one scheduled step at a time, outputs out (vLLM's add_request / step)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from fdpp.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from fdpp.engine.block_manager import BlockManager
+from fdpp.engine.model_runner import ModelRunner, kv_bytes_per_token, num_blocks_for_budget
+from fdpp.engine.scheduler import Scheduler
+from fdpp.engine.sequence import Sequence
+from fdpp.errors import CacheTooSmallError, FdppError, InvalidRequestError
+from fdpp.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fdpp.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_CPU_KV_BUDGET = 1 << 30  # 1 GiB of KV cache by default on the CPU
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    detoks: list[Any] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
+        config = replace(config or EngineConfig(), **kwargs)
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        from fdpp.models.loading import load_model_and_tokenizer
+
+        loaded = load_model_and_tokenizer(config, self.device)
+        self.model_config: ModelConfig = loaded.model_config
+        self.model = loaded.model
+        self.dtype = loaded.dtype
+        self.tokenizer = loaded.tokenizer
+        self.model_key = loaded.model_key
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        self.eos_token_ids = _eos_ids(mc, self.tokenizer)
+        block_size = config.cache.block_size
+        num_blocks = self._num_blocks(block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            max(config.max_num_batched_tokens, 1),
+        )
+        self.runner = ModelRunner(
+            self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
+            self.eos_token_ids,
+        )
+        from fdpp.models.loading import apply_calibration
+
+        self.calibration = apply_calibration(self, config.calibration)
+        self.requests: dict[str, _Request] = {}
+        self._next_id = 0
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def _num_blocks(self, block_size: int) -> int:
+        cc = self.config.cache
+        if cc.num_blocks is not None:
+            if cc.num_blocks < 1:
+                raise CacheTooSmallError(f"num_blocks must be >= 1, got {cc.num_blocks}")
+            return cc.num_blocks
+        budget = cc.memory_budget_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(self.device)
+                used = total - free
+                # Activations of the largest step, measured by a profiling pass.
+                peak = self._profile_activation_bytes()
+                budget = int(total * cc.gpu_memory_utilization - used - peak)
+            else:
+                budget = _CPU_KV_BUDGET
+        return num_blocks_for_budget(self.model_config, self.dtype, block_size, budget, self.max_model_len)
+
+    def _profile_activation_bytes(self) -> int:
+        """Run the largest prefill once with a throw-away cache; return its peak activation memory."""
+        from fdpp.engine.scheduler import ScheduledBatch
+
+        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        bs = self.config.cache.block_size
+        blocks = -(-n // bs)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        runner = ModelRunner(self.model, self.model_config, self.dtype, self.device, bs, blocks, n)
+        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1), time.time())
+        seq.block_table = list(range(blocks))
+        runner.execute(ScheduledBatch([seq], [n], True))
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del runner
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def _new_request_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id - 1)
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer (random weights): pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            text: str | None = prompt
+        else:
+            ids = [int(t) for t in prompt]
+            text = None
+        if not ids:
+            raise InvalidRequestError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token id {bad[0]} is outside the vocabulary (0..{self.model_config.vocab_size - 1})"
+            )
+        return text, ids
+
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        params.validate()
+        request_id = request_id if request_id is not None else self._new_request_id()
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the model's context is {self.max_model_len} tokens "
+                "(the prompt plus at least one generated token must fit); shorten the prompt"
+            )
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(ids) + 1 > capacity:
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}; "
+                "give the cache more memory or shorten the prompt"
+            )
+        now = arrival_time or time.time()
+        seqs = []
+        for i in range(params.n):
+            p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            seqs.append(Sequence(request_id, ids, p, now))
+        req = _Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
+        for seq in seqs:
+            req.detoks.append(self._detokenizer(ids, params))
+            req.texts.append("")
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        return request_id
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from fdpp.tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks. Returns False if it was unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in self.scheduler.abort(request_id):
+            self.runner.release(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the step --------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.waiting:
+                head = self.scheduler.waiting[0]
+                raise FdppError(
+                    f"request {head.request_id!r} cannot be scheduled: it needs more KV blocks than exist"
+                )
+            return []
+        now = time.time()
+        for seq in batch.seqs:
+            m = self.requests[seq.request_id].metrics
+            if m.first_scheduled_time is None:
+                m.first_scheduled_time = now
+        sampled_seqs, out = self.runner.execute(batch)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        touched: dict[str, _Request] = {}
+        if out is not None:
+            ids = out.token_ids.tolist()
+            lps = out.logprobs.tolist() if out.logprobs is not None else None
+            top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+            now = time.time()
+            for row, (seq, tok) in enumerate(zip(sampled_seqs, ids)):
+                req = self.requests[seq.request_id]
+                seq.append_token(tok)
+                if lps is not None:
+                    seq.cumulative_logprob += lps[row]
+                    if seq.logprobs is not None:
+                        entry = {tok: lps[row]}
+                        k = seq.params.logprobs or 0
+                        if top_ids is not None and k > 0:
+                            for t, lp in zip(top_ids[row][:k], top_lp[row][:k]):
+                                entry.setdefault(t, lp)
+                        seq.logprobs.append(entry)
+                if req.metrics.first_token_time is None:
+                    req.metrics.first_token_time = now
+                req.metrics.last_token_time = now
+                self._update_text_and_check_stop(req, seq, tok)
+                touched[req.request_id] = req
+        outputs = []
+        for req in touched.values():
+            outputs.append(self._make_output(req))
+            if all(s.is_finished for s in req.seqs):
+                req.metrics.finished_time = time.time()
+                del self.requests[req.request_id]
+        return outputs
+
+    def _update_text_and_check_stop(self, req: _Request, seq: Sequence, tok: int) -> None:
+        i = req.seqs.index(seq)
+        p = seq.params
+        detok = req.detoks[i]
+        if detok is not None:
+            delta = detok.add(tok)
+            prev_len = len(req.texts[i])
+            req.texts[i] += delta
+            if p.stops and delta:
+                text = req.texts[i]
+                longest = max(len(s) for s in p.stops)
+                window_start = max(0, prev_len - longest + 1)
+                for stop in p.stops:
+                    pos = text.find(stop, window_start)
+                    if pos != -1:
+                        end = pos + len(stop) if p.include_stop_str_in_output else pos
+                        req.texts[i] = text[:end]
+                        return self._finish(seq, "stop", stop)
+        if not p.ignore_eos and tok in self.eos_token_ids and seq.num_output_tokens >= p.min_tokens:
+            return self._finish(seq, "stop", None)
+        if tok in (p.stop_token_ids or ()) and seq.num_output_tokens >= p.min_tokens:
+            return self._finish(seq, "stop", tok)
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return self._finish(seq, "length", None)
+        if seq.num_tokens >= self.max_model_len:
+            return self._finish(seq, "length", None)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq)
+        self.runner.release(seq)
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for i, seq in enumerate(req.seqs):
+            ids = seq.output_token_ids  # an EOS stays in token_ids (as in vLLM); its text is not shown
+            outs.append(
+                CompletionOutput(
+                    index=i,
+                    text=req.texts[i],
+                    token_ids=list(ids),
+                    cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=all(s.is_finished for s in req.seqs),
+            metrics=req.metrics,
+        )
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        self.block_manager.check_integrity()
+
+    def stats(self) -> dict[str, Any]:
+        bm = self.block_manager
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "num_free_blocks": bm.num_free_blocks,
+            "num_total_blocks": bm.num_blocks,
+            "kv_usage": bm.num_used_blocks / bm.num_blocks,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "kv_bytes_per_token": kv_bytes_per_token(self.model_config, self.dtype),
+        }
+
+
+def _eos_ids(mc: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    ids = set(mc.eos_token_id)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return tuple(sorted(ids))
+

@@ -1,0 +1,201 @@
+"""Runs the model for a scheduled batch: builds the batch tensors and attention metadata, owns the
+KV cache, samples. The only engine part that touches tensors."""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from fdpp.config import ModelConfig
+from fdpp.engine.context import forward_context
+from fdpp.engine.scheduler import ScheduledBatch
+from fdpp.engine.sequence import Sequence
+from fdpp.errors import CacheTooSmallError
+from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
+from fdpp.ops.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    elem = torch.empty(0, dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        block_size: int,
+        num_blocks: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_model_len = max_model_len
+        self.max_blocks_per_seq = -(-max_model_len // block_size)
+        self.vocab_size = config.vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._generators: dict[int, torch.Generator] = {}
+        self._allocate_kv_cache()
+
+    # ---- KV cache -------------------------------------------------------------------------------
+    def _allocate_kv_cache(self) -> None:
+        c = self.config
+        layers = self.model.attention_layers()
+        # [layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+        self.kv_cache = torch.empty(
+            len(layers), 2, self.num_blocks, self.block_size, c.num_key_value_heads, c.head_dim,
+            dtype=self.dtype, device=self.device,
+        )
+        for i, attn in enumerate(layers):
+            attn.k_cache = self.kv_cache[i, 0]
+            attn.v_cache = self.kv_cache[i, 1]
+
+    # ---- batch tensors --------------------------------------------------------------------------
+    def _block_table_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
+        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+
+    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
+
+    def prepare(self, batch: ScheduledBatch):
+        """Token ids, positions, attention metadata, and the rows whose logits are sampled."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        context_lens: list[int] = []
+        sample_rows: list[int] = []  # index into the packed tokens
+        sample_seqs: list[Sequence] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq, start, end))
+            cu.append(cu[-1] + n)
+            context_lens.append(end)
+            if end == seq.num_tokens:  # prompt complete (or decode): sample the next token
+                sample_rows.append(cu[-1] - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        meta = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            max_seqlen_q=max(batch.num_new_tokens),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            block_tables=self._block_table_tensor(batch.seqs),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            max_context_len=max(context_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
+        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        return ids, pos, meta, sample_rows, sample_seqs
+
+    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        dev = self.device
+        params = [s.params for s in seqs]
+        V = self.vocab_size
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev)
+        enabled_k = [p.top_k for p in params if 0 < p.top_k < V and not p.is_greedy]
+        b = SamplingBatch(
+            temperatures=temps,
+            top_k=top_k,
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
+            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            all_greedy=all(p.is_greedy for p in params),
+            max_top_k=max(enabled_k, default=0),
+            use_top_p=any(p.top_p < 1.0 and not p.is_greedy for p in params),
+            use_min_p=any(p.min_p > 0.0 and not p.is_greedy for p in params),
+            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+        )
+        if any(p.has_penalties for p in params):
+            b.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
+            b.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
+            b.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            counts = torch.zeros(len(seqs), V, dtype=torch.float32)
+            seen = torch.zeros(len(seqs), V, dtype=torch.bool)
+            for row, s in enumerate(seqs):
+                if s.output_counts:
+                    ids = torch.tensor(list(s.output_counts.keys()))
+                    counts[row, ids] = torch.tensor(list(s.output_counts.values()), dtype=torch.float32)
+                seen[row, torch.tensor(s.token_ids)] = True
+            b.output_counts = counts.to(dev)
+            b.seen_mask = seen.to(dev)
+        banned_rows = [
+            row for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos
+        ]
+        if banned_rows:
+            banned = torch.zeros(len(seqs), V, dtype=torch.bool)
+            for row in banned_rows:
+                stop_ids = list(self.eos_token_ids) + list(seqs[row].params.stop_token_ids or [])
+                banned[row, [i for i in stop_ids if 0 <= i < V]] = True
+            b.banned = banned.to(dev)
+        if any(p.seed is not None for p in params):
+            b.generators = [self._generator(s) for s in seqs]
+        return b
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        if seq.params.seed is None:
+            return None
+        gen = self._generators.get(seq.seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(seq.params.seed)
+            self._generators[seq.seq_id] = gen
+        return gen
+
+    def release(self, seq: Sequence) -> None:
+        """Forget per-sequence state (its RNG) once the sequence has finished."""
+        self._generators.pop(seq.seq_id, None)
+
+    # ---- forward --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
+        ids, pos, meta, rows, sample_seqs = self.prepare(batch)
+        with forward_context(meta):
+            hidden = self.model(ids, pos)
+        if not sample_seqs:
+            return sample_seqs, None
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        return sample_seqs, sample(logits, self.sampling_batch(sample_seqs))
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of every scheduled token (tests and calibration)."""
+        ids, pos, meta, _, _ = self.prepare(batch)
+        with forward_context(meta):
+            hidden = self.model(ids, pos)
+        return self.model.compute_logits(hidden)
+
+
+def num_blocks_for_budget(
+    config: ModelConfig, dtype: torch.dtype, block_size: int, budget_bytes: int, max_model_len: int
+) -> int:
+    per_block = kv_bytes_per_token(config, dtype) * block_size
+    num_blocks = int(budget_bytes // per_block)
+    need = -(-max_model_len // block_size)
+    if num_blocks < 1:
+        raise CacheTooSmallError(
+            f"the KV cache budget ({budget_bytes / 2**20:.1f} MiB) holds no block of {block_size} tokens "
+            f"({per_block / 2**20:.2f} MiB each); raise the memory budget or gpu_memory_utilization"
+        )
+    if num_blocks < need:
+        logger.warning(
+            "the KV cache holds %d tokens, less than max_model_len=%d: long requests will be refused",
+            num_blocks * block_size, max_model_len,
+        )
+    return num_blocks

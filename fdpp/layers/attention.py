@@ -1,0 +1,57 @@
+"""The attention layer: writes this step's K/V into the paged cache, then attends over it."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fdpp.engine.context import get_attention_metadata
+from fdpp.ops import attention as attn_ops
+
+
+class Attention(nn.Module):
+    """Paged attention for one layer.
+
+    ``k_cache`` / ``v_cache`` ([num_blocks, block_size, num_kv_heads, head_dim]) are assigned by the
+    model runner once the cache is allocated. ``phi`` is the calibrated unified max value of this
+    layer's softmax (None: the synchronized online softmax).
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        layer_idx: int,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.phi: float | None = None
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
+        meta = get_attention_metadata()
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = attn_ops.attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            scale=self.scale,
+            layer_idx=self.layer_idx,
+            phi=self.phi,
+            sliding_window=self.sliding_window,
+        )
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,125 @@
+"""Sampling from logits on the logits' device: penalties, temperature, top-k, top-p, min-p, seeds.
+
+No host sync until the caller reads the sampled ids. Top-p is applied inside the top-k candidates
+when top-k is set, so the whole vocabulary is sorted only when top-p is used without top-k.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters as tensors on the logits' device. Built by the model runner."""
+
+    temperatures: torch.Tensor  # [B] float32; 0 = greedy
+    top_k: torch.Tensor  # [B] int64; vocab size = disabled
+    top_p: torch.Tensor  # [B] float32
+    min_p: torch.Tensor  # [B] float32
+    all_greedy: bool
+    max_top_k: int  # largest enabled top_k (0: none enabled)
+    use_top_p: bool
+    use_min_p: bool
+    # penalties (None when no row uses any)
+    repetition_penalty: torch.Tensor | None = None  # [B]
+    presence_penalty: torch.Tensor | None = None  # [B]
+    frequency_penalty: torch.Tensor | None = None  # [B]
+    output_counts: torch.Tensor | None = None  # [B, V] float32: times each token was generated
+    seen_mask: torch.Tensor | None = None  # [B, V] bool: token in prompt or output
+    banned: torch.Tensor | None = None  # [B, V] bool: tokens that may not be sampled now (min_tokens)
+    generators: list[torch.Generator | None] | None = None  # per row; None = global RNG
+    num_logprobs: int = -1  # -1: none requested
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor | None = None  # [B] logprob of the sampled token
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+    top_ids: torch.Tensor | None = None  # [B, k]
+
+
+def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    if b.repetition_penalty is not None and b.seen_mask is not None:
+        rp = b.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits > 0, logits / rp, logits * rp)
+        logits = torch.where(b.seen_mask, penalized, logits)
+    if b.output_counts is not None:
+        if b.frequency_penalty is not None:
+            logits = logits - b.frequency_penalty.unsqueeze(1) * b.output_counts
+        if b.presence_penalty is not None:
+            logits = logits - b.presence_penalty.unsqueeze(1) * (b.output_counts > 0).float()
+    return logits
+
+
+def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
+    """logits [B, V] float32 -> sampled ids (and log-probabilities when asked)."""
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if b.num_logprobs >= 0 else None
+    logits = apply_penalties(logits, b)
+    if b.banned is not None:
+        logits = logits.masked_fill(b.banned, float("-inf"))
+    greedy_ids = logits.argmax(dim=-1)
+    if b.all_greedy:
+        ids = greedy_ids
+    else:
+        temps = b.temperatures.clamp_min(1e-5).unsqueeze(1)
+        scaled = logits / temps
+        if b.max_top_k > 0:
+            scaled = _top_k_top_p(scaled, b)
+        elif b.use_top_p:
+            scaled = _top_p_full(scaled, b.top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        if b.use_min_p:
+            pmax = probs.max(dim=-1, keepdim=True).values
+            probs = probs.masked_fill(probs < b.min_p.unsqueeze(1) * pmax, 0.0)
+        noise = _exponential_like(probs, b.generators)
+        sampled = (probs / noise).argmax(dim=-1)
+        ids = torch.where(b.temperatures < 1e-5, greedy_ids, sampled)
+    out = SamplerOutput(token_ids=ids)
+    if raw_logprobs is not None:
+        out.logprobs = raw_logprobs.gather(1, ids.unsqueeze(1)).squeeze(1)
+        if b.num_logprobs > 0:
+            out.top_logprobs, out.top_ids = raw_logprobs.topk(b.num_logprobs, dim=-1)
+    return out
+
+
+def _top_k_top_p(scaled: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """Keep each row's top_k (rows with top-k disabled keep everything), then top-p inside them."""
+    k = min(b.max_top_k, scaled.shape[-1])
+    vals, idx = scaled.topk(k, dim=-1)  # sorted descending
+    per_row_k = b.top_k.clamp(max=k)
+    rank = torch.arange(k, device=scaled.device).unsqueeze(0)
+    keep = rank < per_row_k.unsqueeze(1)
+    if b.use_top_p:
+        p = torch.softmax(vals.masked_fill(~keep, float("-inf")), dim=-1)
+        before = p.cumsum(dim=-1) - p  # mass strictly before each candidate
+        keep &= before < b.top_p.unsqueeze(1)
+    vocab = scaled.shape[-1]
+    disabled = b.top_k >= vocab  # these rows were not top-k limited
+    limited = torch.full_like(scaled, float("-inf")).scatter(1, idx, vals.masked_fill(~keep, float("-inf")))
+    if bool(b.use_top_p):
+        # rows without top-k but with top-p need the full-vocabulary top-p
+        full = _top_p_full(scaled, b.top_p)
+        return torch.where(disabled.unsqueeze(1), full, limited)
+    return torch.where(disabled.unsqueeze(1), scaled, limited)
+
+
+def _top_p_full(scaled: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    vals, idx = scaled.sort(dim=-1, descending=True)
+    p = torch.softmax(vals, dim=-1)
+    before = p.cumsum(dim=-1) - p
+    drop = before >= top_p.unsqueeze(1)
+    vals = vals.masked_fill(drop, float("-inf"))
+    return torch.empty_like(scaled).scatter(1, idx, vals)
+
+
+def _exponential_like(probs: torch.Tensor, generators: list[torch.Generator | None] | None) -> torch.Tensor:
+    noise = torch.empty_like(probs).exponential_()
+    if generators:
+        for row, gen in enumerate(generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+    return noise

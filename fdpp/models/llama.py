@@ -1,0 +1,138 @@
+"""The Llama family: Llama-2, Llama-3.x, Mistral, SmolLM2, Qwen2 (QKV bias) share this code.
+
+RMSNorm, RoPE (with linear / llama3 scaling), GQA/MQA, SwiGLU, optionally tied embeddings.
+Parameter names follow Hugging Face's, with q/k/v and gate/up merged (see ``packed_modules``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fdpp.config import ModelConfig
+from fdpp.layers.attention import Attention
+from fdpp.layers.embedding import LMHead, VocabEmbedding
+from fdpp.layers.linear import GateUpLinear, Linear, MergedLinear
+from fdpp.layers.norm import RMSNorm
+from fdpp.layers.rotary import RotaryEmbedding
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool) -> None:
+        super().__init__()
+        c = config
+        self.q_size, self.kv_size = c.q_size, c.kv_size
+        self.qkv_proj = MergedLinear(
+            c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=qkv_bias
+        )
+        self.o_proj = Linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
+        self.rotary_emb = RotaryEmbedding(
+            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, is_neox=True
+        )
+        self.attn = Attention(
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.head_dim**-0.5,
+            layer_idx,
+            sliding_window=c.sliding_window,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        T = hidden.shape[0]
+        q, k = self.rotary_emb(positions, q.view(T, -1, self.attn.head_dim), k.view(T, -1, self.attn.head_dim))
+        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.hidden_act not in ("silu", "swish"):
+            from fdpp.errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported for Llama (silu)")
+        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, qkv_bias: bool) -> None:
+        super().__init__()
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, qkv_bias) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    # checkpoint name fragment -> (parameter name fragment, shard id)
+    packed_modules = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+    qkv_bias = False
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, self.qkv_bias or config.attention_bias)
+        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head (re-done after the model leaves the meta device)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    qkv_bias = True
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass

@@ -1,0 +1,145 @@
+"""Build a model on the meta device, place it on its device, and stream weights straight into place."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fdpp.config import ModelConfig
+from fdpp.errors import ModelLoadError
+from fdpp.models.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+# checkpoint tensors that carry no parameters of ours
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(prev)
+
+
+def build_model(
+    config: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    weights: Iterable[tuple[str, torch.Tensor]] | None,
+    *,
+    num_tensors: int | None = None,
+    show_progress: bool = True,
+    seed: int = 0,
+) -> nn.Module:
+    """Construct ``config``'s model with ``dtype`` parameters on ``device``.
+
+    ``weights`` yields (Hugging Face name, tensor) pairs, one at a time; each is copied into its
+    parameter (through the parameter's ``weight_loader``), so no second copy of the model exists.
+    ``weights=None`` fills the model with random weights (benchmarks with real shapes).
+    """
+    cls = get_model_class(config)
+    with _default_dtype(dtype), torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device=device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    if weights is None:
+        _init_random(model, seed)
+    else:
+        load_weights(model, weights, num_tensors=num_tensors, show_progress=show_progress)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _init_random(model: nn.Module, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            if name.endswith("bias"):
+                p.zero_()
+            else:  # norm weights
+                p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02, generator=gen)
+
+
+@torch.no_grad()
+def load_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    *,
+    num_tensors: int | None = None,
+    show_progress: bool = True,
+) -> None:
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, str]] = getattr(model, "packed_modules", {})
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    rename = getattr(model, "map_weight_name", None)
+    expected_shards = {
+        name: len(getattr(mod, "shard_offsets", {}))
+        for mname, mod in model.named_modules()
+        for name in (f"{mname}.weight", f"{mname}.bias")
+        if hasattr(mod, "shard_offsets") and name in params
+    }
+    seen: dict[str, set] = {}
+    unexpected: list[str] = []
+    bar = tqdm(total=num_tensors, desc="Loading weights", unit="tensor", disable=not show_progress)
+    for ckpt_name, tensor in weights:
+        bar.update(1)
+        name = rename(ckpt_name) if rename is not None else ckpt_name
+        if name is None or name.endswith(_IGNORED_SUFFIXES):
+            continue
+        if tied and name == "lm_head.weight":
+            continue
+        shard_id = None
+        for frag, (pfrag, sid) in packed.items():
+            if f".{frag}." in name:
+                name = name.replace(f".{frag}.", f".{pfrag}.")
+                shard_id = sid
+                break
+        param = params.get(name)
+        if param is None:
+            unexpected.append(ckpt_name)
+            continue
+        loader = getattr(param, "weight_loader", None)
+        if shard_id is not None:
+            loader(param, tensor, ckpt_name, shard_id)
+        elif loader is not None:
+            loader(param, tensor, ckpt_name)
+        else:
+            if tuple(param.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            param.data.copy_(tensor)
+        seen.setdefault(name, set()).add(shard_id)
+    bar.close()
+    missing = []
+    for name in params:
+        got = seen.get(name)
+        if got is None:
+            missing.append(name)
+        elif name in expected_shards and None not in got and len(got) < expected_shards[name]:
+            missing.append(f"{name} (only shards {sorted(got)})")
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise ModelLoadError(
+            f"the checkpoint is missing {len(missing)} tensor(s) the model needs: {shown}. "
+            "Is the checkpoint complete and does it match config.json?"
+        )
+    if unexpected:
+        logger.warning(
+            "ignored %d checkpoint tensor(s) the model does not use, e.g. %s", len(unexpected), unexpected[:3]
+        )

@@ -1,0 +1,44 @@
+"""RMSNorm and LayerNorm, optionally fused with the residual add."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# Tests set this to run the Triton kernel on the CPU under TRITON_INTERPRET=1.
+_FORCE_TRITON = False
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = x / rms(x) * weight. With ``residual``: x += residual first and return (y, x).
+
+    Computed in fp32 and cast once, as Hugging Face's Llama does.
+    """
+    if x.is_cuda or _FORCE_TRITON:
+        from fdpp.kernels.norm import rms_norm_fused
+
+        return rms_norm_fused(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual
+        residual = x
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    y = weight * y.to(x.dtype)
+    return y if residual is None else (y, residual)
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if residual is not None:
+        x = x + residual
+        residual = x
+    y = F.layer_norm(x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+    y = y.to(x.dtype)
+    return y if residual is None else (y, residual)

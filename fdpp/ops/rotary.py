@@ -1,0 +1,84 @@
+"""Rotary position embeddings: the cos/sin cache (with rope scaling) and its application."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from fdpp.errors import UnsupportedModelError
+
+
+def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim // 2], with linear / llama3 / dynamic-less scaling applied."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim))
+    if not scaling:
+        return inv_freq
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    raise UnsupportedModelError(
+        f"rope_scaling type {kind!r} is not supported (supported: linear, llama3); "
+        "remove rope_scaling from config.json or use a model without it"
+    )
+
+
+def build_cos_sin_cache(
+    rotary_dim: int,
+    max_positions: int,
+    theta: float,
+    scaling: dict[str, Any] | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """[max_positions, rotary_dim] fp32: cos in the first half, sin in the second."""
+    inv_freq = rope_inv_freq(rotary_dim, theta, scaling)
+    t = torch.arange(max_positions, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(device=device, dtype=torch.float32)
+
+
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first ``rotary_dim`` dims of each head of q [T, Hq, D] and k [T, Hk, D].
+
+    ``is_neox``: rotate halves (x[:d/2], x[d/2:]) as Llama in HF does; otherwise rotate interleaved
+    pairs (x[0::2], x[1::2]) as GPT-J / ChatGLM do.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
+    rot = cos_sin.shape[-1]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rot/2]
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return _rotate(q, cos, sin, rot, is_neox), _rotate(k, cos, sin, rot, is_neox)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_neox: bool) -> torch.Tensor:
+    x_rot = x[..., :rot].float()
+    if is_neox:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1 = x_rot[..., 0::2]
+        x2 = x_rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    if rot == x.shape[-1]:
+        return out.to(x.dtype)
+    return torch.cat([out.to(x.dtype), x[..., rot:]], dim=-1)
