@@ -1,0 +1,451 @@
+"""Paged decode attention (one query token per sequence) with FlashDecoding++'s asynchronized softmax.
+
+Layouts (docs/ARCHITECTURE.md): q `[num_seqs, num_heads, head_dim]`; k_cache / v_cache
+`[num_blocks, block_size, num_kv_heads, head_dim]`; block_tables `[num_seqs, max_blocks]` int32;
+context_lens `[num_seqs]` int32 (KV tokens including the new one).
+
+One program handles one (sequence, KV head, split): the GROUP query heads that share the KV head are
+processed together, so each K/V tile is read from memory once (GQA / MQA). The KV length is split
+across programs (FlashDecoding); `choose_num_splits` picks the split count.
+
+Two softmax schemes:
+- unified max (`phi` given): each split accumulates sum_j e^{s_j - phi} v_j and sum_j e^{s_j - phi}
+  with no running max and no rescale; the splits combine by a plain sum and one division. The row max
+  is still tracked (a compare per score, no rescale) to check the safe window: a row whose max score
+  lies outside (phi + lo, phi + hi) may have overflowed or lost precision, so it is flagged.
+- synchronized: classic online softmax with a running max; splits merge by log-sum-exp.
+`paged_decode_attention` with a phi launches the unified kernel, then ALWAYS launches the synchronized
+kernel in fallback mode: its programs exit at once unless their row was flagged, so there is no host
+sync and the pair can be captured in a CUDA graph.
+
+The split reduction runs inside the split kernel: each split stores its partial result, then takes a
+ticket from a per-(sequence, KV head) counter; the program that draws the last ticket merges all
+splits, writes the output and resets the counter to 0 (so the next launch, or graph replay, finds it
+zeroed). A separate reduce kernel (`fused_reduce=False`) does the same merge in a second launch.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_finish(
+    acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
+    out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
+    stride_os, stride_oh,
+    GROUP: tl.constexpr, UNIFIED: tl.constexpr,
+):
+    """Divide by the softmax denominator, store the output rows and (unified) the window flags."""
+    ctx_len = tl.load(context_lens_ptr + seq)
+    # l == 0 only for an empty sequence (written as zeros) or a unified row that underflowed
+    # (flagged below, recomputed by the fallback).
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    if UNIFIED:
+        rel = m_i - phi_log2
+        # NOTE: `rel != rel` catches NaN (inf - inf); such a row must be recomputed too.
+        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)
+        bad = bad & mask_g & (ctx_len > 0)  # an empty (graph padding) sequence is never flagged
+        tl.store(flags_ptr + seq * num_heads + heads, bad.to(tl.int32), mask=mask_g)
+        if ctx_len > 0:
+            tl.atomic_add(stats_ptr, tl.full([], GROUP, tl.int64))
+        num_bad = tl.sum(bad.to(tl.int64), 0)
+        if num_bad > 0:
+            tl.atomic_add(stats_ptr + 1, num_bad)
+
+
+@triton.jit
+def _decode_merge_splits(
+    part_acc_ptr, part_m_ptr, part_l_ptr, seq, heads, mask_g, offs_d, mask_d,
+    num_heads, num_splits,
+    BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, UNIFIED: tl.constexpr,
+):
+    """Merge the partial results of all splits of one (sequence, KV head)."""
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    base = (seq * num_heads + heads) * num_splits  # [BLOCK_G]
+    for split in range(0, num_splits):
+        idx = base + split
+        # NOTE: .cg reads bypass L1, so the partials other programs just wrote are seen.
+        m_s = tl.load(part_m_ptr + idx, mask=mask_g, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + idx, mask=mask_g, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=mask_g[:, None] & mask_d[None, :], other=0.0, cache_modifier=".cg")
+        if UNIFIED:
+            # Every split used the same phi: a plain sum, no rescale.
+            m_i = tl.maximum(m_i, m_s)
+            l_i += l_s
+            acc += a_s
+        else:
+            m_new = tl.maximum(m_i, m_s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            beta = tl.exp2(m_s - m_safe)
+            l_i = l_i * alpha + l_s * beta
+            acc = acc * alpha[:, None] + a_s * beta[:, None]
+            m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, flags_ptr, counters_ptr, stats_ptr,
+    scale_log2, phi_log2, lo_log2, hi_log2, sliding_window, num_splits,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bts, stride_os, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, USE_DOT: tl.constexpr, HAS_SLIDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g  # query heads sharing this KV head
+
+    if IS_FALLBACK:
+        flagged = tl.load(flags_ptr + seq * num_heads + heads, mask=mask_g, other=0)
+        if tl.max(flagged, 0) == 0:
+            return
+
+    ctx_len = tl.load(context_lens_ptr + seq)
+    kv_start = 0
+    if HAS_SLIDING:
+        kv_start = tl.maximum(ctx_len - sliding_window, 0)
+    # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
+    split_len = tl.cdiv(tl.cdiv(ctx_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
+    lo = kv_start + split * split_len
+    hi = tl.minimum(lo + split_len, ctx_len)
+
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if not USE_DOT:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # row max of s * scale * log2(e)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bts
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + offs_n
+        mask_n = tok < hi
+        block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+        in_block = (tok % BLOCK_SIZE).to(tl.int64)
+        mask_kv = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_cache_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_kt
+                    + kvh * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
+                    + kvh * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)
+        if USE_DOT and UPCAST_DOT:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        elif USE_DOT:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        else:
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(mask_n[None, :], s * scale_log2, float("-inf"))  # [BLOCK_G, BLOCK_N]
+        m_tile = tl.max(s, 1)
+        if UNIFIED:
+            p = tl.exp2(s - phi_log2)
+            m_i = tl.maximum(m_i, m_tile)
+        else:
+            m_new = tl.maximum(m_i, m_tile)  # finite: every tile holds a valid token
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            acc = acc * alpha[:, None]
+            l_i = l_i * alpha
+            m_i = m_new
+        l_i += tl.sum(p, 1)
+        if USE_DOT and UPCAST_DOT:
+            acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        elif USE_DOT:
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+
+    if SINGLE_SPLIT:
+        _decode_finish(acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
+                       out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
+                       stride_os, stride_oh, GROUP, UNIFIED)
+    else:
+        idx = (seq * num_heads + heads) * num_splits + split
+        tl.store(part_m_ptr + idx, m_i, mask=mask_g)
+        tl.store(part_l_ptr + idx, l_i, mask=mask_g)
+        tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
+                 mask=mask_g[:, None] & mask_d[None, :])
+        if FUSED_REDUCE:
+            # All threads' partial stores happen before the ticket (release); the last program's
+            # acquire makes every split's partials visible to its .cg loads.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * num_kv_heads + kvh
+            ticket = tl.atomic_add(counter, 1, sem="acq_rel")
+            if ticket == num_splits - 1:
+                acc, l_i, m_i = _decode_merge_splits(
+                    part_acc_ptr, part_m_ptr, part_l_ptr, seq, heads, mask_g, offs_d, mask_d,
+                    num_heads, num_splits, BLOCK_G, HEAD_DIM, BLOCK_D, UNIFIED)
+                _decode_finish(acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
+                               out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
+                               stride_os, stride_oh, GROUP, UNIFIED)
+                tl.atomic_xchg(counter, 0)
+
+
+@triton.jit
+def paged_decode_reduce_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
+    phi_log2, lo_log2, hi_log2, num_splits, stride_os, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr,
+):
+    """Second-launch merge of the splits (used with fused_reduce=False)."""
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    num_heads = tl.num_programs(1) * GROUP
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    if IS_FALLBACK:
+        flagged = tl.load(flags_ptr + seq * num_heads + heads, mask=mask_g, other=0)
+        if tl.max(flagged, 0) == 0:
+            return
+    acc, l_i, m_i = _decode_merge_splits(
+        part_acc_ptr, part_m_ptr, part_l_ptr, seq, heads, mask_g, offs_d, mask_d,
+        num_heads, num_splits, BLOCK_G, HEAD_DIM, BLOCK_D, UNIFIED)
+    _decode_finish(acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
+                   out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
+                   stride_os, stride_oh, GROUP, UNIFIED)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there (CPU tests)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+_workspace: dict[tuple, torch.Tensor] = {}
+_num_sms: dict[int, int] = {}
+
+# Tuning knobs (measured on H100, see bench/bench_attention.py). Overridable per call.
+DECODE_TARGET_PROGRAMS_PER_SM = 2
+DECODE_MIN_TOKENS_PER_SPLIT = 128
+DECODE_MAX_SPLITS = 64
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int,
+                      *, target_programs_per_sm: int | None = None,
+                      min_tokens_per_split: int | None = None,
+                      max_splits: int | None = None) -> int:
+    """Split count for split-KV decode: enough programs to fill the GPU, each with enough tokens.
+
+    Programs = num_seqs * num_kv_heads * splits. With fewer (sequence, KV head) groups than
+    `target_programs_per_sm * num_sms`, the KV length is split until the GPU is full, but no split
+    gets fewer than `min_tokens_per_split` tokens (a tiny split costs its fixed overhead for little
+    data).
+    """
+    target = target_programs_per_sm or DECODE_TARGET_PROGRAMS_PER_SM
+    min_tokens = min_tokens_per_split or DECODE_MIN_TOKENS_PER_SPLIT
+    cap = max_splits or DECODE_MAX_SPLITS
+    groups = max(1, num_seqs * num_kv_heads)
+    want = -(-target * num_sms // groups)
+    by_len = max(1, max_context_len // min_tokens)
+    return int(max(1, min(want, by_len, cap)))
+
+
+def num_sms_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # interpreter: behave like an H100 so the split logic is exercised
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _num_sms:
+        _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _num_sms[idx]
+
+
+def split_counters(device: torch.device, numel: int) -> torch.Tensor:
+    """Zeroed int32 tickets for the fused split reduction; kernels leave them zeroed again.
+
+    NOTE: allocated once per device and grown only when too small. Growing allocates, so warm up at
+    the largest batch before capturing CUDA graphs (the engine's warm-up run does this).
+    """
+    key = ("counters", str(device))
+    buf = _workspace.get(key)
+    if buf is None or buf.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "decode attention needs a larger split-counter workspace while a CUDA graph is being "
+                "captured; run one eager step at the largest batch size before capturing")
+        buf = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
+        _workspace[key] = buf
+    return buf
+
+
+def _check_inputs(q, k_cache, v_cache, block_tables, context_lens):
+    if q.dim() != 3:
+        raise ValueError(f"decode attention: q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("decode attention: k_cache and v_cache must both be "
+                         f"[num_blocks, block_size, num_kv_heads, head_dim]; got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"decode attention: q/k_cache/v_cache must share one of {_SUPPORTED_DTYPES}; got "
+                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    num_seqs, num_heads, head_dim = q.shape
+    _, _, num_kv_heads, kv_head_dim = k_cache.shape
+    if kv_head_dim != head_dim:
+        raise ValueError(f"decode attention: q head_dim {head_dim} != cache head_dim {kv_head_dim}")
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"decode attention: num_heads {num_heads} is not a multiple of num_kv_heads {num_kv_heads}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("decode attention: the head_dim axis of q, k_cache and v_cache must be contiguous")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise TypeError("decode attention: block_tables and context_lens must be int32")
+    if block_tables.dim() != 2 or block_tables.shape[0] < num_seqs or context_lens.shape[0] < num_seqs:
+        raise ValueError("decode attention: block_tables must be [num_seqs, max_blocks] and context_lens [num_seqs]")
+    if block_tables.stride(1) != 1 or not context_lens.is_contiguous():
+        raise ValueError("decode attention: block_tables rows and context_lens must be contiguous")
+    if head_dim > 256:
+        raise ValueError(f"decode attention: head_dim {head_dim} > 256 is not supported")
+
+
+def _default_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
+    block_n = 64 if head_dim <= 128 else 32
+    if dtype == torch.float32:
+        block_n = 32
+    return dict(block_n=block_n, num_warps=4, num_stages=2, use_dot=group > 1)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    *,
+    scale: float,
+    max_context_len: int,
+    phi: float | None = None,
+    window: tuple[float, float] = (-60.0, 60.0),
+    sliding_window: int | None = None,
+    fallback: bool = True,
+    stats: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    use_dot: bool | None = None,
+    fused_reduce: bool = True,
+    flags_out: list | None = None,
+) -> torch.Tensor:
+    """Paged decode attention. Returns `[num_seqs, num_heads, head_dim]` in q's dtype.
+
+    phi: unified max value (in units of the scaled score s = scale * q.k). None runs the
+    synchronized online softmax. window: (lo, hi) such that rows whose max score m satisfies
+    lo < m - phi < hi are trusted; others are flagged and (with fallback=True) recomputed by the
+    synchronized kernel in a second, always-launched, graph-safe kernel.
+    stats: int64 `[2]` device tensor, += (rows checked, rows flagged) by the unified kernel.
+    flags_out: if a list is given, the per-(seq, head) int32 flag tensor is appended (tests).
+    """
+    _check_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    cfg = _default_config(head_dim, group, q.dtype)
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    use_dot = cfg["use_dot"] if use_dot is None else use_dot
+    block_g = triton.next_power_of_2(group)
+    if use_dot:
+        block_g = max(16, block_g)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    device = q.device
+
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("decode attention: out must match q's shape and dtype with a contiguous last axis")
+    if num_seqs == 0:
+        return out
+    eff_len = max_context_len if sliding_window is None else min(max_context_len, sliding_window)
+    if num_splits is None:
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, eff_len, num_sms_of(device))
+    num_splits = max(1, int(num_splits))
+    if stats is None:
+        stats = torch.zeros(2, dtype=torch.int64, device=device)
+
+    single = num_splits == 1
+    if single:
+        part_acc = part_m = part_l = out  # unused
+    else:
+        part_acc = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=device)
+        part_m = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=device)
+        part_l = torch.empty_like(part_m)
+    counters = split_counters(device, num_seqs * num_kv_heads) if (not single and fused_reduce) else context_lens
+    flags = torch.empty(num_seqs, num_heads, dtype=torch.int32, device=device) if phi is not None else context_lens
+
+    scale_log2 = float(scale) * LOG2E
+    lo, hi = window
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (num_seqs, num_kv_heads, num_splits)
+
+    def launch(unified: bool, is_fallback: bool):
+        paged_decode_kernel[grid](
+            q, k_cache, v_cache, block_tables, context_lens,
+            out, part_acc, part_m, part_l, flags, counters, stats,
+            scale_log2, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E,
+            int(sliding_window or 0), num_splits,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_SIZE=block_size, BLOCK_N=block_n,
+            UNIFIED=unified, IS_FALLBACK=is_fallback, SINGLE_SPLIT=single,
+            FUSED_REDUCE=fused_reduce, USE_DOT=use_dot, HAS_SLIDING=sliding_window is not None,
+            DOT_PRECISION=dot_precision, UPCAST_DOT=_upcast_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+        if not single and not fused_reduce:
+            paged_decode_reduce_kernel[(num_seqs, num_kv_heads)](
+                part_acc, part_m, part_l, context_lens, out, flags, stats,
+                (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, num_splits, out.stride(0), out.stride(1),
+                GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                UNIFIED=unified, IS_FALLBACK=is_fallback, num_warps=4,
+            )
+
+    if phi is None:
+        launch(unified=False, is_fallback=False)
+    else:
+        if not math.isfinite(phi):
+            raise ValueError(f"decode attention: phi must be finite, got {phi}")
+        launch(unified=True, is_fallback=False)
+        if fallback:
+            launch(unified=False, is_fallback=True)
+        if flags_out is not None:
+            flags_out.append(flags)
+    return out

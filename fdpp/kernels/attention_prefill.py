@@ -1,0 +1,279 @@
+"""Varlen causal prefill attention over the paged KV cache with FlashDecoding++'s asynchronized softmax.
+
+Queries are packed: sequence i owns q[cu_seqlens_q[i]:cu_seqlens_q[i+1]] (`[num_tokens, num_heads,
+head_dim]`) and these are the LAST q_len tokens of its context_lens[i] keys, which are read from the
+paged cache `[num_blocks, block_size, num_kv_heads, head_dim]` through block_tables. So chunked prefill
+and a cached prefix need nothing special: the query at position p sees keys 0..p (with a sliding window
+W: keys p-W+1..p).
+
+One program computes one (query tile of BLOCK_M rows, query head, sequence). GQA: the KV head is
+head // GROUP; the query heads of a group re-read the same K/V tiles, mostly from L2.
+
+Unified max (phi given): each KV tile adds P V with P = e^{s - phi}, no running max and no rescale of
+the accumulator; the output is acc / l once at the end. P is cast to the K/V dtype for the tensor-core
+dot with V, so the window (lo, hi) must keep e^{s - phi} inside that type: for fp16, e^{11.09}
+overflows. The row max is tracked (off the critical path: P does not depend on it) only to check the
+window; a query tile with any row outside it is flagged, and a second, always-launched launch of the
+synchronized (online-softmax) kernel recomputes only flagged tiles: its other programs exit at once.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_tile(
+    acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+    offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    BLOCK_SIZE: tl.constexpr, UNIFIED: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Accumulate one KV tile [start, start + BLOCK_N) into (acc, l_i, m_i)."""
+    tok = start + offs_n
+    mask_n = tok < kv_hi
+    block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
+    in_block = (tok % BLOCK_SIZE).to(tl.int64)
+    mask_kv = mask_n[:, None] & mask_d[None, :]
+    k = tl.load(k_cache_ptr + block[:, None] * stride_kb + in_block[:, None] * stride_kt
+                + kvh * stride_kh + offs_d[None, :], mask=mask_kv, other=0.0)  # [BLOCK_N, BLOCK_D]
+    if UPCAST_DOT:
+        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    s = s * scale_log2  # [BLOCK_M, BLOCK_N]
+    if CAUSAL_MASK or HAS_SLIDING:
+        visible = mask_n[None, :]
+        if CAUSAL_MASK:
+            visible = visible & (tok[None, :] <= q_pos[:, None])
+        if HAS_SLIDING:
+            visible = visible & (tok[None, :] > q_pos[:, None] - sliding_window)
+        s = tl.where(visible, s, float("-inf"))
+    v = tl.load(v_cache_ptr + block[:, None] * stride_vb + in_block[:, None] * stride_vt
+                + kvh * stride_vh + offs_d[None, :], mask=mask_kv, other=0.0)
+    m_tile = tl.max(s, 1)
+    if UNIFIED:
+        p = tl.exp2(s - phi_log2)
+        m_i = tl.maximum(m_i, m_tile)
+    else:
+        m_new = tl.maximum(m_i, m_tile)
+        # A row may see no key in this tile yet (sliding window): keep exp2 away from -inf - -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    l_i += tl.sum(p, 1)
+    if UPCAST_DOT:
+        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def paged_prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
+    out_ptr, flags_ptr, stats_ptr,
+    scale_log2, phi_log2, lo_log2, hi_log2, sliding_window, max_q_tiles,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bts, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, HAS_SLIDING: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    tile_m = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    num_heads = tl.num_programs(1)
+
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if tile_m * BLOCK_M >= q_len:
+        return
+    flag_idx = (seq * num_heads + head) * max_q_tiles + tile_m
+    if IS_FALLBACK:
+        if tl.load(flags_ptr + flag_idx) == 0:
+            return
+
+    ctx_len = tl.load(context_lens_ptr + seq)
+    first_pos = ctx_len - q_len  # position of the sequence's first query
+    kvh = head // GROUP
+    offs_m = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < q_len
+    mask_d = offs_d < HEAD_DIM
+    q_pos = first_pos + offs_m
+    q = tl.load(q_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh
+                + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    tile_first = first_pos + tile_m * BLOCK_M
+    kv_hi = tl.minimum(tile_first + BLOCK_M, ctx_len)  # keys past the tile's last query are never seen
+    kv_lo = 0
+    if HAS_SLIDING:
+        kv_lo = (tl.maximum(tile_first - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+    # Keys before full_end precede every query of the tile: no causal mask there (kv_lo <= full_end).
+    full_end = (tile_first // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    bt_row = block_tables_ptr + seq * stride_bts
+    for start in range(kv_lo, full_end, BLOCK_N):
+        acc, l_i, m_i = _prefill_tile(
+            acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+            offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_SIZE, UNIFIED, False, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT)
+    for start in range(full_end, kv_hi, BLOCK_N):
+        acc, l_i, m_i = _prefill_tile(
+            acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+            offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            BLOCK_SIZE, UNIFIED, True, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT)
+
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    tl.store(out_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    if UNIFIED:
+        rel = tl.where(mask_m, m_i - phi_log2, 0.0)
+        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)
+        is_bad = tl.max(bad.to(tl.int32), 0)
+        tl.store(flags_ptr + flag_idx, is_bad)
+        num_rows = tl.minimum(q_len - tile_m * BLOCK_M, BLOCK_M).to(tl.int64)
+        tl.atomic_add(stats_ptr, num_rows)
+        if is_bad > 0:
+            tl.atomic_add(stats_ptr + 1, num_rows)
+
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there (CPU tests)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _default_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    if not on_gpu:
+        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+    if head_dim <= 128:
+        return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    *,
+    scale: float,
+    max_seqlen_q: int,
+    phi: float | None = None,
+    window: tuple[float, float] = (-8.0, 10.5),
+    sliding_window: int | None = None,
+    fallback: bool = True,
+    stats: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    flags_out: list | None = None,
+) -> torch.Tensor:
+    """Causal varlen prefill over the paged cache. Returns `[num_tokens, num_heads, head_dim]`.
+
+    phi: unified max value for the scaled scores (None: synchronized online softmax). window (lo,
+    hi): query tiles where a row's max score m has m - phi outside (lo, hi) are flagged and, with
+    fallback=True, recomputed by the synchronized kernel (second graph-safe launch).
+    stats: int64 `[2]` device tensor, += (query rows checked, query rows recomputed) per head.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"prefill attention: q must be [num_tokens, num_heads, head_dim], got {tuple(q.shape)}")
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("prefill attention: k_cache and v_cache must both be "
+                         "[num_blocks, block_size, num_kv_heads, head_dim]")
+    if q.dtype not in _SUPPORTED_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"prefill attention: q/k_cache/v_cache must share one of {_SUPPORTED_DTYPES}; got "
+                        f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, kv_head_dim = k_cache.shape
+    if kv_head_dim != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(f"prefill attention: q heads/head_dim ({num_heads}, {head_dim}) do not fit the cache "
+                         f"({num_kv_heads}, {kv_head_dim})")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("prefill attention: the head_dim axis of q, k_cache and v_cache must be contiguous")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32 or cu_seqlens_q.dtype != torch.int32:
+        raise TypeError("prefill attention: block_tables, context_lens and cu_seqlens_q must be int32")
+    if block_tables.stride(1) != 1 or not context_lens.is_contiguous() or not cu_seqlens_q.is_contiguous():
+        raise ValueError("prefill attention: block_tables rows, context_lens and cu_seqlens_q must be contiguous")
+    if head_dim > 256:
+        raise ValueError(f"prefill attention: head_dim {head_dim} > 256 is not supported")
+    num_seqs = cu_seqlens_q.shape[0] - 1
+    device = q.device
+    if out is None:
+        out = torch.empty_like(q)
+    if num_tokens == 0 or num_seqs <= 0:
+        return out
+
+    cfg = _default_config(head_dim, q.dtype, device.type == "cuda")
+    block_m = block_m or cfg["block_m"]
+    block_n = block_n or cfg["block_n"]
+    num_warps = num_warps or cfg["num_warps"]
+    num_stages = num_stages or cfg["num_stages"]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    max_q_tiles = triton.cdiv(max(1, int(max_seqlen_q)), block_m)
+    if stats is None:
+        stats = torch.zeros(2, dtype=torch.int64, device=device)
+    flags = (torch.empty(num_seqs * num_heads * max_q_tiles, dtype=torch.int32, device=device)
+             if phi is not None else context_lens)
+    lo, hi = window
+    grid = (max_q_tiles, num_heads, num_seqs)
+
+    def launch(unified: bool, is_fallback: bool):
+        paged_prefill_kernel[grid](
+            q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
+            out, flags, stats,
+            float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E,
+            int(sliding_window or 0), max_q_tiles,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            block_tables.stride(0), out.stride(0), out.stride(1),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
+            UNIFIED=unified, IS_FALLBACK=is_fallback, HAS_SLIDING=sliding_window is not None,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=_upcast_dot(q.dtype),
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    if phi is None:
+        launch(unified=False, is_fallback=False)
+    else:
+        if not math.isfinite(phi):
+            raise ValueError(f"prefill attention: phi must be finite, got {phi}")
+        launch(unified=True, is_fallback=False)
+        if fallback:
+            launch(unified=False, is_fallback=True)
+        if flags_out is not None:
+            flags_out.append(flags.view(num_seqs, num_heads, max_q_tiles))
+    return out

@@ -1,0 +1,238 @@
+"""Attention ops: KV-cache writes and paged attention, dispatched to Triton or the PyTorch reference.
+
+Backends (fdpp.ops.backend.attention_backend): "reference" (plain PyTorch, fp32 softmax, any device),
+"triton" (asynchronized softmax with the layer's unified max phi and an exact fallback; the
+synchronized kernel when phi is None), "triton-sync" (always the synchronized online softmax).
+
+Fallback statistics are kept in device tensors updated by the kernels themselves (no host sync on
+the hot path, safe inside CUDA graphs); `fallback_stats()` reads them.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from fdpp.ops.backend import attention_backend
+
+# Safe window (lo, hi) for s - phi, in nats, per KV dtype. A row is trusted when its max score m has
+# lo < m - phi < hi; otherwise it is recomputed with the synchronized softmax.
+# - fp16: P = e^{s-phi} is cast to fp16 for the tensor-core dot with V; fp16 overflows at e^{11.09}
+#   and is subnormal below e^{-9.7} (absolute precision 6e-8): hi = 10.5 keeps P finite, lo = -8
+#   keeps the row's largest P within 2 nats of the normal range.
+# - bf16 / fp32: P has fp32's exponent range (e^{+-87}); +-50 leaves room for sums over long rows.
+SAFE_WINDOWS: dict[torch.dtype, tuple[float, float]] = {
+    torch.float16: (-8.0, 10.5),
+    torch.bfloat16: (-50.0, 50.0),
+    torch.float32: (-50.0, 50.0),
+}
+
+MAX_LAYERS_TRACKED = 512
+
+
+def safe_window(dtype: torch.dtype) -> tuple[float, float]:
+    """(lo, hi) of the trusted s - phi range for a model in `dtype`."""
+    try:
+        return SAFE_WINDOWS[dtype]
+    except KeyError:
+        raise TypeError(f"attention: no safe window for dtype {dtype}; use float16, bfloat16 or float32") from None
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, built once per step by the model runner (see docs/ARCHITECTURE.md).
+
+    is_prefill: all sequences of the step are prefill (else all decode: one query per sequence).
+    cu_seqlens_q: `[num_seqs + 1]` int32 packed query offsets (prefill; may be None in decode).
+    max_seqlen_q: largest q_len of the step (prefill).
+    context_lens: `[num_seqs]` int32, KV tokens per sequence INCLUDING the new ones.
+    block_tables: `[num_seqs, max_blocks_per_seq]` int32.
+    slot_mapping: `[num_tokens]` int64, cache slot of each new token (-1: skip).
+    max_context_len: largest context_lens entry (host int; fixes the decode split count).
+    """
+    is_prefill: bool
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor | None = None
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int = 1
+    max_context_len: int = 0
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Score observer (calibration)
+# ------------------------------------------------------------------------------------------------
+
+_score_observer: Callable[[int, torch.Tensor], None] | None = None
+
+
+@contextlib.contextmanager
+def observe_scores(callback: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """While active, the reference attention calls `callback(layer_idx, scores)` once per sequence.
+
+    scores: `[num_heads, q_len, kv_len]` float32, the scaled pre-softmax scores scale * q.k; entries
+    a query cannot see (causal mask, sliding window) are -inf. Only the reference backend calls it,
+    so run calibration under `use_backends(attention="reference")`. Does not nest.
+    """
+    global _score_observer
+    if _score_observer is not None:
+        raise RuntimeError("observe_scores: an observer is already installed (observers do not nest)")
+    _score_observer = callback
+    try:
+        yield
+    finally:
+        _score_observer = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Fallback statistics
+# ------------------------------------------------------------------------------------------------
+
+_stats: dict[str, torch.Tensor] = {}
+
+
+def _stats_tensor(device: torch.device) -> torch.Tensor:
+    """int64 `[MAX_LAYERS_TRACKED, 2]`: (rows checked, rows recomputed) per layer, on `device`."""
+    key = str(device)
+    t = _stats.get(key)
+    if t is None:
+        t = torch.zeros(MAX_LAYERS_TRACKED, 2, dtype=torch.int64, device=device)
+        _stats[key] = t
+    return t
+
+
+def fallback_stats() -> dict:
+    """Rows checked by the unified-max kernels, rows recomputed by the fallback, and their ratio.
+
+    A decode row is one (sequence, query head); a prefill row is one (query token, query head).
+    Reads device counters (synchronizes): call it outside the hot path.
+    """
+    total = torch.zeros(MAX_LAYERS_TRACKED, 2, dtype=torch.int64)
+    for t in _stats.values():
+        total += t.cpu()
+    checked = int(total[:, 0].sum())
+    fell_back = int(total[:, 1].sum())
+    per_layer = {i: {"checked": int(total[i, 0]), "fallback": int(total[i, 1])}
+                 for i in range(MAX_LAYERS_TRACKED) if total[i, 0] > 0}
+    return {
+        "rows_checked": checked,
+        "rows_fallback": fell_back,
+        "rate": fell_back / checked if checked else 0.0,
+        "per_layer": per_layer,
+    }
+
+
+def reset_fallback_stats() -> None:
+    for t in _stats.values():
+        t.zero_()
+
+
+# ------------------------------------------------------------------------------------------------
+# store_kv
+# ------------------------------------------------------------------------------------------------
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write k, v `[num_tokens, num_kv_heads, head_dim]` into the caches at `slot_mapping` (-1: skip)."""
+    if attention_backend(k.device) == "reference":
+        store_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+        return
+    from fdpp.kernels.kv_cache import store_kv as store_kv_triton
+    store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid].long()
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# attention
+# ------------------------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,
+              scale: float, layer_idx: int, phi: float | None = None,
+              sliding_window: int | None = None) -> torch.Tensor:
+    """Paged attention of `q` `[num_tokens, num_heads, head_dim]` over the cache; returns q's shape.
+
+    phi: the layer's calibrated unified max (None: synchronized softmax). The result never depends on
+    phi, only the speed does (out-of-window rows are recomputed exactly).
+    """
+    backend = attention_backend(q.device)
+    if backend == "reference":
+        return attention_reference(q, k_cache, v_cache, meta, scale=scale, layer_idx=layer_idx,
+                                   sliding_window=sliding_window)
+    if backend == "triton-sync":
+        phi = None
+    window = safe_window(q.dtype)
+    stats = _stats_tensor(q.device)[min(layer_idx, MAX_LAYERS_TRACKED - 1)]
+    if meta.is_prefill:
+        from fdpp.kernels.attention_prefill import paged_prefill_attention
+        if meta.cu_seqlens_q is None:
+            raise ValueError("attention: prefill metadata needs cu_seqlens_q")
+        return paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
+            scale=scale, max_seqlen_q=meta.max_seqlen_q, phi=phi, window=window,
+            sliding_window=sliding_window, stats=stats)
+    from fdpp.kernels.attention_decode import paged_decode_attention
+    if q.shape[0] != meta.num_seqs:
+        raise ValueError(f"attention: decode step has {q.shape[0]} query tokens but {meta.num_seqs} sequences")
+    max_context_len = meta.max_context_len or int(k_cache.shape[1] * meta.block_tables.shape[1])
+    return paged_decode_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+        scale=scale, max_context_len=max_context_len, phi=phi, window=window,
+        sliding_window=sliding_window, stats=stats)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` tokens of one sequence from a paged cache: `[length, num_kv_heads, head_dim]`."""
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    blocks = block_table[:num_blocks].long()
+    return cache[blocks].reshape(num_blocks * block_size, *cache.shape[2:])[:length]
+
+
+def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, *, scale: float, layer_idx: int = 0,
+                        sliding_window: int | None = None,
+                        compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain-PyTorch paged attention (gather K/V through the block table, softmax in compute_dtype)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    context_lens = meta.context_lens.tolist()
+    if meta.is_prefill:
+        cu = meta.cu_seqlens_q.tolist()
+    else:
+        cu = list(range(len(context_lens) + 1))
+    out = torch.zeros_like(q)
+    for i, ctx_len in enumerate(context_lens):
+        q_i = q[cu[i]:cu[i + 1]].to(compute_dtype)  # [q_len, num_heads, head_dim]
+        q_len = q_i.shape[0]
+        if q_len == 0 or ctx_len == 0:
+            continue
+        k = gather_kv(k_cache, meta.block_tables[i], ctx_len).to(compute_dtype)
+        v = gather_kv(v_cache, meta.block_tables[i], ctx_len).to(compute_dtype)
+        k = k.repeat_interleave(group, dim=1)  # [ctx_len, num_heads, head_dim]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q_i, k) * scale  # [num_heads, q_len, ctx_len]
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        k_pos = torch.arange(ctx_len, device=q.device)
+        visible = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            visible &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if _score_observer is not None:
+            _score_observer(layer_idx, scores.float())
+        probs = torch.softmax(scores, dim=-1)
+        out[cu[i]:cu[i + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+    return out

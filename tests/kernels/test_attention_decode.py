@@ -1,0 +1,120 @@
+"""Paged decode attention (unified max + fallback, synchronized) vs a float64 reference.
+
+Runs in Triton's interpreter on the CPU (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes.
+"""
+import pytest
+import torch
+
+from fdpp.kernels.attention_decode import choose_num_splits, paged_decode_attention
+from fdpp.ops.attention import AttentionMetadata, safe_window
+from tests.kernels.paged_utils import TOL, make_paged_kv, reference, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, k_scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    k_cache, v_cache, block_tables = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype,
+                                                   DEVICE, gen, k_scale)
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=gen).to(dtype).to(DEVICE)
+    meta = AttentionMetadata(is_prefill=False,
+                             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE),
+                             block_tables=block_tables, max_context_len=max(context_lens))
+    return q, k_cache, v_cache, meta
+
+
+def _run(q, k_cache, v_cache, meta, scale, **kw):
+    return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale=scale,
+                                  max_context_len=meta.max_context_len, **kw)
+
+
+@pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,splits", [
+    (torch.float16, 4, 4, 64, 3),     # MHA, elementwise path
+    (torch.bfloat16, 8, 2, 64, 2),    # GQA 4, dot path
+    (torch.float16, 8, 1, 32, 1),     # MQA / GQA 8, single split
+    (torch.float32, 2, 2, 48, 2),     # non-power-of-2 head_dim, fp32
+])
+@pytest.mark.parametrize("mode", ["unified", "sync"])
+def test_decode_matches_reference(dtype, num_heads, num_kv_heads, head_dim, splits, mode):
+    context_lens = [1, 37, 16, 70]  # 1 token, non-multiples of the block size, several blocks
+    q, kc, vc, meta = _case(context_lens, num_heads, num_kv_heads, head_dim, 16, dtype)
+    scale = head_dim ** -0.5
+    ref = reference(q, kc, vc, meta, scale)
+    stats = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    flags = []
+    phi = 1.0 if mode == "unified" else None
+    out = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype), num_splits=splits,
+               stats=stats, flags_out=flags)
+    assert rel_err(out, ref) < TOL[dtype]
+    if mode == "unified":
+        assert int(stats[0]) == len(context_lens) * num_heads
+        assert int(stats[1]) == int(flags[0].sum())
+
+
+@pytest.mark.parametrize("phi,expect", [(-30.0, "overflow"), (40.0, "underflow")])
+def test_decode_out_of_window_falls_back(phi, expect):
+    """phi far too low makes e^{s-phi} overflow fp16; far too high underflows: all rows must be
+    flagged, recomputed by the synchronized kernel, and still match."""
+    dtype = torch.float16
+    context_lens = [5, 33, 20]
+    q, kc, vc, meta = _case(context_lens, 8, 2, 32, 8, dtype, seed=1)
+    scale = 32 ** -0.5
+    ref = reference(q, kc, vc, meta, scale)
+    stats = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    flags = []
+    out = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype), num_splits=2, stats=stats,
+               flags_out=flags)
+    assert flags[0].all(), expect
+    assert int(stats[0]) == int(stats[1]) == 3 * 8
+    assert rel_err(out, ref) < TOL[dtype]
+    # Without the fallback launch the flagged rows are wrong (proves the fallback did the work).
+    bad = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype), num_splits=2, fallback=False)
+    assert not torch.isfinite(bad).all() or rel_err(bad, ref) > 1e-2
+
+
+def test_decode_partial_fallback_only_flags_outliers():
+    """One sequence with huge scores (keys scaled up) falls back; the others stay on the fast path."""
+    dtype = torch.float16
+    context_lens = [9, 24]
+    q, kc, vc, meta = _case(context_lens, 4, 4, 32, 8, dtype, seed=2)
+    # Make sequence 1's first key huge along q's direction -> score far above phi + hi.
+    blk = int(meta.block_tables[1, 0])
+    kc[blk, 0] = (q[1] * 8).to(dtype)
+    scale = 32 ** -0.5
+    ref = reference(q, kc, vc, meta, scale)
+    flags = []
+    out = _run(q, kc, vc, meta, scale, phi=0.0, window=safe_window(dtype), num_splits=2, flags_out=flags)
+    assert flags[0][0].sum() == 0 and flags[0][1].all()
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_decode_sliding_window_and_fused_vs_separate_reduce():
+    dtype = torch.bfloat16
+    context_lens = [3, 45, 29]
+    q, kc, vc, meta = _case(context_lens, 4, 2, 32, 8, dtype, seed=3)
+    scale = 32 ** -0.5
+    ref = reference(q, kc, vc, meta, scale, sliding_window=10)
+    for fused in (True, False):
+        out = _run(q, kc, vc, meta, scale, phi=0.5, window=safe_window(dtype), sliding_window=10,
+                   num_splits=2, fused_reduce=fused)
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_choose_num_splits():
+    assert choose_num_splits(64, 32, 4096, 132) == 1          # plenty of (seq, head) groups
+    assert choose_num_splits(1, 8, 32768, 132) > 8             # one long GQA sequence: split a lot
+    assert choose_num_splits(1, 32, 100, 132) == 1             # too short to split
+    assert choose_num_splits(1, 32, 1024, 132) <= 1024 // 128
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(32, 32), (32, 8)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_gpu_real_sizes(num_heads, num_kv_heads, dtype):
+    context_lens = [1, 1000, 4097, 300, 16384, 77]
+    q, kc, vc, meta = _case(context_lens, num_heads, num_kv_heads, 128, 16, dtype, seed=4)
+    scale = 128 ** -0.5
+    ref = reference(q, kc, vc, meta, scale)
+    for phi in (None, 2.0, -40.0):
+        out = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype))
+        assert rel_err(out, ref) < TOL[dtype]
