@@ -258,14 +258,19 @@ class LLMEngine:
                         end = pos + len(stop) if p.include_stop_str_in_output else pos
                         req.texts[i] = text[:end]
                         return self._finish(seq, "stop", stop)
+        reason: tuple[str, int | str | None] | None = None
         if not p.ignore_eos and tok in self.eos_token_ids and seq.num_output_tokens >= p.min_tokens:
-            return self._finish(seq, "stop", None)
-        if tok in (p.stop_token_ids or ()) and seq.num_output_tokens >= p.min_tokens:
-            return self._finish(seq, "stop", tok)
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return self._finish(seq, "length", None)
-        if seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, "length", None)
+            reason = ("stop", None)
+        elif tok in (p.stop_token_ids or ()) and seq.num_output_tokens >= p.min_tokens:
+            reason = ("stop", tok)
+        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            reason = ("length", None)
+        elif seq.num_tokens >= self.max_model_len:
+            reason = ("length", None)
+        if reason is not None:
+            if detok is not None:
+                req.texts[i] += detok.flush()  # bytes of a character cut off by the end
+            self._finish(seq, *reason)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason = reason

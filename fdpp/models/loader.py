@@ -48,7 +48,12 @@ def build_model(
     cls = get_model_class(config)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(config)
+    # to_empty makes new Parameter objects: carry the per-parameter weight loaders over.
+    loaders = {n: getattr(p, "weight_loader", None) for n, p in model.named_parameters()}
     model = model.to_empty(device=device)
+    for n, p in model.named_parameters():
+        if loaders.get(n) is not None:
+            p.weight_loader = loaders[n]
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for module in model.modules():

@@ -31,47 +31,42 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
     preset = get_preset(name) if isinstance(name, str) and not os.path.exists(name) else None
     if preset is not None or config.random_weights:
         if preset is None:
-            from fdpp.models.hf_loader import load_hf_config, resolve_model
+            from fdpp.models.hf_loader import load_model_config, resolve_model
 
-            src = resolve_model(name)
-            preset = load_hf_config(src.path) if src.kind == "hf" else _gguf_config(src)
+            preset = load_model_config(resolve_model(name))
         mc = ModelConfig.from_hf_dict(preset)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
         model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False)
         return LoadedModel(mc, model, dtype, None, f"{name}-random")
 
-    from fdpp.models.hf_loader import load_hf_config, resolve_model
+    from fdpp.models.hf_loader import iter_model_tensors, load_model_config, resolve_model
     from fdpp.tokenizer import load_tokenizer
 
     src = resolve_model(name)
+    hf_dict = load_model_config(src)
+    mc = ModelConfig.from_hf_dict(hf_dict)
+    dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
+    weights = iter_model_tensors(src, dtype, config=hf_dict)
     if src.kind == "gguf":
-        from fdpp.models.gguf_loader import gguf_tensor_names, iter_gguf_tensors, load_gguf_config
+        from fdpp.models.gguf_loader import gguf_tensor_names
 
-        hf_dict = load_gguf_config(src.path)
-        mc = ModelConfig.from_hf_dict(hf_dict)
-        dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
-        weights = iter_gguf_tensors(src.path, dtype, config=hf_dict)
-        num = len(gguf_tensor_names(src.path))
-        st = os.stat(src.path)
-        key = f"gguf-{os.path.basename(src.path)}-{st.st_size}"
+        num: int | None = len(gguf_tensor_names(src.path))
+        key = f"gguf-{src.name}-{os.stat(src.path).st_size}"
     else:
-        from fdpp.models.hf_loader import count_hf_tensors, iter_hf_tensors
-
-        hf_dict = load_hf_config(src.path)
-        mc = ModelConfig.from_hf_dict(hf_dict)
-        dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
-        weights = iter_hf_tensors(src.path, dtype)
-        num = count_hf_tensors(src.path)
+        num = None
         key = "hf-" + os.path.abspath(src.path).strip("/").replace("/", "_")
     model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress)
-    tokenizer = load_tokenizer(src)
+    tokenizer = load_tokenizer(src) if _has_tokenizer(src) else None
+    if tokenizer is None:
+        logger.warning("%s has no tokenizer files: prompts must be token ids and outputs have no text", src.path)
     return LoadedModel(mc, model, dtype, tokenizer, key, src)
 
 
-def _gguf_config(src: Any) -> dict[str, Any]:
-    from fdpp.models.gguf_loader import load_gguf_config
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 
-    return load_gguf_config(src.path)
+
+def _has_tokenizer(src: Any) -> bool:
+    return src.kind == "gguf" or any(os.path.exists(os.path.join(src.path, f)) for f in _TOKENIZER_FILES)
 
 
 def apply_calibration(engine: Any, mode: str) -> Any:
@@ -81,17 +76,17 @@ def apply_calibration(engine: Any, mode: str) -> Any:
     model, calibrating on first use when attention runs the Triton kernels), or a path to a JSON file.
     Returns the CalibrationResult in use, or None.
     """
+    from fdpp.ops.backend import attention_backend
+
     if mode == "off":
         return None
+    if mode == "auto" and attention_backend(engine.device) != "triton":
+        return None  # only the Triton kernels use phi
     from fdpp import calibration as cal
 
     if mode == "auto":
         result = cal.load_or_none(engine.model_key)
         if result is None:
-            from fdpp.ops.backend import attention_backend
-
-            if attention_backend(engine.device) != "triton":
-                return None  # the reference path does not use phi: nothing to gain now
             result = calibrate_engine(engine)
     else:
         result = cal.CalibrationResult.load(mode)
