@@ -85,6 +85,7 @@ def gemv_kernel(
     HAS_RESIDUAL: tl.constexpr,
     IS_GATED: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # software double buffering of the W/x chunks in registers
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -104,15 +105,41 @@ def gemv_kernel(
         x_row = x_ptr + m * stride_xm
         acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc2_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for kb in range(0, KB_PER_SPLIT):
-            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_kk = tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            # Register double buffering: chunk kb+1 is requested before chunk kb is multiplied, so
+            # every thread keeps two chunks of loads in flight (no reliance on the compiler's pipeliner).
+            offs_k = k_start + offs_kk
             mask_k = offs_k < K
-            xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
             w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            acc2 += w.to(tl.float32) * xv[None, :]
             if IS_GATED:
                 w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                acc2_up += w_up.to(tl.float32) * xv[None, :]
+            for kb in range(1, KB_PER_SPLIT):
+                offs_k = k_start + kb * BLOCK_K + offs_kk
+                mask_k = offs_k < K
+                xv_next = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
+                w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+                if IS_GATED:
+                    w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                    acc2_up += w_up.to(tl.float32) * xv.to(tl.float32)[None, :]
+                    w_up = w_up_next
+                xv = xv_next
+                w = w_next
+            acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            if IS_GATED:
+                acc2_up += w_up.to(tl.float32) * xv.to(tl.float32)[None, :]
+        else:
+            for kb in range(0, KB_PER_SPLIT):
+                offs_k = k_start + kb * BLOCK_K + offs_kk
+                mask_k = offs_k < K
+                xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                acc2 += w.to(tl.float32) * xv[None, :]
+                if IS_GATED:
+                    w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                    acc2_up += w_up.to(tl.float32) * xv[None, :]
         acc = tl.sum(acc2, axis=1)  # [BLOCK_N]
         acc_up = tl.sum(acc2_up, axis=1)
         offs_m_e = tl.zeros([BLOCK_N], dtype=tl.int32) + m  # a tensor: masks stay vector-shaped
@@ -122,15 +149,41 @@ def gemv_kernel(
         x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for kb in range(0, KB_PER_SPLIT):
-            offs_k = k_start + kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_kk = tl.arange(0, BLOCK_K)
+        if PREFETCH:
+            offs_k = k_start + offs_kk
             mask_k = offs_k < K
-            xv = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-            w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(xv[:, None, :] * w[None, :, :], axis=2)
+            xv = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
             if IS_GATED:
-                w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-                acc_up += tl.sum(xv[:, None, :] * w_up[None, :, :], axis=2)
+                w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            for kb in range(1, KB_PER_SPLIT):
+                offs_k = k_start + kb * BLOCK_K + offs_kk
+                mask_k = offs_k < K
+                xv_next = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                xf = xv.to(tl.float32)[:, None, :]
+                acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
+                if IS_GATED:
+                    w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+                    acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
+                    w_up = w_up_next
+                xv = xv_next
+                w = w_next
+            xf = xv.to(tl.float32)[:, None, :]
+            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
+            if IS_GATED:
+                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
+        else:
+            for kb in range(0, KB_PER_SPLIT):
+                offs_k = k_start + kb * BLOCK_K + offs_kk
+                mask_k = offs_k < K
+                xf = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)[:, None, :]
+                w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+                acc += tl.sum(xf * w[None, :, :], axis=2)
+                if IS_GATED:
+                    w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
+                    acc_up += tl.sum(xf * w_up[None, :, :], axis=2)
         offs_m_e = offs_m[:, None]
         offs_n_e = offs_n[None, :]
 
@@ -320,7 +373,8 @@ def gemv(
     """``epilogue(x @ weight.T)`` on CUDA cores. x [M, K], weight [N, K]; returns [M, N] or [M, N/2] (gated).
 
     ``config`` keys (all optional): BLOCK_M (max rows of x per program, power of 2), BLOCK_N, BLOCK_K,
-    SPLIT_K, num_warps, num_stages. Missing keys come from ``default_gemv_config``.
+    SPLIT_K, PREFETCH (register double buffering of the K chunks, default on), num_warps, num_stages.
+    Missing keys come from ``default_gemv_config``.
     """
     M, N, K, n_out = check_linear_args("gemv", x, weight, bias, residual, act)
     is_gated = act == "silu_and_mul"
@@ -364,6 +418,7 @@ def gemv(
         HAS_RESIDUAL=residual is not None and not use_ws,
         IS_GATED=is_gated and not use_ws,
         USE_WORKSPACE=use_ws,
+        PREFETCH=bool(cfg.get("PREFETCH", True)),
         num_warps=int(cfg.get("num_warps", 4)),
         num_stages=int(cfg.get("num_stages", 2)),
     )
