@@ -1,0 +1,457 @@
+"""Attention kernel benchmark: fdpp paged decode / prefill (unified max and synchronized) vs torch SDPA.
+
+Decode: batch {1, 8, 32, 64} x KV length {1k, 4k, 16k, 32k} x heads (32/32, 32/8), head_dim 128, fp16.
+Prefill: causal, 32 heads (32/32 and 32/8), head_dim 128, fp16: 1x1k, 1x4k, 4x2k, 1x8k, 1x16k.
+Peers: SDPA with the cuDNN backend and with the flash backend on contiguous [B, H, L, D] K/V, measured
+in the same run. fdpp reads K/V through its block table (block_size 16) from the paged cache.
+
+Timing: triton.testing.do_bench_cudagraph (median); inputs smaller than ~512 MB are rotated through
+several copies inside the captured graph so L2 (50-60 MB) does not serve them. Decode bandwidth =
+K and V bytes read / time. Correctness: relative norm error vs a float64 reference on smaller points.
+
+  python bench/bench_attention.py [--quick] [--tune] [--results-dir bench/results]
+Writes $OUT/attention_bench.json when OUT is set.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fdpp.kernels import attention_decode as dec  # noqa: E402
+from fdpp.kernels.attention_prefill import paged_prefill_attention  # noqa: E402
+from fdpp.ops.attention import safe_window  # noqa: E402
+
+DTYPE = torch.float16
+HEAD_DIM = 128
+BLOCK_SIZE = 16
+ROTATE_BYTES = 512 << 20 if os.environ.get("FDPP_BENCH_SMOKE") != "1" else 1
+PHI = 4.0  # random q/k at scale 1/sqrt(d): scores ~ N(0, 1); phi keeps them inside the fp16 window
+# FDPP_BENCH_SMOKE=1: run the script's logic on the CPU (Triton interpreter, tiny shapes, no timing).
+SMOKE = os.environ.get("FDPP_BENCH_SMOKE") == "1"
+DEV = "cpu" if SMOKE else "cuda"
+
+
+def bench(fn) -> float:
+    """Median microseconds of fn() replayed from a CUDA graph."""
+    fn()
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+    return ms * 1e3
+
+
+def copy_bandwidth() -> float:
+    if SMOKE:
+        return 0.0
+    a = torch.empty(1 << 30, dtype=torch.uint16, device=DEV)  # 2 GB
+    b = torch.empty_like(a)
+    us = bench(lambda: b.copy_(a))
+    del a, b
+    return 2 * (2 << 30) / (us * 1e-6) / 1e12
+
+
+def _empty_cache():
+    if not SMOKE:
+        torch.cuda.empty_cache()
+
+
+def rel_err(out, ref) -> float:
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode
+# ------------------------------------------------------------------------------------------------
+
+class PagedDecodeCase:
+    """num_copies stacked paged caches; copy c of sequence b owns blocks [(c*B + b)*nb, ... + nb)."""
+
+    def __init__(self, batch, kv_len, num_heads, num_kv_heads, num_copies):
+        nb = kv_len // BLOCK_SIZE
+        total_blocks = num_copies * batch * nb
+        shape = (total_blocks, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+        self.k_cache = torch.randn(shape, dtype=DTYPE, device=DEV)
+        self.v_cache = torch.randn(shape, dtype=DTYPE, device=DEV)
+        base = torch.arange(batch * nb, dtype=torch.int32, device=DEV).view(batch, nb)
+        # Random physical order of the blocks within each copy (paged, not contiguous).
+        perm = torch.randperm(batch * nb, device=DEV).to(torch.int32)
+        base = perm[base.view(-1).long()].view(batch, nb)
+        self.block_tables = [base + c * batch * nb for c in range(num_copies)]
+        self.context_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=DEV)
+        self.q = torch.randn(batch, num_heads, HEAD_DIM, dtype=DTYPE, device=DEV)
+        self.kv_len = kv_len
+        self.stats = torch.zeros(2, dtype=torch.int64, device=DEV)
+        self.out = torch.empty_like(self.q)
+
+    def run(self, copy, phi, **kw):
+        return dec.paged_decode_attention(
+            self.q, self.k_cache, self.v_cache, self.block_tables[copy], self.context_lens,
+            scale=HEAD_DIM ** -0.5, max_context_len=self.kv_len, phi=phi, window=safe_window(DTYPE),
+            stats=self.stats, out=self.out, **kw)
+
+    def timer(self, phi, **kw):
+        n = len(self.block_tables)
+
+        def fn():
+            for c in range(n):
+                self.run(c, phi, **kw)
+        return bench(fn) / n
+
+    def reference(self, copy=0):
+        """float64 reference for copy `copy`: [B, H, D]."""
+        B, H, _ = self.q.shape
+        kvh = self.k_cache.shape[2]
+        bt = self.block_tables[copy].long()
+        k = self.k_cache[bt].reshape(B, -1, kvh, HEAD_DIM).double().repeat_interleave(H // kvh, 2)
+        v = self.v_cache[bt].reshape(B, -1, kvh, HEAD_DIM).double().repeat_interleave(H // kvh, 2)
+        s = torch.einsum("bhd,blhd->bhl", self.q.double(), k) * HEAD_DIM ** -0.5
+        return torch.einsum("bhl,blhd->bhd", torch.softmax(s, -1), v)
+
+
+def sdpa_decode_timer(batch, kv_len, num_heads, num_kv_heads, backend, num_copies):
+    q = torch.randn(batch, num_heads, 1, HEAD_DIM, dtype=DTYPE, device=DEV)
+    ks = [torch.randn(batch, num_kv_heads, kv_len, HEAD_DIM, dtype=DTYPE, device=DEV) for _ in range(num_copies)]
+    vs = [torch.randn_like(k) for k in ks]
+    gqa = num_heads != num_kv_heads
+
+    def fn():
+        with sdpa_kernel([backend]):
+            for k, v in zip(ks, vs):
+                torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    try:
+        return bench(fn) / num_copies
+    except Exception as e:  # a backend may reject a shape (e.g. GQA): record, do not abort
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    finally:
+        del ks, vs
+
+
+def decode_bytes(batch, kv_len, num_kv_heads):
+    return 2 * batch * kv_len * num_kv_heads * HEAD_DIM * 2
+
+
+def decode_grid(args, results, tuned: dict):
+    batches = [1, 8, 32, 64] if not args.quick else [1, 8]
+    lens = [1024, 4096, 16384, 32768] if not args.quick else [1024, 4096]
+    heads = [(32, 32), (32, 8)]
+    if SMOKE:
+        batches, lens, heads = [2], [256], [(4, 4), (4, 1)]
+    rows = []
+    for num_heads, num_kv_heads in heads:
+        for batch in batches:
+            for kv_len in lens:
+                nbytes = decode_bytes(batch, kv_len, num_kv_heads)
+                copies = max(1, min(32, math.ceil(ROTATE_BYTES / nbytes)))
+                row = dict(batch=batch, kv_len=kv_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                           kv_mb=nbytes / 1e6, copies=copies)
+                try:
+                    case = PagedDecodeCase(batch, kv_len, num_heads, num_kv_heads, copies)
+                    kw = tuned.get("decode_kwargs", {})
+                    row["splits"] = dec.choose_num_splits(batch, num_kv_heads, kv_len, dec.num_sms_of(case.q.device))
+                    row["fdpp_unified_us"] = case.timer(PHI, **kw)
+                    row["fdpp_unified_nofallback_us"] = case.timer(PHI, fallback=False, **kw)
+                    row["fdpp_sync_us"] = case.timer(None, **kw)
+                    if batch * kv_len <= 8 * 4096:
+                        ref = case.reference()
+                        row["err_unified"] = rel_err(case.run(0, PHI, **kw), ref)
+                        row["err_sync"] = rel_err(case.run(0, None, **kw), ref)
+                        row["err_forced_fallback"] = rel_err(case.run(0, -40.0, **kw), ref)
+                        del ref
+                    del case
+                    _empty_cache()
+                    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                        row[f"{name}_us"] = sdpa_decode_timer(batch, kv_len, num_heads, num_kv_heads, backend, copies)
+                    _empty_cache()
+                except Exception as e:
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
+                    traceback.print_exc()
+                    _empty_cache()
+                for key in list(row):
+                    if key.endswith("_us") and isinstance(row[key], float):
+                        row[key.replace("_us", "_tbs")] = nbytes / (row[key] * 1e-6) / 1e12
+                peers = [row[k] for k in ("cudnn_us", "flash_us") if isinstance(row.get(k), float)]
+                if peers and isinstance(row.get("fdpp_unified_us"), float):
+                    row["speedup_vs_best_peer"] = min(peers) / row["fdpp_unified_us"]
+                    row["unified_vs_sync"] = row["fdpp_sync_us"] / row["fdpp_unified_us"]
+                rows.append(row)
+                print("decode", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    results["decode"] = rows
+
+
+def decode_tune(args, results):
+    """Sweep kernel configs and split counts on representative points (informs the defaults)."""
+    points = [(1, 1024, 32, 32), (1, 4096, 32, 32), (1, 32768, 32, 8), (8, 4096, 32, 32), (64, 4096, 32, 8),
+              (1, 16384, 32, 32)]
+    cfgs = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
+            [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 2, 3), (32, 2, 4)]]
+    if SMOKE:
+        points, cfgs = [(1, 256, 4, 4), (1, 256, 4, 1)], cfgs[:2]
+    out = []
+    for batch, kv_len, nh, nkv in points:
+        nbytes = decode_bytes(batch, kv_len, nkv)
+        copies = max(1, min(32, math.ceil(ROTATE_BYTES / nbytes)))
+        case = PagedDecodeCase(batch, kv_len, nh, nkv, copies)
+        auto = dec.choose_num_splits(batch, nkv, kv_len, dec.num_sms_of(case.q.device))
+        res = dict(point=[batch, kv_len, nh, nkv], auto_splits=auto, cfg={}, splits={}, dot={}, reduce={})
+        for cfg in cfgs:
+            try:
+                res["cfg"][str(cfg)] = case.timer(PHI, **cfg)
+            except Exception as e:
+                res["cfg"][str(cfg)] = f"failed: {e}"[:200]
+        good = {k: v for k, v in res["cfg"].items() if isinstance(v, float)}
+        best = eval(min(good, key=good.get)) if good else {}
+        for splits in [1, 2, 4, 8, 16, 32, 64]:
+            if splits * 64 > kv_len and not (SMOKE and splits <= 2):
+                continue
+            res["splits"][splits] = case.timer(PHI, num_splits=splits, **best)
+        if nh == nkv:
+            res["dot"]["use_dot"] = case.timer(PHI, use_dot=True, **best)
+            res["dot"]["elementwise"] = case.timer(PHI, use_dot=False, **best)
+        res["reduce"]["separate"] = case.timer(PHI, fused_reduce=False, **best)
+        res["reduce"]["fused"] = case.timer(PHI, fused_reduce=True, **best)
+        res["best_cfg"] = best
+        res["kv_mb"] = nbytes / 1e6
+        out.append(res)
+        print("tune", json.dumps(res), flush=True)
+        del case
+        _empty_cache()
+    results["decode_tune"] = out
+
+
+# ------------------------------------------------------------------------------------------------
+# Prefill
+# ------------------------------------------------------------------------------------------------
+
+class PagedPrefillCase:
+    def __init__(self, batch, seq_len, num_heads, num_kv_heads):
+        nb = seq_len // BLOCK_SIZE
+        shape = (batch * nb, BLOCK_SIZE, num_kv_heads, HEAD_DIM)
+        self.k_cache = torch.randn(shape, dtype=DTYPE, device=DEV)
+        self.v_cache = torch.randn(shape, dtype=DTYPE, device=DEV)
+        perm = torch.randperm(batch * nb, device=DEV).to(torch.int32)
+        self.block_tables = perm.view(batch, nb)
+        self.context_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=DEV)
+        self.cu = torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=DEV)
+        self.q = torch.randn(batch * seq_len, num_heads, HEAD_DIM, dtype=DTYPE, device=DEV)
+        self.seq_len = seq_len
+        self.stats = torch.zeros(2, dtype=torch.int64, device=DEV)
+        self.out = torch.empty_like(self.q)
+
+    def run(self, phi, **kw):
+        return paged_prefill_attention(
+            self.q, self.k_cache, self.v_cache, self.block_tables, self.context_lens, self.cu,
+            scale=HEAD_DIM ** -0.5, max_seqlen_q=self.seq_len, phi=phi, window=safe_window(DTYPE),
+            stats=self.stats, out=self.out, **kw)
+
+    def reference(self, seq=0, rows=256):
+        """float64 reference for the last `rows` queries of sequence `seq`: [rows, H, D]."""
+        H = self.q.shape[1]
+        kvh = self.k_cache.shape[2]
+        bt = self.block_tables[seq].long()
+        k = self.k_cache[bt].reshape(-1, kvh, HEAD_DIM).double().repeat_interleave(H // kvh, 1)
+        v = self.v_cache[bt].reshape(-1, kvh, HEAD_DIM).double().repeat_interleave(H // kvh, 1)
+        L = self.seq_len
+        rows = min(rows, L)
+        q = self.q[seq * L + L - rows: (seq + 1) * L].double()
+        s = torch.einsum("qhd,khd->hqk", q, k) * HEAD_DIM ** -0.5
+        qpos = torch.arange(L - rows, L, device=DEV)
+        s = s.masked_fill(torch.arange(L, device=DEV)[None, :] > qpos[:, None], float("-inf"))
+        return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v), (seq * L + L - rows, (seq + 1) * L)
+
+
+def prefill_flops(batch, seq_len, num_heads):
+    return 4 * batch * num_heads * seq_len * seq_len * HEAD_DIM / 2  # causal: half of QK^T and PV
+
+
+def sdpa_prefill_timer(batch, seq_len, num_heads, num_kv_heads, backend):
+    q = torch.randn(batch, num_heads, seq_len, HEAD_DIM, dtype=DTYPE, device=DEV)
+    k = torch.randn(batch, num_kv_heads, seq_len, HEAD_DIM, dtype=DTYPE, device=DEV)
+    v = torch.randn_like(k)
+    gqa = num_heads != num_kv_heads
+
+    def fn():
+        with sdpa_kernel([backend]):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    try:
+        return bench(fn)
+    except Exception as e:
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+
+
+def prefill_grid(args, results, tuned: dict):
+    points = [(1, 1024), (1, 4096), (4, 2048), (1, 8192), (1, 16384)]
+    heads = [(32, 32), (32, 8)]
+    if args.quick:
+        points = points[:2]
+    if SMOKE:
+        points, heads = [(2, 64)], [(2, 2), (2, 1)]
+    rows = []
+    for num_heads, num_kv_heads in heads:
+        for batch, seq_len in points:
+            flops = prefill_flops(batch, seq_len, num_heads)
+            row = dict(batch=batch, seq_len=seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads)
+            try:
+                case = PagedPrefillCase(batch, seq_len, num_heads, num_kv_heads)
+                kw = tuned.get("prefill_kwargs", {})
+                row["fdpp_unified_us"] = bench(lambda: case.run(PHI, **kw))
+                row["fdpp_unified_nofallback_us"] = bench(lambda: case.run(PHI, fallback=False, **kw))
+                row["fdpp_sync_us"] = bench(lambda: case.run(None, **kw))
+                ref, (a, b) = case.reference()
+                row["err_unified"] = rel_err(case.run(PHI, **kw)[a:b], ref)
+                row["err_sync"] = rel_err(case.run(None, **kw)[a:b], ref)
+                row["err_forced_fallback"] = rel_err(case.run(-40.0, **kw)[a:b], ref)
+                del case, ref
+                _empty_cache()
+                for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+                    row[f"{name}_us"] = sdpa_prefill_timer(batch, seq_len, num_heads, num_kv_heads, backend)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+                traceback.print_exc()
+            for key in list(row):
+                if key.endswith("_us") and isinstance(row[key], float):
+                    row[key.replace("_us", "_tflops")] = flops / (row[key] * 1e-6) / 1e12
+            peers = {k: row[k] for k in ("cudnn_us", "flash_us") if isinstance(row.get(k), float)}
+            if isinstance(row.get("fdpp_unified_us"), float):
+                for k, v in peers.items():
+                    row[f"speedup_vs_{k[:-3]}"] = v / row["fdpp_unified_us"]
+                row["unified_vs_sync"] = row["fdpp_sync_us"] / row["fdpp_unified_us"]
+            rows.append(row)
+            print("prefill", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            _empty_cache()
+    results["prefill"] = rows
+
+
+def prefill_tune(args, results):
+    cfgs = [dict(block_m=m, block_n=n, num_warps=w, num_stages=s) for m, n, w, s in
+            [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 4, 4),
+             (64, 128, 4, 2), (128, 64, 8, 4), (128, 128, 8, 3)]]
+    out = []
+    for batch, seq_len, nkv in ([(1, 64, 2)] if SMOKE else [(1, 4096, 32), (1, 8192, 8)]):
+        case = PagedPrefillCase(batch, seq_len, 32 if not SMOKE else 2, nkv)
+        res = dict(point=[batch, seq_len, 32, nkv], unified={}, sync={})
+        for cfg in (cfgs[:1] if SMOKE else cfgs):
+            for mode, phi in (("unified", PHI), ("sync", None)):
+                try:
+                    us = bench(lambda: case.run(phi, fallback=False, **cfg))
+                    res[mode][str(cfg)] = prefill_flops(batch, seq_len, 32) / (us * 1e-6) / 1e12
+                except Exception as e:
+                    res[mode][str(cfg)] = f"failed: {type(e).__name__}: {e}"[:200]
+        out.append(res)
+        print("prefill_tune", json.dumps(res), flush=True)
+        del case
+        _empty_cache()
+    results["prefill_tune"] = out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+def _f(x, nd=2):
+    return f"{x:.{nd}f}" if isinstance(x, float) else ("-" if x is None else str(x)[:20])
+
+
+def markdown(results) -> str:
+    lines = [f"# Attention benchmark: {results['gpu']}, {results['date']}",
+             "", f"torch {results['torch']}, triton {results['triton']}, fp16, head_dim 128, "
+             f"copy bandwidth {_f(results.get('copy_tbs'))} TB/s (read + write). CUDA-graph timed medians.", ""]
+    if results.get("decode"):
+        lines += ["## Decode (one query token; fdpp paged, block 16, random block order; peers contiguous)", "",
+                  "| batch x len (q/kv) | KV MB | splits | fdpp unified us (TB/s) | fdpp sync us (TB/s) | "
+                  "cuDNN us (TB/s) | flash us (TB/s) | vs best peer | unified/sync | err unified |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["decode"]:
+            lines.append(
+                f"| {r['batch']} x {r['kv_len']} ({r['num_heads']}/{r['num_kv_heads']}) | {r['kv_mb']:.0f} | "
+                f"{r.get('splits', '-')} | {_f(r.get('fdpp_unified_us'), 1)} ({_f(r.get('fdpp_unified_tbs'))}) | "
+                f"{_f(r.get('fdpp_sync_us'), 1)} ({_f(r.get('fdpp_sync_tbs'))}) | "
+                f"{_f(r.get('cudnn_us'), 1)} ({_f(r.get('cudnn_tbs'))}) | {_f(r.get('flash_us'), 1)} ({_f(r.get('flash_tbs'))}) | "
+                f"{_f(r.get('speedup_vs_best_peer'))}x | {_f(r.get('unified_vs_sync'))}x | {_f(r.get('err_unified'), 6)} |")
+    if results.get("prefill"):
+        lines += ["", "## Prefill (causal; TFLOP/s)", "",
+                  "| batch x len (q/kv) | fdpp unified | fdpp sync | cuDNN | flash | vs cuDNN | vs flash | "
+                  "unified/sync | err unified |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results["prefill"]:
+            lines.append(
+                f"| {r['batch']} x {r['seq_len']} ({r['num_heads']}/{r['num_kv_heads']}) | "
+                f"{_f(r.get('fdpp_unified_tflops'), 0)} | {_f(r.get('fdpp_sync_tflops'), 0)} | "
+                f"{_f(r.get('cudnn_tflops'), 0)} | {_f(r.get('flash_tflops'), 0)} | {_f(r.get('speedup_vs_cudnn'))}x | "
+                f"{_f(r.get('speedup_vs_flash'))}x | {_f(r.get('unified_vs_sync'))}x | {_f(r.get('err_unified'), 6)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a few points only")
+    ap.add_argument("--tune", action="store_true", help="also sweep kernel configs and split counts")
+    ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-prefill", action="store_true")
+    ap.add_argument("--results-dir", default=None, help="also write attention_<gpu>_<date>.json/.md here")
+    ap.add_argument("--from-json", default=None, help="only render the markdown of an earlier JSON")
+    args = ap.parse_args()
+
+    if args.from_json:
+        results = json.load(open(args.from_json))
+        print(markdown(results))
+        if args.results_dir:
+            stem = os.path.splitext(os.path.basename(args.from_json))[0]
+            open(os.path.join(args.results_dir, stem + ".md"), "w").write(markdown(results))
+        return
+
+    torch.manual_seed(0)
+    results = dict(gpu="cpu-smoke" if SMOKE else torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+                   torch=torch.__version__, triton=triton.__version__, phi=PHI)
+    t0 = time.time()
+    results["copy_tbs"] = copy_bandwidth()
+    print("copy TB/s", results["copy_tbs"], flush=True)
+    tuned: dict = {}
+    out_dir = os.environ.get("OUT")
+
+    def save():
+        if out_dir:
+            json.dump(results, open(os.path.join(out_dir, "attention_bench.json"), "w"), indent=1)
+
+    if args.tune and not args.skip_decode:
+        decode_tune(args, results)
+        save()
+    if args.tune and not args.skip_prefill:
+        prefill_tune(args, results)
+        save()
+    if not args.skip_decode:
+        decode_grid(args, results, tuned)
+        save()
+    if not args.skip_prefill:
+        prefill_grid(args, results, tuned)
+        save()
+    results["wall_s"] = time.time() - t0
+    save()
+    md = markdown(results)
+    print(md)
+    if out_dir:
+        open(os.path.join(out_dir, "attention_bench.md"), "w").write(md)
+    if args.results_dir:
+        gpu = results["gpu"].replace(" ", "_").replace("/", "_")
+        stem = os.path.join(args.results_dir, f"attention_{gpu}_{results['date']}")
+        json.dump(results, open(stem + ".json", "w"), indent=1)
+        open(stem + ".md", "w").write(md)
+
+
+if __name__ == "__main__":
+    main()
