@@ -129,6 +129,9 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     s = torch.cuda.Stream()
     with torch.cuda.graph(g, stream=s):
         b.copy_(a)
+    for _ in range(200):  # ~0.3 s of load first, so that the clocks have ramped up
+        g.replay()
+    torch.cuda.synchronize()
     times = []
     for _ in range(15):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -159,7 +162,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=BENCH_MODELS, help="preset models whose shapes to bench")
     ap.add_argument("--ms", type=int, nargs="+", default=BENCH_MS, help="batch sizes M to bench")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="dtype")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                    help="dtype of the full benchmark (tuned and evaluated)")
+    ap.add_argument("--extra-tune-dtypes", nargs="*", default=["bfloat16"], choices=["float16", "bfloat16"],
+                    help="dtypes only tuned into the table (no evaluation pass)")
     ap.add_argument("--quick", action="store_true", help="fewer tile configs per implementation")
     ap.add_argument("--table", default=None, help="evaluate this dataflow table instead of tuning one")
     ap.add_argument("--results-dir", default=None, help="output folder (default: $OUT, else bench/results)")
@@ -193,9 +199,13 @@ def main() -> int:
         f"{args.dtype}, {date}")
     shapes = bench_shapes(args.models)
     ms = sorted(set(args.ms))
+    tune_dtypes = [args.dtype] + [d for d in args.extra_tune_dtypes if d != args.dtype]
 
     def candidates(impl, n, k, m):
         return candidate_configs(impl, n, k, m, num_sms=sms, quick=args.quick)
+
+    def quick_candidates(impl, n, k, m):
+        return candidate_configs(impl, n, k, m, num_sms=sms, quick=True)
 
     result = {"gpu": gpu, "date": date, "dtype": args.dtype, "num_sms": sms, "l2_bytes": l2,
               "torch": torch.__version__, "triton": triton.__version__, "ms": ms,
@@ -211,11 +221,12 @@ def main() -> int:
 
         tasks = []
         if args.table is None:
-            for n, k in shapes.values():
-                for m in ms:
-                    for impl in ("gemv", "flat"):
-                        for cfg in candidates(impl, n, k, m):
-                            tasks.append((impl, cfg, n, k, m, args.dtype))
+            for dt in tune_dtypes:
+                for n, k in shapes.values():
+                    for m in ms:
+                        for impl in ("gemv", "flat"):
+                            for cfg in (candidates if dt == args.dtype else quick_candidates)(impl, n, k, m):
+                                tasks.append((impl, cfg, n, k, m, dt))
         buckets = [[] for _ in range(args.workers)]
         for t in tasks:
             buckets[hash((t[0], json.dumps(t[1], sort_keys=True))) % args.workers].append(t)
@@ -255,19 +266,35 @@ def main() -> int:
             return math.inf
         seen_first.add(key)
         t = timer(impl, cfg, n, k, m, dt)
-        sweep.append({"impl": impl, "config": cfg, "n": n, "k": k, "m": m, "us": None if math.isinf(t) else t})
+        sweep.append({"impl": impl, "config": cfg, "n": n, "k": k, "m": m, "dtype": str(dt),
+                      "us": None if math.isinf(t) else t})
         return t
 
     if args.table is None:
         t0 = time.time()
-        table = build_table(shapes, dtype, ms, recording_timer, gpu_name=gpu, candidates=candidates,
-                            show_progress=sys.stderr.isatty())
+        table = None
+        for dt in tune_dtypes:
+            table = build_table(shapes, getattr(torch, dt), ms, recording_timer, gpu_name=gpu,
+                                candidates=candidates if dt == args.dtype else quick_candidates,
+                                show_progress=sys.stderr.isatty(), confirm=2, table=table)
+            log(f"tuned {dt}: {len(sweep)} timer calls so far, {time.time() - t0:.1f} s")
         table.meta.update({"created": date, "torch": torch.__version__, "triton": triton.__version__,
                            "source": "bench/bench_gemm.py", "m_grid": ms})
-        log(f"swept {len(sweep)} (impl, config, shape, M) points in {time.time() - t0:.1f} s")
         table_path = table.save(out_dir / f"table_{gpu_slug(gpu)}.json")
         (out_dir / "sweep.json").write_text(json.dumps(sweep) + "\n")
         log(f"wrote {table_path}")
+        for dt in tune_dtypes[1:]:
+            sp = []
+            for n, k in shapes.values():
+                e = table.get(dt, n, k)
+                for i, m in enumerate(e.timings["m"]):
+                    if m <= 16:
+                        us = e.timings["us"]
+                        best = min(v[i] for v in us.values() if v[i] is not None)
+                        sp.append(us["cublas"][i] / best)
+            geo = math.exp(statistics.fmean(math.log(x) for x in sp))
+            result[f"sweep_geomean_best_vs_cublas_m_le_16_{dt}"] = geo
+            log(f"{dt} (from the sweep): best choice vs cuBLAS at M <= 16, geomean {geo:.3f}x")
     else:
         table = DispatchTable.load(args.table)
         if table.gpu != gpu:
@@ -296,14 +323,15 @@ def main() -> int:
                 cfg = best_cfg.get(impl)
                 if impl == "gemv" and cfg is None:
                     continue
-                row[f"{impl}_us"] = timer(impl, cfg, n, k, m, dtype)
+                row[f"{impl}_us"] = statistics.fmean(timer(impl, cfg, n, k, m, dtype) for _ in range(2))
                 row[f"{impl}_config"] = cfg
             with use_dispatch_table(table), use_backends(linear="table"):
                 from fdpp.dataflow.table import choose_impl
 
                 impl, cfg = choose_impl(torch.device("cuda"), dtype, n, k, m)
                 row["dispatch_impl"], row["dispatch_config"] = impl, cfg
-                row["dispatch_us"] = timer.time_fn(lambda x, w: linear(x, w), n, k, m, dtype)
+                row["dispatch_us"] = statistics.fmean(
+                    timer.time_fn(lambda x, w: linear(x, w), n, k, m, dtype) for _ in range(2))
                 w = timer.weights(n, k, dtype)[0]
                 x = timer.inputs(m, k, dtype)
                 y = linear(x, w)
@@ -340,6 +368,10 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         log("fused epilogue bench failed:\n" + traceback.format_exc())
 
+    bw_end = copy_bandwidth()
+    log(f"copy bandwidth again at the end: {bw_end:.3f} TB/s (the larger one is used)")
+    result["copy_tbps_runs"] = [result["copy_tbps"], bw_end]
+    result["copy_tbps"] = max(result["copy_tbps"], bw_end)
     summarize(result, table, out_dir)
     dump()
     try:
@@ -451,6 +483,7 @@ def plot(result, table, path: Path) -> None:
                 ax.axvline(e.m2, color="k", alpha=0.4, lw=0.8)
                 ax.text(e.m2, ax.get_ylim()[1], " M2", color="k", va="top", fontsize=7)
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xticks(mm)
         ax.set_xticklabels([str(m) for m in mm], fontsize=6)
         ax.set_title(f"{name.split(',')[0]} {rs[0]['n']}x{rs[0]['k']}", fontsize=8)

@@ -152,6 +152,10 @@ def flat_gemm(
     kb_per_split = triton.cdiv(num_kb, max(1, int(cfg.get("SPLIT_K", 1))))
     num_splits = triton.cdiv(num_kb, kb_per_split)
     use_ws = num_splits > 1
+    if is_gated and not use_ws and block_n > 16:
+        # NOTE: a gated program keeps gate and up tiles in shared memory: half the rows keep the tuned
+        # (ungated) config's shared-memory footprint and bytes in flight.
+        block_n //= 2
     n_ws = N
     ws = torch.empty((num_splits, M, n_ws), device=x.device, dtype=torch.float32) if use_ws else out
     kernel_n = n_ws if use_ws else n_out

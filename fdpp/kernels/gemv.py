@@ -3,9 +3,11 @@
 ``y[M, N] = x[M, K] @ W[N, K]^T`` with W in its loaded (row-major [N, K]) layout. Each program owns
 ``BLOCK_N`` rows of W and streams them along K in ``BLOCK_K`` chunks with wide (16-byte) loads; the
 math is broadcast-multiply + ``tl.sum`` in fp32 on the CUDA cores (no ``tl.dot``: M is far below the
-smallest tensor-core tile). For M == 1 the partial products are kept in a [BLOCK_N, BLOCK_K] fp32
-accumulator and reduced once after the loop (FastGEMV's deferred reduction); for 1 < M the x rows form
-a small [BLOCK_M, BLOCK_K] register tile and each chunk is reduced into [BLOCK_M, BLOCK_N].
+smallest tensor-core tile). Partial products are kept in a [BLOCK_N, BLOCK_K] fp32 accumulator per row
+of x and reduced once after the loop (FastGEMV's deferred reduction, no cross-lane work in the hot loop).
+One program multiplies its W tile with up to 4 rows of x (explicit accumulators); larger M runs more
+row blocks, scheduled next to each other so that W is re-read from L2. The K loop double-buffers its
+W and x chunks in registers (the next chunk's loads are issued before the current chunk's math).
 
 When N alone gives too few programs to fill the SMs, ``SPLIT_K`` programs share a row block: each
 writes an fp32 partial into a workspace ``[SPLIT_K, M, N]`` and a second small kernel
@@ -62,6 +64,50 @@ def _epilogue_store(
 
 
 @triton.jit
+def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M: tl.constexpr):
+    """One K chunk of up to 4 rows of x (rows past BLOCK_M alias row 0 and are never used)."""
+    xa = tl.load(x0 + offs_k, mask=mask_k, other=0.0)
+    xb = xa
+    xc = xa
+    xd = xa
+    if BLOCK_M > 1:
+        xb = tl.load(x1 + offs_k, mask=mask_k, other=0.0)
+    if BLOCK_M > 2:
+        xc = tl.load(x2 + offs_k, mask=mask_k, other=0.0)
+        xd = tl.load(x3 + offs_k, mask=mask_k, other=0.0)
+    return xa, xb, xc, xd
+
+
+@triton.jit
+def _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M: tl.constexpr):
+    """acc_r[BLOCK_N, BLOCK_K] += W chunk * x_r chunk, elementwise in fp32 (reduced after the K loop)."""
+    wf = w.to(tl.float32)
+    acc0 += wf * xa.to(tl.float32)[None, :]
+    if BLOCK_M > 1:
+        acc1 += wf * xb.to(tl.float32)[None, :]
+    if BLOCK_M > 2:
+        acc2 += wf * xc.to(tl.float32)[None, :]
+        acc3 += wf * xd.to(tl.float32)[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _finish_row(acc, acc_up, m, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                stride_rm, stride_om, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_RESIDUAL: tl.constexpr, IS_GATED: tl.constexpr, USE_WORKSPACE: tl.constexpr):
+    """Reduce one row's [BLOCK_N, BLOCK_K] partial products and write the row (or its split-K partial)."""
+    y = tl.sum(acc, axis=1)  # [BLOCK_N]
+    offs_m = tl.zeros([BLOCK_N], dtype=tl.int32) + m  # a tensor, so masks stay vector-shaped
+    if USE_WORKSPACE:
+        mask = (offs_m < M) & (offs_n < N_OUT)
+        tl.store(ws_ptr + (pid_k * M + offs_m) * N_OUT + offs_n, y, mask=mask)
+    else:
+        y_up = tl.sum(acc_up, axis=1)
+        _epilogue_store(y, y_up, offs_m, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr,
+                        stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL, IS_GATED)
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] (N = 2F when gated)
@@ -78,7 +124,7 @@ def gemv_kernel(
     stride_rm,
     stride_om,
     KB_PER_SPLIT,  # number of BLOCK_K chunks each split walks
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of x per program: 1, 2 or 4
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -87,115 +133,91 @@ def gemv_kernel(
     USE_WORKSPACE: tl.constexpr,
     PREFETCH: tl.constexpr,  # software double buffering of the W/x chunks in registers
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(2)
+    # Programs that share W rows (same pid_n, consecutive row blocks of x) are adjacent in launch order,
+    # so when M > BLOCK_M the second read of a W tile comes from L2, not HBM.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_mb = tl.cdiv(M, BLOCK_M)
+    pid_m = pid % num_mb
+    pid_n = pid // num_mb
+    m0 = pid_m * BLOCK_M
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    # NOTE: out-of-range rows wrap around instead of being masked: they load valid memory, their
-    # results are dropped by the store mask, and the hot loop keeps unmasked row addressing.
+    # NOTE: out-of-range rows of W and x wrap around instead of being masked: they load valid memory,
+    # their results are dropped by the store mask, and the hot loop keeps unmasked row addressing.
     rows = offs_n % N_OUT
     k_start = pid_k * KB_PER_SPLIT * BLOCK_K
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
+    w_rows_up = w_rows
     if IS_GATED:
         w_rows_up = w_ptr + (rows + F)[:, None].to(tl.int64) * stride_wn
+    x0 = x_ptr + (m0 % M) * stride_xm
+    x1 = x_ptr + ((m0 + 1) % M) * stride_xm
+    x2 = x_ptr + ((m0 + 2) % M) * stride_xm
+    x3 = x_ptr + ((m0 + 3) % M) * stride_xm
 
-    if BLOCK_M == 1:
-        m = pid_m
-        x_row = x_ptr + m * stride_xm
-        acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        acc2_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        offs_kk = tl.arange(0, BLOCK_K)
-        if PREFETCH:
-            # Register double buffering: chunk kb+1 is requested before chunk kb is multiplied, so
-            # every thread keeps two chunks of loads in flight (no reliance on the compiler's pipeliner).
-            offs_k = k_start + offs_kk
+    # FastGEMV's deferred reduction: per row of x an fp32 [BLOCK_N, BLOCK_K] accumulator of products,
+    # summed across K only once after the loop (no cross-lane reductions in the hot loop).
+    acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    up3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    offs_kk = tl.arange(0, BLOCK_K)
+    if PREFETCH:
+        # Register double buffering: chunk kb is requested before chunk kb-1 is multiplied, so every
+        # thread keeps two chunks of loads in flight without relying on the compiler's pipeliner.
+        offs_k = k_start + offs_kk
+        mask_k = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+        w_up = w
+        if IS_GATED:
+            w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+        xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+        for kb in range(1, KB_PER_SPLIT):
+            offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
-            xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
+            w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            w_up_next = w_next
+            if IS_GATED:
+                w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            xa_n, xb_n, xc_n, xd_n = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+            acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
+            if IS_GATED:
+                up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
+            w = w_next
+            w_up = w_up_next
+            xa = xa_n
+            xb = xb_n
+            xc = xc_n
+            xd = xd_n
+        acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
+        if IS_GATED:
+            up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
+    else:
+        for kb in range(0, KB_PER_SPLIT):
+            offs_k = k_start + kb * BLOCK_K + offs_kk
+            mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+            xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+            acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
             if IS_GATED:
                 w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            for kb in range(1, KB_PER_SPLIT):
-                offs_k = k_start + kb * BLOCK_K + offs_kk
-                mask_k = offs_k < K
-                xv_next = tl.load(x_row + offs_k, mask=mask_k, other=0.0)
-                w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-                if IS_GATED:
-                    w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                    acc2_up += w_up.to(tl.float32) * xv.to(tl.float32)[None, :]
-                    w_up = w_up_next
-                xv = xv_next
-                w = w_next
-            acc2 += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-            if IS_GATED:
-                acc2_up += w_up.to(tl.float32) * xv.to(tl.float32)[None, :]
-        else:
-            for kb in range(0, KB_PER_SPLIT):
-                offs_k = k_start + kb * BLOCK_K + offs_kk
-                mask_k = offs_k < K
-                xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                acc2 += w.to(tl.float32) * xv[None, :]
-                if IS_GATED:
-                    w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                    acc2_up += w_up.to(tl.float32) * xv[None, :]
-        acc = tl.sum(acc2, axis=1)  # [BLOCK_N]
-        acc_up = tl.sum(acc2_up, axis=1)
-        offs_m_e = tl.zeros([BLOCK_N], dtype=tl.int32) + m  # a tensor: masks stay vector-shaped
-        offs_n_e = offs_n
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        x_rows = x_ptr + (offs_m % M)[:, None] * stride_xm
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        offs_kk = tl.arange(0, BLOCK_K)
-        if PREFETCH:
-            offs_k = k_start + offs_kk
-            mask_k = offs_k < K
-            xv = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            if IS_GATED:
-                w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            for kb in range(1, KB_PER_SPLIT):
-                offs_k = k_start + kb * BLOCK_K + offs_kk
-                mask_k = offs_k < K
-                xv_next = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                xf = xv.to(tl.float32)[:, None, :]
-                acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
-                if IS_GATED:
-                    w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-                    acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
-                    w_up = w_up_next
-                xv = xv_next
-                w = w_next
-            xf = xv.to(tl.float32)[:, None, :]
-            acc += tl.sum(xf * w.to(tl.float32)[None, :, :], axis=2)
-            if IS_GATED:
-                acc_up += tl.sum(xf * w_up.to(tl.float32)[None, :, :], axis=2)
-        else:
-            for kb in range(0, KB_PER_SPLIT):
-                offs_k = k_start + kb * BLOCK_K + offs_kk
-                mask_k = offs_k < K
-                xf = tl.load(x_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)[:, None, :]
-                w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-                acc += tl.sum(xf * w[None, :, :], axis=2)
-                if IS_GATED:
-                    w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-                    acc_up += tl.sum(xf * w_up[None, :, :], axis=2)
-        offs_m_e = offs_m[:, None]
-        offs_n_e = offs_n[None, :]
+                up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
 
-    if USE_WORKSPACE:
-        # Raw fp32 partial of this K split; splitk_epilogue_kernel finishes the job.
-        mask = (offs_m_e < M) & (offs_n_e < N_OUT)
-        tl.store(ws_ptr + (pid_k * M + offs_m_e) * N_OUT + offs_n_e, acc, mask=mask)
-    else:
-        _epilogue_store(
-            acc, acc_up, offs_m_e, offs_n_e, M, N_OUT, F, bias_ptr, res_ptr, out_ptr,
-            stride_rm, stride_om, HAS_BIAS, HAS_RESIDUAL, IS_GATED,
-        )
+    _finish_row(acc0, up0, m0, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr, stride_rm,
+                stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+    if BLOCK_M > 1:
+        _finish_row(acc1, up1, m0 + 1, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+    if BLOCK_M > 2:
+        _finish_row(acc2, up2, m0 + 2, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+        _finish_row(acc3, up3, m0 + 3, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
 
 
 @triton.jit
@@ -345,14 +367,14 @@ def launch_splitk_epilogue(
 # GEMV wrapper
 # ----------------------------------------------------------------------------------------------------
 
-GEMV_MAX_BLOCK_M = 16
+GEMV_MAX_BLOCK_M = 4  # rows of x one program multiplies with its W tile (explicit accumulators)
 
 
 def default_gemv_config(n_out: int, k: int, m: int, sms: int = 132) -> dict:
-    """A reasonable GEMV config when no tuned one is given: enough programs for ~4 per SM, split-K otherwise."""
-    block_m = min(triton.next_power_of_2(max(m, 1)), 8)
-    block_k = max(64, min(512, 2048 // block_m))
-    block_n = 16 if block_m == 1 else 8
+    """A reasonable GEMV config when no tuned one is given: enough programs for ~2 per SM, split-K otherwise."""
+    block_m = min(triton.next_power_of_2(max(m, 1)), GEMV_MAX_BLOCK_M)
+    block_n = 8 if block_m == 1 else 4
+    block_k = 512
     progs = triton.cdiv(n_out, block_n) * triton.cdiv(m, block_m)
     split_k = 1
     num_kb = triton.cdiv(k, block_k)
@@ -372,7 +394,7 @@ def gemv(
 ) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` on CUDA cores. x [M, K], weight [N, K]; returns [M, N] or [M, N/2] (gated).
 
-    ``config`` keys (all optional): BLOCK_M (max rows of x per program, power of 2), BLOCK_N, BLOCK_K,
+    ``config`` keys (all optional): BLOCK_M (max rows of x per program: 1, 2 or 4), BLOCK_N, BLOCK_K,
     SPLIT_K, PREFETCH (register double buffering of the K chunks, default on), num_warps, num_stages.
     Missing keys come from ``default_gemv_config``.
     """
@@ -390,11 +412,15 @@ def gemv(
     kb_per_split = triton.cdiv(num_kb, max(1, int(cfg.get("SPLIT_K", 1))))
     num_splits = triton.cdiv(num_kb, kb_per_split)  # no empty splits
     use_ws = num_splits > 1
+    if is_gated and not use_ws and block_n > 1:
+        # NOTE: a gated program streams gate and up rows: half the rows keep the registers and the bytes
+        # in flight of the tuned (ungated) config.
+        block_n //= 2
     # With split-K the workspace holds the raw [M, N] product; gating happens in the second pass.
     n_ws = N
     ws = torch.empty((num_splits, M, n_ws), device=x.device, dtype=torch.float32) if use_ws else out
     kernel_n = n_ws if use_ws else n_out
-    grid = (triton.cdiv(kernel_n, block_n), triton.cdiv(M, block_m), num_splits)
+    grid = (triton.cdiv(kernel_n, block_n) * triton.cdiv(M, block_m), num_splits)
     gemv_kernel[grid](
         x,
         weight,

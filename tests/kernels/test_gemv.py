@@ -18,9 +18,11 @@ CASES = [
     (5, 29, 130, None, False, True, {"BLOCK_N": 16, "BLOCK_K": 64, "SPLIT_K": 3}),
     (8, 42, 66, "silu_and_mul", False, False, {"BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 2}),
     (17, 23, 50, None, True, True, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 32}),
+    (3, 24, 50, "silu_and_mul", True, True, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 2}),
     (1, 30, 90, "silu_and_mul", True, True, {"BLOCK_N": 8, "BLOCK_K": 16, "PREFETCH": False}),
     (6, 21, 90, None, True, False, {"BLOCK_N": 8, "BLOCK_K": 16, "PREFETCH": False}),
-    (70, 18, 40, "silu_and_mul", True, True, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}),
+    (70, 18, 40, "silu_and_mul", True, True, {"BLOCK_M": 2, "BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}),
+    (7, 26, 40, "silu_and_mul", False, True, {"BLOCK_M": 4, "BLOCK_N": 4, "BLOCK_K": 16}),
 ]
 
 
