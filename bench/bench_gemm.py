@@ -145,6 +145,17 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / statistics.median(times) / 1e12
 
 
+def lm_head_shapes(models, exclude):
+    from fdpp.dataflow.shapes import preset_shapes
+
+    out = {}
+    for model in models:
+        nk = preset_shapes(model)["lm_head"]
+        if nk not in exclude:
+            out[f"{model}:lm_head"] = nk
+    return out
+
+
 def bench_shapes(models):
     from fdpp.dataflow.shapes import preset_shapes
 
@@ -172,6 +183,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                     help="processes compiling kernels in parallel before timing (0: none)")
     ap.add_argument("--no-check", action="store_true", help="skip the odd-shape correctness checks")
+    ap.add_argument("--no-lm-head", action="store_true",
+                    help="do not tune the LM-head shapes into the table (they are never in the evaluation)")
     ap.add_argument("--time-budget", type=float, default=540.0,
                     help="seconds; later steps are skipped when the run gets close to it")
     args = ap.parse_args()
@@ -200,6 +213,7 @@ def main() -> int:
     shapes = bench_shapes(args.models)
     ms = sorted(set(args.ms))
     tune_dtypes = [args.dtype] + [d for d in args.extra_tune_dtypes if d != args.dtype]
+    head_shapes = {} if args.no_lm_head else lm_head_shapes(args.models, set(shapes.values()))
 
     def candidates(impl, n, k, m):
         return candidate_configs(impl, n, k, m, num_sms=sms, quick=args.quick)
@@ -227,6 +241,11 @@ def main() -> int:
                         for impl in ("gemv", "flat"):
                             for cfg in (candidates if dt == args.dtype else quick_candidates)(impl, n, k, m):
                                 tasks.append((impl, cfg, n, k, m, dt))
+            for n, k in head_shapes.values():
+                for m in ms:
+                    for impl in ("gemv", "flat"):
+                        for cfg in quick_candidates(impl, n, k, m):
+                            tasks.append((impl, cfg, n, k, m, args.dtype))
         buckets = [[] for _ in range(args.workers)]
         for t in tasks:
             buckets[hash((t[0], json.dumps(t[1], sort_keys=True))) % args.workers].append(t)
@@ -278,6 +297,11 @@ def main() -> int:
                                 candidates=candidates if dt == args.dtype else quick_candidates,
                                 show_progress=sys.stderr.isatty(), confirm=2, table=table)
             log(f"tuned {dt}: {len(sweep)} timer calls so far, {time.time() - t0:.1f} s")
+            if dt == args.dtype and head_shapes:
+                build_table(head_shapes, dtype, ms, recording_timer, gpu_name=gpu, candidates=quick_candidates,
+                            show_progress=False, confirm=2, table=table)
+                log(f"tuned LM heads ({dt}, quick configs): {len(sweep)} timer calls so far, "
+                    f"{time.time() - t0:.1f} s")
         table.meta.update({"created": date, "torch": torch.__version__, "triton": triton.__version__,
                            "source": "bench/bench_gemm.py", "m_grid": ms})
         table_path = table.save(out_dir / f"table_{gpu_slug(gpu)}.json")
