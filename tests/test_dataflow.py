@@ -23,6 +23,7 @@ from fdpp.ops.backend import use_backends
 from fdpp.ops.linear import linear
 
 CPU = torch.device("cpu")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def fake_timer(impl, config, n, k, m, dtype):
@@ -149,6 +150,7 @@ def test_linear_op_backends(backend):
     w = (torch.randn(2 * 18, 40, generator=g) / 40**0.5).to(torch.float16)
     b = torch.randn(36, generator=g).to(torch.float16)
     r = torch.randn(2, 3, 18, generator=g).to(torch.float16)
+    x, w, b, r = (t.to(DEVICE) for t in (x, w, b, r))
     table = DispatchTable("Fake", [ShapeEntry("float16", 36, 40, [
         MRange(1, 4, "gemv", {"BLOCK_N": 8, "BLOCK_K": 16}),
         MRange(5, 8, "flat", {"BLOCK_N": 16, "BLOCK_K": 16, "SPLIT_K": 2}),

@@ -63,7 +63,8 @@ def candidate_configs(
         # (BLOCK_N, BLOCK_K, num_warps): the per-row fp32 accumulators hold BM*BN*BK values, kept near
         # 64 a thread (8K at 4 warps, 16K at 8).
         if bm == 1:
-            tiles = [(8, 512, 4), (4, 1024, 4), (32, 256, 4), (16, 512, 4), (16, 1024, 8), (8, 1024, 8)]
+            tiles = [(8, 512, 4), (4, 1024, 4), (32, 256, 4), (16, 512, 4), (16, 1024, 8), (8, 1024, 8),
+                     (4, 512, 2)]
         elif bm == 2:
             tiles = [(8, 512, 4), (4, 1024, 4), (16, 256, 4), (8, 1024, 8)]
         else:
