@@ -1,0 +1,65 @@
+"""``fdpp serve``: the OpenAI-compatible HTTP server (see ``fdpp.server``)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from fdpp.cli.common import add_model_args, llm_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API (completions, chat, streaming, metrics)",
+        description="Start an OpenAI-compatible server: POST /v1/completions, POST /v1/chat/completions "
+        "(streaming over SSE or not), GET /v1/models, GET /health, GET /metrics (Prometheus). "
+        "Requests are batched continuously on one engine. Stop it with Ctrl-C or SIGTERM: requests in "
+        "flight are aborted and the server exits.",
+    )
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; use 0.0.0.0 to accept remote clients)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default 8000)")
+    g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="model name(s) clients send in 'model' (default: the model folder/file name, or "
+                   "SmolLM2-135M-Instruct for the embedded model); the first is reported in responses")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20,
+                   help="largest accepted request body in bytes; larger ones get 413 (default 4 MiB)")
+    g.add_argument("--max-n", type=int, default=16,
+                   help="largest 'n' (completions per prompt) a request may ask for (default 16)")
+    g.add_argument("--api-key", default=None,
+                   help="if set, /v1 endpoints require 'Authorization: Bearer <key>' (default: no key)")
+    g.add_argument("--timeout-graceful-shutdown", type=float, default=5.0,
+                   help="seconds to wait for open connections to close on shutdown (default 5)")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="log level of the server and of uvicorn's access log (default info)")
+    g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    add_model_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fdpp.server.app import build_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llm = llm_from_args(args)
+    app = build_app(llm, served_model_names=args.served_model_name, max_body_bytes=args.max_body_bytes,
+                    max_n=args.max_n, api_key=args.api_key)
+    aeng = app.state.fdpp.async_engine
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            access_log=not args.no_access_log,
+                            timeout_graceful_shutdown=args.timeout_graceful_shutdown)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame) -> None:  # SIGINT / SIGTERM
+            aeng.request_stop()  # abort what is in flight so open streams end now
+            super().handle_exit(sig, frame)
+
+    server = _Server(config)
+    names = ", ".join(app.state.fdpp.served_model_names)
+    print(f"fdpp serve: {names} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
+    server.run()
+    return 0

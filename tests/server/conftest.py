@@ -1,0 +1,76 @@
+"""One real server per test module: the embedded default model, loaded once, served by uvicorn in a
+background thread on 127.0.0.1 (a free port). Tests talk to it over HTTP (openai client, httpx) and may
+run functions on the engine thread (``run_in_engine``) while no HTTP request is in flight."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    llm: Any
+    app: Any
+    base_url: str  # http://127.0.0.1:PORT
+    model: str
+
+    @property
+    def state(self) -> Any:
+        return self.app.state.fdpp
+
+    def run_in_engine(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(engine)`` on the engine thread, between steps (the engine is never touched elsewhere)."""
+        return asyncio.run(self.state.async_engine.call(fn))
+
+    def wait_idle(self, timeout: float = 60.0) -> dict:
+        """Wait until the engine has no request left; returns its stats()."""
+        deadline = time.time() + timeout
+        while True:
+            busy, stats = self.run_in_engine(lambda e: (e.has_unfinished_requests() or e.get_num_unfinished_requests() > 0, e.stats()))
+            if not busy:
+                return stats
+            if time.time() > deadline:
+                raise AssertionError(f"the engine is still busy after {timeout} s: {stats}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    import uvicorn
+
+    from fdpp.llm import LLM
+    from fdpp.server.app import build_app
+
+    llm = LLM(show_progress=False)
+    app = build_app(llm, max_body_bytes=1 << 20, max_n=8)
+    port = _free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=5)
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.05)
+    try:
+        yield RunningServer(llm, app, f"http://127.0.0.1:{port}", app.state.fdpp.model_name)
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        assert not app.state.fdpp.async_engine.is_running

@@ -1,0 +1,321 @@
+"""The OpenAI-compatible server against the real embedded model (CPU): the official openai client,
+greedy equality with LLM.generate / LLM.chat, 64 concurrent clients, bad input, disconnects."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from fdpp.sampling_params import SamplingParams
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colors."}]
+
+
+def _client(server, **kw):
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120, **kw)
+
+
+def _greedy(server, prompts, max_tokens, chat=False):
+    """Reference outputs through LLM.generate / LLM.chat on the same engine, run on the engine thread
+    while the server is idle."""
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    if chat:
+        return server.run_in_engine(lambda e: server.llm.chat(prompts, sp, use_tqdm=False))
+    return server.run_in_engine(lambda e: server.llm.generate(prompts, sp, use_tqdm=False))
+
+
+def test_models_and_health(server):
+    client = _client(server)
+    models = client.models.list()
+    assert [m.id for m in models.data] == [server.model]
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_completion_greedy_matches_generate(server):
+    ref = _greedy(server, [PROMPT], 12)[0]
+    client = _client(server)
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0)
+    c = r.choices[0]
+    assert c.text == ref.outputs[0].text
+    assert c.finish_reason == ref.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "text_completion" and r.model == server.model
+
+    # streaming: the concatenated deltas are the same text; the usage chunk comes last
+    chunks = list(client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert text == ref.outputs[0].text
+    finals = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finals == [ref.outputs[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+
+def test_chat_greedy_matches_chat(server):
+    ref = _greedy(server, CHAT, 10, chat=True)[0]
+    client = _client(server)
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=10, temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == ref.outputs[0].text
+    assert r.choices[0].finish_reason == ref.outputs[0].finish_reason
+    assert r.usage.prompt_tokens == len(ref.prompt_token_ids)
+    assert r.usage.completion_tokens == len(ref.outputs[0].token_ids)
+
+    stream = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=10, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == ref.outputs[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
+        ref.outputs[0].finish_reason]
+    assert chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
+
+
+def test_stop_n_seed_logprobs(server):
+    client = _client(server)
+    ref = _greedy(server, [PROMPT], 12)[0].outputs[0].text
+    words = ref.split()
+    assert len(words) >= 3, ref
+    stop = " " + words[2]
+    expected = ref[: ref.index(stop)]
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop])
+    assert r.choices[0].text == expected and r.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True) if ch.choices)
+    assert streamed == expected  # a stop string split over tokens is never streamed
+
+    # n with a seed: n choices, reproducible
+    kw = dict(model=server.model, prompt=PROMPT, max_tokens=6, temperature=1.0, top_p=0.9, n=3, seed=7,
+              extra_body={"top_k": 50})
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert all(c.finish_reason in ("stop", "length") for c in a.choices)
+    assert a.usage.completion_tokens >= 3
+
+    # completions logprobs: one entry per token, top-2 alternatives
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == r.usage.completion_tokens
+    assert "".join(lp.tokens) == r.choices[0].text
+    assert all(t <= 0 for t in lp.token_logprobs) and all(2 <= len(d) <= 3 for d in lp.top_logprobs)
+
+    # chat logprobs
+    r = client.chat.completions.create(model=server.model, messages=CHAT, max_tokens=4, temperature=0,
+                                       logprobs=True, top_logprobs=3, presence_penalty=0.5, frequency_penalty=0.5)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+
+
+def test_64_concurrent_clients(server):
+    """Mixed prompt lengths and max_tokens, streaming and not, chat and completions, all at once: each
+    client gets its own greedy answer, with the right finish_reason and usage."""
+    subjects = ["cats", "the sea", "rain", "a red car", "mountains", "bread", "music", "the moon"]
+    prompts, max_toks = [], []
+    for i in range(64):
+        filler = " Please be brief." * (i % 5) * 3  # mixed lengths
+        prompts.append(f"Request {i}: write one sentence about {subjects[i % 8]}.{filler}\nAnswer:")
+        max_toks.append(4 + (i % 4) * 3)  # 4, 7, 10, 13
+    refs = {}
+    for mt in sorted(set(max_toks)):
+        idx = [i for i in range(64) if max_toks[i] == mt]
+        for i, out in zip(idx, _greedy(server, [prompts[i] for i in idx], mt)):
+            refs[i] = out
+
+    async def one(client, i):
+        kw = dict(model=server.model, prompt=prompts[i], max_tokens=max_toks[i], temperature=0)
+        if i % 2:
+            stream = await client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+            text, finish, usage = "", None, None
+            async for ch in stream:
+                if ch.choices:
+                    text += ch.choices[0].text
+                    finish = ch.choices[0].finish_reason or finish
+                if ch.usage:
+                    usage = ch.usage
+            return i, text, finish, usage
+        r = await client.completions.create(**kw)
+        return i, r.choices[0].text, r.choices[0].finish_reason, r.usage
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
+                                    timeout=300, http_client=httpx.AsyncClient(
+                                        limits=httpx.Limits(max_connections=100), timeout=300))
+        return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    t0 = time.time()
+    results = asyncio.run(main())
+    elapsed = time.time() - t0
+    assert sorted(r[0] for r in results) == list(range(64))
+    for i, text, finish, usage in results:
+        ref = refs[i].outputs[0]
+        assert finish == ref.finish_reason, (i, finish, ref.finish_reason)
+        assert finish in ("stop", "length")
+        assert usage.prompt_tokens == len(refs[i].prompt_token_ids), i
+        assert usage.completion_tokens == len(ref.token_ids), i
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert text == ref.text, (i, text, ref.text)
+    stats = server.wait_idle()
+    assert stats["num_free_blocks"] == stats["num_total_blocks"]
+    print(f"64 concurrent clients: {elapsed:.1f} s")
+
+
+BAD_INPUTS = [
+    # (endpoint, raw body, status, param or None)
+    ("completions", b'{"prompt": "hi", "max_tokens": 5', 400, None),  # malformed JSON
+    ("completions", b"[1, 2]", 400, None),  # not an object
+    ("completions", b"", 400, None),
+    ("completions", b'{"prompt": "hi", "max_tokens": "5"}', 400, "max_tokens"),  # wrong types
+    ("completions", b'{"prompt": 5}', 400, "prompt"),
+    ("completions", b'{"prompt": "hi", "stream": "yes"}', 400, "stream"),
+    ("chat/completions", b'{"messages": "hello"}', 400, "messages"),
+    ("chat/completions", b'{"messages": [{"content": "hi"}]}', 400, None),
+    ("completions", b'{"prompt": "hi", "model": "gpt-4"}', 404, "model"),  # unknown model
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "model": "nope"}', 404, "model"),
+    ("completions", b'{"prompt": ""}', 400, "prompt"),  # empty prompt / messages
+    ("completions", b'{"prompt": []}', 400, "prompt"),
+    ("completions", b'{"prompt": ["a", ""]}', 400, "prompt"),
+    ("chat/completions", b'{"messages": []}', 400, "messages"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),  # max_tokens
+    ("completions", b'{"prompt": "hi", "max_tokens": -3}', 400, "max_tokens"),
+    ("completions", b'{"prompt": "hi", "max_tokens": 100000}', 400, "max_tokens"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', 400, "max_tokens"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 9000}',
+     400, "max_completion_tokens"),
+    ("completions", b'{"prompt": "hi", "temperature": 2.5}', 400, "temperature"),  # ranges
+    ("completions", b'{"prompt": "hi", "temperature": -0.1}', 400, "temperature"),
+    ("completions", b'{"prompt": "hi", "top_p": 0}', 400, "top_p"),
+    ("completions", b'{"prompt": "hi", "top_p": 1.5}', 400, "top_p"),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 2}', 400, "top_p"),
+    ("completions", b'{"prompt": "hi", "n": 1000}', 400, "n"),  # n too large
+    ("completions", b'{"prompt": "hi", "n": 0}', 400, "n"),
+    ("completions", b'{"prompt": "hi", "logprobs": 99}', 400, "logprobs"),
+    ("completions", b'{"prompt": "hi", "presence_penalty": 3}', 400, "presence_penalty"),
+    ("completions", b'{"prompt": [1, 99999999]}', 400, None),  # token id outside the vocabulary
+    ("completions", b'{"prompt": "\xff\xfe bad"}', 400, None),  # invalid UTF-8
+    ("completions", b'{"prompt": "\\ud800"}', 400, None),  # lone surrogate
+]
+
+
+def _check_error(resp, status, param=None):
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, body
+    assert isinstance(err["message"], str) and err["message"]
+    if param is not None:
+        assert err["param"] == param, body
+
+
+@pytest.mark.parametrize("endpoint,body,status,param", BAD_INPUTS,
+                         ids=[f"{i}-{b[:30]!r}" for i, (_, b, _, _) in enumerate(BAD_INPUTS)])
+def test_bad_input(server, endpoint, body, status, param):
+    resp = httpx.post(f"{server.base_url}/v1/{endpoint}", content=body,
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    _check_error(resp, status, param)
+
+
+def test_bad_input_large_and_health(server):
+    # a prompt longer than the context
+    long_prompt = "hello " * (server.state.max_model_len + 10)
+    resp = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 1}, timeout=60)
+    _check_error(resp, 400, "prompt")
+    assert resp.json()["error"]["code"] == "context_length_exceeded"
+    # an oversized body (the test server allows 1 MiB)
+    resp = httpx.post(f"{server.base_url}/v1/completions", content=b'{"prompt": "' + b"a" * (2 << 20) + b'"}',
+                      headers={"Content-Type": "application/json"}, timeout=60)
+    _check_error(resp, 413)
+    # the same, sent chunked (no Content-Length)
+    resp = httpx.post(f"{server.base_url}/v1/completions", timeout=60,
+                      content=iter([b'{"prompt": "', b"a" * (2 << 20), b'"}']))
+    _check_error(resp, 413)
+    # unknown route and method
+    _check_error(httpx.get(f"{server.base_url}/v1/nothing"), 404)
+    _check_error(httpx.get(f"{server.base_url}/v1/completions"), 405)
+    # the official client surfaces these as typed errors
+    client = _client(server)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing-model", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=server.model, messages=[], max_tokens=2)
+    # still healthy, still serving
+    assert httpx.get(server.base_url + "/health").status_code == 200
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=2, temperature=0)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    """10 clients drop their streams after the first tokens: their requests are aborted, the block
+    manager is consistent and every block is free once idle; the server keeps serving."""
+
+    async def drop(i):
+        body = {"prompt": f"Story {i}: once upon a time", "max_tokens": 400, "ignore_eos": True,
+                "temperature": 0.7, "seed": i, "stream": True}
+        if i % 2:
+            url, body = "chat/completions", {**{k: v for k, v in body.items() if k != "prompt"},
+                                             "messages": [{"role": "user", "content": body["prompt"]}]}
+        else:
+            url = "completions"
+        async with httpx.AsyncClient(timeout=120) as client:
+            async with client.stream("POST", f"{server.base_url}/v1/{url}", json=body) as resp:
+                assert resp.status_code == 200
+                n = 0
+                async for line in resp.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        n += 1
+                        if n >= 3:
+                            break  # leaving the block closes the connection mid-stream
+        return n
+
+    async def main():
+        return await asyncio.gather(*(drop(i) for i in range(10)))
+
+    assert asyncio.run(main()) == [3] * 10
+    stats = server.wait_idle(timeout=60)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    server.run_in_engine(lambda e: e.check_integrity())
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+    # far fewer tokens were generated than the 10 x 400 asked for
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert "fdpp:kv_cache_usage_perc" in metrics
+    assert httpx.get(server.base_url + "/health").status_code == 200
+
+
+def test_disconnect_non_streaming(server):
+    """A non-streaming client that times out is aborted too."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", timeout=1.5,
+                   json={"prompt": "Write a long essay.", "max_tokens": 2000, "ignore_eos": True})
+    stats = server.wait_idle(timeout=30)
+    assert stats["num_free_blocks"] == stats["num_total_blocks"], stats
+
+
+def test_metrics(server):
+    text = httpx.get(server.base_url + "/metrics").text
+    for name in ["fdpp:http_requests_total", "fdpp:prompt_tokens_total", "fdpp:generation_tokens_total",
+                 "fdpp:time_to_first_token_seconds_bucket", "fdpp:inter_token_latency_seconds_bucket",
+                 "fdpp:num_requests_running", "fdpp:num_requests_waiting", "fdpp:kv_cache_usage_perc",
+                 "fdpp:attention_fallback_rate"]:
+        assert name in text, name
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    gen = [v for k, v in samples.items() if k.startswith("fdpp:generation_tokens_total")]
+    assert gen and gen[0] > 0
+    assert any(k.startswith('fdpp:http_requests_total{endpoint="/v1/completions",method="POST",status="400"')
+               for k in samples)
