@@ -196,43 +196,63 @@ def decode_grid(args, results, tuned: dict):
 
 
 def decode_tune(args, results):
-    """Sweep kernel configs and split counts on representative points (informs the defaults)."""
-    points = [(1, 1024, 32, 32), (1, 4096, 32, 32), (1, 32768, 32, 8), (8, 4096, 32, 32), (64, 4096, 32, 8),
-              (1, 16384, 32, 32)]
+    """Pick the decode kernel config and the split heuristic's constants on representative points,
+    then install them as the module defaults (the grid below measures exactly what ships)."""
+    cfg_points = [(1, 4096, 32, 32), (8, 4096, 32, 32), (1, 32768, 32, 8), (64, 4096, 32, 8), (32, 4096, 32, 32)]
     cfgs = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
-            [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (64, 2, 3), (32, 2, 4)]]
+            [(64, 4, 2), (64, 2, 3), (128, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 3)]]
+    split_points = [(1, 1024, 32, 32), (1, 4096, 32, 32), (1, 16384, 32, 32), (1, 1024, 32, 8), (1, 4096, 32, 8),
+                    (1, 32768, 32, 8), (8, 1024, 32, 8), (8, 4096, 32, 32), (8, 16384, 32, 8), (32, 1024, 32, 8)]
+    heuristics = [dict(target_programs_per_sm=t, min_tokens_per_split=m) for t in (1, 2, 4, 8) for m in (128, 256, 512)]
     if SMOKE:
-        points, cfgs = [(1, 256, 4, 4), (1, 256, 4, 1)], cfgs[:2]
-    out = []
-    for batch, kv_len, nh, nkv in points:
+        cfg_points, cfgs, split_points = [(1, 256, 4, 4)], cfgs[:2], [(1, 256, 4, 1)]
+    log = dict(cfg={}, splits={})
+    scores = {str(c): 0.0 for c in cfgs}
+    for point in cfg_points:
+        batch, kv_len, nh, nkv = point
         nbytes = decode_bytes(batch, kv_len, nkv)
-        copies = max(1, min(32, math.ceil(ROTATE_BYTES / nbytes)))
-        case = PagedDecodeCase(batch, kv_len, nh, nkv, copies)
-        auto = dec.choose_num_splits(batch, nkv, kv_len, dec.num_sms_of(case.q.device))
-        res = dict(point=[batch, kv_len, nh, nkv], auto_splits=auto, cfg={}, splits={}, dot={}, reduce={})
+        case = PagedDecodeCase(batch, kv_len, nh, nkv, max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))
+        times = {}
         for cfg in cfgs:
             try:
-                res["cfg"][str(cfg)] = case.timer(PHI, **cfg)
+                times[str(cfg)] = case.timer(PHI, **cfg)
             except Exception as e:
-                res["cfg"][str(cfg)] = f"failed: {e}"[:200]
-        good = {k: v for k, v in res["cfg"].items() if isinstance(v, float)}
-        best = eval(min(good, key=good.get)) if good else {}
-        for splits in [1, 2, 4, 8, 16, 32, 64]:
-            if splits * 64 > kv_len and not (SMOKE and splits <= 2):
-                continue
-            res["splits"][splits] = case.timer(PHI, num_splits=splits, **best)
-        if nh == nkv:
-            res["dot"]["use_dot"] = case.timer(PHI, use_dot=True, **best)
-            res["dot"]["elementwise"] = case.timer(PHI, use_dot=False, **best)
-        res["reduce"]["separate"] = case.timer(PHI, fused_reduce=False, **best)
-        res["reduce"]["fused"] = case.timer(PHI, fused_reduce=True, **best)
-        res["best_cfg"] = best
-        res["kv_mb"] = nbytes / 1e6
-        out.append(res)
-        print("tune", json.dumps(res), flush=True)
+                times[str(cfg)] = f"failed: {e}"[:200]
+        best = min(v for v in times.values() if isinstance(v, float))
+        for k, v in times.items():
+            scores[k] += math.log(v / best) if isinstance(v, float) else 10.0
+        log["cfg"][str(point)] = {k: (nbytes / v / 1e6 if isinstance(v, float) else v) for k, v in times.items()}
+        print("tune cfg", point, log["cfg"][str(point)], flush=True)
         del case
         _empty_cache()
-    results["decode_tune"] = out
+    best_cfg = eval(min(scores, key=scores.get))
+    dec.DECODE_CONFIG.update(best_cfg)
+    print("tune: decode config", best_cfg, flush=True)
+
+    sms = 132 if SMOKE else dec.num_sms_of(torch.device("cuda"))
+    penalty = {str(h): 0.0 for h in heuristics}
+    for point in split_points:
+        batch, kv_len, nh, nkv = point
+        nbytes = decode_bytes(batch, kv_len, nkv)
+        case = PagedDecodeCase(batch, kv_len, nh, nkv, max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))
+        wanted = {dec.choose_num_splits(batch, nkv, kv_len, sms, **h) for h in heuristics}
+        wanted |= {s for s in (1, 2, 4, 8, 16, 32, 64) if s * 64 <= kv_len}
+        times = {sp: case.timer(PHI, num_splits=sp) for sp in sorted(wanted)}
+        best = min(times.values())
+        for h in heuristics:
+            penalty[str(h)] += math.log(times[dec.choose_num_splits(batch, nkv, kv_len, sms, **h)] / best)
+        log["splits"][str(point)] = {sp: nbytes / t / 1e6 for sp, t in times.items()}
+        print("tune splits", point, {sp: round(v, 2) for sp, v in log["splits"][str(point)].items()}, flush=True)
+        del case
+        _empty_cache()
+    best_h = eval(min(penalty, key=penalty.get))
+    dec.DECODE_TARGET_PROGRAMS_PER_SM = best_h["target_programs_per_sm"]
+    dec.DECODE_MIN_TOKENS_PER_SPLIT = best_h["min_tokens_per_split"]
+    print("tune: split heuristic", best_h, {k: round(v, 3) for k, v in penalty.items()}, flush=True)
+    log["chosen_config"] = best_cfg
+    log["chosen_heuristic"] = best_h
+    log["heuristic_penalty"] = penalty
+    results["decode_tune"] = log
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +389,8 @@ def _f(x, nd=2):
 
 
 def markdown(results) -> str:
-    lines = [f"# Attention benchmark: {results['gpu']}, {results['date']}",
+    lines = [f"# Attention benchmark: {results['gpu']}, {results['date']}", "",
+             f"`{results.get('command', '')}`; decode defaults: {results.get('decode_defaults')}",
              "", f"torch {results['torch']}, triton {results['triton']}, fp16, head_dim 128, "
              f"copy bandwidth {_f(results.get('copy_tbs'))} TB/s (read + write). CUDA-graph timed medians.", ""]
     if results.get("decode"):
@@ -400,7 +421,8 @@ def markdown(results) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few points only")
-    ap.add_argument("--tune", action="store_true", help="also sweep kernel configs and split counts")
+    ap.add_argument("--tune", action="store_true", help="pick the decode config and split heuristic first")
+    ap.add_argument("--tune-prefill", action="store_true", help="also sweep prefill tile configs")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
     ap.add_argument("--results-dir", default=None, help="also write attention_<gpu>_<date>.json/.md here")
@@ -416,7 +438,8 @@ def main():
         return
 
     torch.manual_seed(0)
-    results = dict(gpu="cpu-smoke" if SMOKE else torch.cuda.get_device_name(), date=datetime.date.today().isoformat(),
+    results = dict(gpu="cpu-smoke" if SMOKE else torch.cuda.get_device_name(),
+                   command=" ".join(sys.argv), date=datetime.date.today().isoformat(),
                    torch=torch.__version__, triton=triton.__version__, phi=PHI)
     t0 = time.time()
     results["copy_tbs"] = copy_bandwidth()
@@ -431,9 +454,12 @@ def main():
     if args.tune and not args.skip_decode:
         decode_tune(args, results)
         save()
-    if args.tune and not args.skip_prefill:
+    if args.tune_prefill and not args.skip_prefill:
         prefill_tune(args, results)
         save()
+    results["decode_defaults"] = dict(config=dict(dec.DECODE_CONFIG),
+                                      target_programs_per_sm=dec.DECODE_TARGET_PROGRAMS_PER_SM,
+                                      min_tokens_per_split=dec.DECODE_MIN_TOKENS_PER_SPLIT)
     if not args.skip_decode:
         decode_grid(args, results, tuned)
         save()

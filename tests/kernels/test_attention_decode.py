@@ -29,7 +29,7 @@ def _run(q, k_cache, v_cache, meta, scale, **kw):
 
 
 @pytest.mark.parametrize("dtype,num_heads,num_kv_heads,head_dim,splits", [
-    (torch.float16, 4, 4, 64, 3),     # MHA, elementwise path
+    (torch.float16, 4, 4, 64, 3),     # MHA (query row padded to 16 for the dot)
     (torch.bfloat16, 8, 2, 64, 2),    # GQA 4, dot path
     (torch.float16, 8, 1, 32, 1),     # MQA / GQA 8, single split
     (torch.float32, 2, 2, 48, 2),     # non-power-of-2 head_dim, fp32
@@ -94,9 +94,9 @@ def test_decode_sliding_window_and_fused_vs_separate_reduce():
     q, kc, vc, meta = _case(context_lens, 4, 2, 32, 8, dtype, seed=3)
     scale = 32 ** -0.5
     ref = reference(q, kc, vc, meta, scale, sliding_window=10)
-    for fused in (True, False):
+    for fused, use_dot in ((True, True), (False, True), (True, False)):
         out = _run(q, kc, vc, meta, scale, phi=0.5, window=safe_window(dtype), sliding_window=10,
-                   num_splits=2, fused_reduce=fused)
+                   num_splits=2, fused_reduce=fused, use_dot=use_dot)
         assert rel_err(out, ref) < TOL[dtype]
 
 
