@@ -37,7 +37,7 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
         mc = ModelConfig.from_hf_dict(preset)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
         model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False)
-        return LoadedModel(mc, model, dtype, None, f"{name}-random")
+        return LoadedModel(mc, model, dtype, None, f"{name}-random-{str(dtype).removeprefix('torch.')}")
 
     from fdpp.models.hf_loader import iter_model_tensors, load_model_config, resolve_model
     from fdpp.tokenizer import load_tokenizer
@@ -55,6 +55,7 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
     else:
         num = None
         key = "hf-" + os.path.abspath(src.path).strip("/").replace("/", "_")
+    key += "-" + str(dtype).removeprefix("torch.")  # the safe window of phi depends on the dtype
     model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress)
     tokenizer = load_tokenizer(src) if _has_tokenizer(src) else None
     if tokenizer is None:
@@ -120,14 +121,16 @@ def calibrate_engine(engine: Any, texts: list[str] | None = None, save: bool = T
         finally:
             bm.free(seq)
 
-    result = cal.calibrate(
+    if texts is None and engine.tokenizer is None:
+        # random-weight models have no tokenizer: calibrate on random token ids
+        gen = torch.Generator().manual_seed(0)
+        texts = [torch.randint(0, engine.model_config.vocab_size, (256,), generator=gen).tolist() for _ in range(2)]
+    return cal.calibrate(
         run_model,
         num_layers=engine.model_config.num_hidden_layers,
         dtype=engine.dtype,
         model_key=engine.model_key,
         texts=texts,
         tokenizer=engine.tokenizer,
+        save=save,
     )
-    if save:
-        result.save(cal.default_path(engine.model_key))
-    return result
