@@ -198,38 +198,47 @@ def decode_grid(args, results, tuned: dict):
 def decode_tune(args, results):
     """Pick the decode kernel config and the split heuristic's constants on representative points,
     then install them as the module defaults (the grid below measures exactly what ships)."""
-    cfg_points = [(1, 4096, 32, 32), (8, 4096, 32, 32), (1, 32768, 32, 8), (64, 4096, 32, 8), (32, 4096, 32, 32)]
+    cfg_points = [(1, 4096, 32, 32), (1, 16384, 32, 32), (1, 32768, 32, 8), (8, 4096, 32, 8),
+                  (8, 4096, 32, 32), (64, 4096, 32, 8), (32, 4096, 32, 32), (64, 1024, 32, 32)]
     cfgs = [dict(block_n=bn, num_warps=w, num_stages=s) for bn, w, s in
-            [(64, 4, 2), (64, 2, 3), (128, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 3)]]
+            [(64, 4, 2), (64, 2, 3), (128, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 3), (64, 8, 3), (128, 4, 3)]]
     split_points = [(1, 1024, 32, 32), (1, 4096, 32, 32), (1, 16384, 32, 32), (1, 1024, 32, 8), (1, 4096, 32, 8),
                     (1, 32768, 32, 8), (8, 1024, 32, 8), (8, 4096, 32, 32), (8, 16384, 32, 8), (32, 1024, 32, 8)]
     heuristics = [dict(target_programs_per_sm=t, min_tokens_per_split=m) for t in (1, 2, 4, 8) for m in (128, 256, 512)]
     if SMOKE:
-        cfg_points, cfgs, split_points = [(1, 256, 4, 4)], cfgs[:2], [(1, 256, 4, 1)]
+        cfg_points, cfgs, split_points = [(1, 256, 4, 4), (64, 64, 4, 4)], cfgs[:2], [(1, 256, 4, 1)]
     log = dict(cfg={}, splits={})
-    scores = {str(c): 0.0 for c in cfgs}
-    for point in cfg_points:
-        batch, kv_len, nh, nkv = point
-        nbytes = decode_bytes(batch, kv_len, nkv)
-        case = PagedDecodeCase(batch, kv_len, nh, nkv, max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))
-        times = {}
-        for cfg in cfgs:
-            try:
-                times[str(cfg)] = case.timer(PHI, **cfg)
-            except Exception as e:
-                times[str(cfg)] = f"failed: {e}"[:200]
-        best = min(v for v in times.values() if isinstance(v, float))
-        for k, v in times.items():
-            scores[k] += math.log(v / best) if isinstance(v, float) else 10.0
-        log["cfg"][str(point)] = {k: (nbytes / v / 1e6 if isinstance(v, float) else v) for k, v in times.items()}
-        print("tune cfg", point, log["cfg"][str(point)], flush=True)
-        del case
-        _empty_cache()
-    best_cfg = eval(min(scores, key=scores.get))
-    dec.DECODE_CONFIG.update(best_cfg)
-    print("tune: decode config", best_cfg, flush=True)
-
     sms = 132 if SMOKE else dec.num_sms_of(torch.device("cuda"))
+    chosen = {}
+    for regime, target in (("split", dec.DECODE_CONFIG_SPLIT), ("batch", dec.DECODE_CONFIG_BATCH)):
+        points = [p for p in cfg_points if (p[0] * p[3] >= sms) == (regime == "batch")]
+        if not points:
+            continue
+        scores = {str(c): 0.0 for c in cfgs}
+        for point in points:
+            batch, kv_len, nh, nkv = point
+            nbytes = decode_bytes(batch, kv_len, nkv)
+            case = PagedDecodeCase(batch, kv_len, nh, nkv, max(1, min(32, math.ceil(ROTATE_BYTES / nbytes))))
+            times = {}
+            for cfg in cfgs:
+                try:
+                    times[str(cfg)] = case.timer(PHI, **cfg)
+                except Exception as e:
+                    times[str(cfg)] = f"failed: {e}"[:200]
+            best = min(v for v in times.values() if isinstance(v, float))
+            for k, v in times.items():
+                scores[k] += math.log(v / best) if isinstance(v, float) else 10.0
+            log["cfg"][str(point)] = {k: (nbytes / v / 1e6 if isinstance(v, float) else v) for k, v in times.items()}
+            print("tune cfg", regime, point, {k: (round(v, 2) if isinstance(v, float) else v)
+                                              for k, v in log["cfg"][str(point)].items()}, flush=True)
+            del case
+            _empty_cache()
+        best_cfg = eval(min(scores, key=scores.get))
+        target.update(best_cfg)
+        chosen[regime] = best_cfg
+        print("tune: decode config", regime, best_cfg, flush=True)
+    best_cfg = chosen
+
     penalty = {str(h): 0.0 for h in heuristics}
     for point in split_points:
         batch, kv_len, nh, nkv = point
@@ -457,7 +466,8 @@ def main():
     if args.tune_prefill and not args.skip_prefill:
         prefill_tune(args, results)
         save()
-    results["decode_defaults"] = dict(config=dict(dec.DECODE_CONFIG),
+    results["decode_defaults"] = dict(config_split=dict(dec.DECODE_CONFIG_SPLIT),
+                                      config_batch=dict(dec.DECODE_CONFIG_BATCH),
                                       target_programs_per_sm=dec.DECODE_TARGET_PROGRAMS_PER_SM,
                                       min_tokens_per_split=dec.DECODE_MIN_TOKENS_PER_SPLIT)
     if not args.skip_decode:

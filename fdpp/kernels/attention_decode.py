@@ -339,14 +339,17 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens):
         raise ValueError(f"decode attention: head_dim {head_dim} > 256 is not supported")
 
 
-# Kernel config for 16-bit head_dim <= 128 (bench/bench_attention.py --tune picks it on the GPU).
-DECODE_CONFIG = dict(block_n=64, num_warps=4, num_stages=2)
+# Kernel configs for 16-bit head_dim <= 128 (bench/bench_attention.py --tune picks them on the GPU):
+# one for steps with fewer (sequence, KV head) groups than SMs (the KV length is split), one for
+# batched steps (groups >= SMs, mostly one split).
+DECODE_CONFIG_SPLIT = dict(block_n=64, num_warps=4, num_stages=2)
+DECODE_CONFIG_BATCH = dict(block_n=64, num_warps=4, num_stages=2)
 
 
-def _default_config(head_dim: int, group: int, dtype: torch.dtype) -> dict:
+def _default_config(head_dim: int, group: int, dtype: torch.dtype, is_batched: bool) -> dict:
     # NOTE: the dot path (query rows padded to 16) beats broadcast-multiply-reduce even for MHA:
     # measured 2.2 vs 1.5 TB/s at 1 x 4k and 4.1 vs 2.6 TB/s at 8 x 4k on an H200.
-    cfg = dict(DECODE_CONFIG, use_dot=True)
+    cfg = dict(DECODE_CONFIG_BATCH if is_batched else DECODE_CONFIG_SPLIT, use_dot=True)
     if head_dim > 128 or dtype == torch.float32:
         cfg["block_n"] = 32
     return cfg
@@ -388,7 +391,7 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    cfg = _default_config(head_dim, group, q.dtype)
+    cfg = _default_config(head_dim, group, q.dtype, num_seqs * num_kv_heads >= num_sms_of(q.device))
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
