@@ -28,6 +28,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
         torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2,
     ),
+    "opt-6.7b": dict(
+        architectures=["OPTForCausalLM"], model_type="opt", vocab_size=50272, hidden_size=4096,
+        ffn_dim=16384, num_hidden_layers=32, num_attention_heads=32, max_position_embeddings=2048,
+        do_layer_norm_before=True, word_embed_proj_dim=4096, activation_function="relu",
+        enable_bias=True, tie_word_embeddings=True, torch_dtype="float16",
+        bos_token_id=2, eos_token_id=2, pad_token_id=1,
+    ),
+    "chatglm2-6b": dict(
+        architectures=["ChatGLMModel"], model_type="chatglm", padded_vocab_size=65024, hidden_size=4096,
+        ffn_hidden_size=13696, num_layers=28, num_attention_heads=32, multi_query_attention=True,
+        multi_query_group_num=2, kv_channels=128, seq_length=32768, layernorm_epsilon=1e-5,
+        rmsnorm=True, add_bias_linear=False, add_qkv_bias=True, post_layer_norm=True,
+        apply_residual_connection_post_layernorm=False, original_rope=True, tie_word_embeddings=False,
+        torch_dtype="float16", eos_token_id=2, pad_token_id=0,
+    ),
 }
 
 

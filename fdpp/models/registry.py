@@ -11,6 +11,10 @@ _MODELS: dict[str, str] = {
     "LlamaForCausalLM": "fdpp.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "fdpp.models.llama:MistralForCausalLM",
     "Qwen2ForCausalLM": "fdpp.models.llama:Qwen2ForCausalLM",
+    "OPTForCausalLM": "fdpp.models.opt:OPTForCausalLM",
+    "ChatGLMModel": "fdpp.models.chatglm:ChatGLMForCausalLM",
+    "ChatGLMForConditionalGeneration": "fdpp.models.chatglm:ChatGLMForCausalLM",
+    "GlmForCausalLM": "fdpp.models.chatglm:GlmForCausalLM",
 }
 
 
