@@ -204,7 +204,8 @@ def decode_tune(args, results):
             [(64, 4, 2), (64, 2, 3), (128, 4, 2), (64, 4, 3), (32, 4, 3), (128, 8, 3), (64, 8, 3), (128, 4, 3)]]
     split_points = [(1, 1024, 32, 32), (1, 4096, 32, 32), (1, 16384, 32, 32), (1, 1024, 32, 8), (1, 4096, 32, 8),
                     (1, 32768, 32, 8), (8, 1024, 32, 8), (8, 4096, 32, 32), (8, 16384, 32, 8), (32, 1024, 32, 8)]
-    heuristics = [dict(target_programs_per_sm=t, min_tokens_per_split=m) for t in (1, 2, 4, 8) for m in (128, 256, 512)]
+    heuristics = [dict(target_programs_per_sm=t, min_tokens_per_split=m)
+                  for t in (1, 2, 4, 8, 16) for m in (64, 128, 256, 512)]
     if SMOKE:
         cfg_points, cfgs, split_points = [(1, 256, 4, 4), (64, 64, 4, 4)], cfgs[:2], [(1, 256, 4, 1)]
     log = dict(cfg={}, splits={})
