@@ -66,6 +66,8 @@ class LLMEngine:
         from fdpp.models.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
         self.requests: dict[str, _Request] = {}
         self._next_id = 0
 

@@ -46,6 +46,8 @@ class ModelRunner:
         self.vocab_size = config.vocab_size
         self.eos_token_ids = eos_token_ids
         self._generators: dict[int, torch.Generator] = {}
+        self._pin = device.type == "cuda"
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._allocate_kv_cache()
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -65,7 +67,7 @@ class ModelRunner:
     def _block_table_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
-        return torch.tensor(rows, dtype=torch.int32, device=self.device)
+        return self._to_device(rows, torch.int32)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -91,19 +93,23 @@ class ModelRunner:
             if end == seq.num_tokens:  # prompt complete (or decode): sample the next token
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
-        dev = self.device
         meta = AttentionMetadata(
             is_prefill=batch.is_prefill,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            cu_seqlens_q=self._to_device(cu, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            context_lens=self._to_device(context_lens, torch.int32),
             block_tables=self._block_table_tensor(batch.seqs),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            slot_mapping=self._to_device(slots, torch.int64),
             max_context_len=max(context_lens),
         )
-        ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
-        pos = torch.tensor(positions, dtype=torch.int64, device=dev)
+        ids = self._to_device(input_ids, torch.int64)
+        pos = self._to_device(positions, torch.int64)
         return ids, pos, meta, sample_rows, sample_seqs
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """Host list -> device tensor through pinned memory, without a device sync."""
+        t = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
+        return t.to(self.device, non_blocking=True) if self._pin else t
 
     def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         dev = self.device
@@ -165,6 +171,9 @@ class ModelRunner:
     # ---- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
+        if not batch.is_prefill and self.graphs and len(batch) <= self.graph_batch_sizes[-1]:
+            logits = self._replay(batch)
+            return batch.seqs, sample(logits, self.sampling_batch(batch.seqs))
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
         with forward_context(meta):
             hidden = self.model(ids, pos)
@@ -180,6 +189,80 @@ class ModelRunner:
         with forward_context(meta):
             hidden = self.model(ids, pos)
         return self.model.compute_logits(hidden)
+
+
+    # ---- CUDA graphs (decode) ------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture_cuda_graphs(self, max_batch_size: int, show_progress: bool = True) -> None:
+        """Capture one decode step per batch-size bucket, largest first, sharing one memory pool.
+
+        Buffers are static: a step copies its ids, positions, slots, context lengths and block tables
+        into them and replays the bucket's graph; rows past the batch are padding (context length 0,
+        slot -1: no cache read or write). Attention is captured for the longest context
+        (max_model_len), so any step up to it replays the same graph.
+        """
+        from tqdm.auto import tqdm
+
+        sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_batch_size]
+        if not sizes:
+            return
+        n = sizes[-1]
+        dev = self.device
+        self.g_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_pos = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.g_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        pool = None
+        bar = tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
+        for bs in bar:
+            meta = AttentionMetadata(
+                is_prefill=False,
+                context_lens=self.g_ctx[:bs],
+                block_tables=self.g_tables[:bs],
+                slot_mapping=self.g_slots[:bs],
+                max_seqlen_q=1,
+                max_context_len=self.max_model_len,
+            )
+
+            def step(bs=bs, meta=meta):
+                with forward_context(meta):
+                    hidden = self.model(self.g_ids[:bs], self.g_pos[:bs])
+                return self.model.compute_logits(hidden)
+
+            step()  # warm-up: compiles kernels outside the capture
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = step()
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        bar.close()
+        self.graph_batch_sizes = sizes
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+        seqs = batch.seqs
+        bs = len(seqs)
+        bucket = next(b for b in self.graph_batch_sizes if b >= bs)
+        bsz = self.block_size
+        ids, pos, slots, ctx = [], [], [], []
+        for s in seqs:
+            t = s.num_tokens - 1
+            ids.append(s.token_ids[-1])
+            pos.append(t)
+            slots.append(s.block_table[t // bsz] * bsz + t % bsz)
+            ctx.append(s.num_tokens)
+        pad = bucket - bs
+        self.g_ids[:bucket].copy_(self._to_device(ids + [0] * pad, torch.int64), non_blocking=True)
+        self.g_pos[:bucket].copy_(self._to_device(pos + [0] * pad, torch.int64), non_blocking=True)
+        self.g_slots[:bucket].copy_(self._to_device(slots + [-1] * pad, torch.int64), non_blocking=True)
+        self.g_ctx[:bucket].copy_(self._to_device(ctx + [0] * pad, torch.int32), non_blocking=True)
+        tables = self._block_table_tensor(seqs)
+        self.g_tables[:bs, : tables.shape[1]].copy_(tables, non_blocking=True)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:bs]
 
 
 def num_blocks_for_budget(

@@ -1,6 +1,7 @@
 """From a model argument (None, a preset name, a folder, a .gguf file) to a model and tokenizer."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
             from fdpp.models.hf_loader import load_model_config, resolve_model
 
             preset = load_model_config(resolve_model(name))
-        mc = ModelConfig.from_hf_dict(preset)
+        mc = _extend_context(ModelConfig.from_hf_dict(preset), config.max_model_len)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
         model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False)
         return LoadedModel(mc, model, dtype, None, f"{name}-random-{str(dtype).removeprefix('torch.')}")
@@ -44,7 +45,7 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
 
     src = resolve_model(name)
     hf_dict = load_model_config(src)
-    mc = ModelConfig.from_hf_dict(hf_dict)
+    mc = _extend_context(ModelConfig.from_hf_dict(hf_dict), config.max_model_len)
     dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
     weights = iter_model_tensors(src, dtype, config=hf_dict)
     if src.kind == "gguf":
@@ -64,6 +65,17 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def _extend_context(mc: ModelConfig, max_model_len: int | None) -> ModelConfig:
+    """Allow a max_model_len beyond the model's trained context (benchmarks), with a warning."""
+    if max_model_len is None or max_model_len <= mc.max_position_embeddings:
+        return mc
+    logger.warning(
+        "max_model_len=%d exceeds the model's max_position_embeddings=%d: quality past it is not assured",
+        max_model_len, mc.max_position_embeddings,
+    )
+    return dataclasses.replace(mc, max_position_embeddings=max_model_len)
 
 
 def _has_tokenizer(src: Any) -> bool:

@@ -1,0 +1,170 @@
+"""Latency and throughput benchmarks of the engine (``fdpp bench``), reported against the hardware."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from fdpp.sampling_params import SamplingParams
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
+    """Measured device-to-device copy bandwidth in bytes/s (bytes read + written), median of 10."""
+    if device.type != "cuda":
+        return None
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    t = sorted(times[2:])[len(times[2:]) // 2]
+    return nbytes / t
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step streams: every parameter once (the embedding table only by rows, so left out
+    unless it is shared with the LM head)."""
+    total = 0
+    seen = set()
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    tied = embed is not None and head is not None and embed.weight is head.weight
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if embed is not None and p is embed.weight and not tied:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+@dataclass
+class LatencyResult:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    input_len: int
+    output_len: int
+    prefill_ms: float  # time to first token of the batch
+    decode_step_ms: float  # median decode step
+    decode_tokens_per_s: float  # batch_size / decode step
+    total_s: float
+    weight_bytes: int
+    kv_bytes_per_step: float  # mean over the decode steps
+    achieved_bw_gbs: float | None
+    copy_bw_gbs: float | None
+    pct_of_copy_bw: float | None
+    cuda_graphs: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, output_len: int,
+                warmup: bool = True, copy_bw: float | None = None) -> LatencyResult:
+    """Prefill ``batch_size`` random prompts of ``input_len`` tokens, then decode ``output_len`` tokens."""
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    rng = random.Random(0)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+
+    def one_run() -> tuple[float, list[float], float]:
+        for _ in range(batch_size):
+            eng.add_request(None, [rng.randrange(vocab) for _ in range(input_len)], params)
+        sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        steps: list[float] = []
+        prefill = None
+        produced = 0
+        while eng.has_unfinished_requests():
+            ts = time.perf_counter()
+            outs = eng.step()
+            te = time.perf_counter()
+            produced_now = sum(1 for o in outs for c in o.outputs if c.token_ids)
+            if prefill is None:
+                if produced_now >= batch_size or (outs and produced + len(outs) >= batch_size):
+                    prefill = te - t0
+                produced += len(outs)
+            else:
+                steps.append(te - ts)
+        return prefill or 0.0, steps, time.perf_counter() - t0
+
+    if warmup:
+        one_run()
+    prefill, steps, total = one_run()
+    steps = steps[1:] if len(steps) > 2 else steps  # the first decode step after prefill may pay set-up
+    step = sorted(steps)[len(steps) // 2] if steps else float("nan")
+    wbytes = weight_bytes(eng.model)
+    per_tok = eng.stats()["kv_bytes_per_token"]
+    kv = batch_size * per_tok * (input_len + output_len / 2)
+    achieved = (wbytes + kv) / step if steps else None
+    return LatencyResult(
+        model=model_name,
+        device=device_name(eng.device),
+        dtype=str(eng.dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        input_len=input_len,
+        output_len=output_len,
+        prefill_ms=prefill * 1e3,
+        decode_step_ms=step * 1e3,
+        decode_tokens_per_s=batch_size / step if steps else float("nan"),
+        total_s=total,
+        weight_bytes=wbytes,
+        kv_bytes_per_step=kv,
+        achieved_bw_gbs=achieved / 1e9 if achieved else None,
+        copy_bw_gbs=copy_bw / 1e9 if copy_bw else None,
+        pct_of_copy_bw=100 * achieved / copy_bw if achieved and copy_bw else None,
+        cuda_graphs=bool(eng.runner.graphs),
+    )
+
+
+def run_throughput(llm: Any, num_prompts: int, input_range: tuple[int, int], output_range: tuple[int, int],
+                   seed: int = 0) -> dict[str, Any]:
+    """Submit ``num_prompts`` random requests at once; total output tokens per second."""
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    rng = random.Random(seed)
+    reqs = []
+    for _ in range(num_prompts):
+        n_in = rng.randint(*input_range)
+        n_out = rng.randint(*output_range)
+        reqs.append(([rng.randrange(vocab) for _ in range(n_in)], n_out))
+    # warm-up with one short request
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+    t0 = time.perf_counter()
+    for ids, n_out in reqs:
+        eng.add_request(None, ids, SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True))
+    out_tokens = 0
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.finished:
+                out_tokens += len(o.outputs[0].token_ids)
+    dt = time.perf_counter() - t0
+    return {
+        "device": device_name(eng.device),
+        "num_prompts": num_prompts,
+        "input_range": list(input_range),
+        "output_range": list(output_range),
+        "total_output_tokens": out_tokens,
+        "total_input_tokens": sum(len(r[0]) for r in reqs),
+        "elapsed_s": dt,
+        "output_tokens_per_s": out_tokens / dt,
+        "requests_per_s": num_prompts / dt,
+        "preemptions": eng.scheduler.num_preemptions,
+    }

@@ -1,0 +1,79 @@
+"""``fdpp bench latency|throughput``: engine speed against the hardware's limit."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub) -> None:
+    from fdpp.cli.common import add_model_args
+
+    p = sub.add_parser("bench", help="benchmark latency or throughput",
+                       description="Benchmark the engine. Models by preset name (llama-2-7b, llama-2-13b, "
+                       "llama-3-8b, ...) run with random weights and the real shapes; any local checkpoint works "
+                       "too. Prompts are random token ids.")
+    bsub = p.add_subparsers(dest="bench_command", metavar="MODE", required=True)
+    lat = bsub.add_parser("latency", help="prefill time, decode step time, tokens/s and achieved bandwidth",
+                          description="Prefill --batch-size prompts of --input-len tokens, then decode "
+                          "--output-len tokens; report time to first token, the median decode step, tokens/s, "
+                          "achieved bandwidth (weights + KV read per step / step time) and its share of the "
+                          "GPU's measured copy bandwidth.")
+    lat.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch size(s)")
+    lat.add_argument("--input-len", type=int, nargs="+", default=[128], help="prompt length(s) in tokens")
+    lat.add_argument("--output-len", type=int, default=128, help="tokens to generate")
+    lat.add_argument("--json", default=None, help="write the results to this JSON file")
+    add_model_args(lat)
+    lat.set_defaults(func=run_latency)
+    thr = bsub.add_parser("throughput", help="many requests with random lengths: output tokens/s",
+                          description="Submit --num-prompts requests at once with input and output lengths "
+                          "drawn uniformly from the given ranges; report total output tokens per second.")
+    thr.add_argument("--num-prompts", type=int, default=200, help="number of requests")
+    thr.add_argument("--input-len", type=int, nargs=2, default=[64, 512], metavar=("MIN", "MAX"),
+                     help="prompt length range")
+    thr.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"),
+                     help="output length range")
+    thr.add_argument("--json", default=None, help="write the result to this JSON file")
+    add_model_args(thr)
+    thr.set_defaults(func=run_throughput)
+
+
+def _llm(args: argparse.Namespace, max_len: int):
+    from fdpp.cli.common import llm_from_args
+
+    if args.max_model_len is None:
+        args.max_model_len = max_len
+    return llm_from_args(args)
+
+
+def run_latency(args: argparse.Namespace) -> int:
+    from fdpp.benchmark import copy_bandwidth, run_latency as bench
+
+    args.max_num_seqs = max(args.max_num_seqs, max(args.batch_size))
+    llm = _llm(args, max(args.input_len) + args.output_len + 8)
+    bw = copy_bandwidth(llm.engine.device)
+    results = []
+    print(f"{'batch':>5} {'input':>6} {'TTFT ms':>9} {'step ms':>8} {'tok/s':>9} {'GB/s':>8} {'% copy':>7}")
+    for bs in args.batch_size:
+        for n_in in args.input_len:
+            r = bench(llm, args.model or "smollm2-135m", bs, n_in, args.output_len, copy_bw=bw)
+            results.append(r.as_dict())
+            pct = f"{r.pct_of_copy_bw:.1f}" if r.pct_of_copy_bw else "-"
+            gbs = f"{r.achieved_bw_gbs:.0f}" if r.achieved_bw_gbs else "-"
+            print(f"{bs:>5} {n_in:>6} {r.prefill_ms:>9.2f} {r.decode_step_ms:>8.3f} "
+                  f"{r.decode_tokens_per_s * 1:>9.1f} {gbs:>8} {pct:>7}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+def run_throughput(args: argparse.Namespace) -> int:
+    from fdpp.benchmark import run_throughput as bench
+
+    llm = _llm(args, args.input_len[1] + args.output_len[1] + 8)
+    r = bench(llm, args.num_prompts, tuple(args.input_len), tuple(args.output_len), seed=args.seed)
+    print(json.dumps(r, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
