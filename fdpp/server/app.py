@@ -262,6 +262,11 @@ class ServerState:
     def max_model_len(self) -> int:
         return int(self.engine.max_model_len)
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        bm = self.engine.block_manager  # sizes only: fixed at start-up
+        return int(bm.num_blocks) * int(bm.block_size)
+
     def token_text(self, token_id: int) -> str:
         t = self._token_text.get(token_id)
         if t is None:
@@ -418,12 +423,22 @@ def _resolve_max_tokens(st: ServerState, requested: Optional[int], prompt_len: i
             "(the prompt plus at least one generated token must fit). Please reduce the length of the prompt.",
             param="messages" if name == "max_completion_tokens" else "prompt", code="context_length_exceeded")
     if requested is None:
-        return ctx - prompt_len
-    if prompt_len + requested > ctx:
+        requested = ctx - prompt_len
+        cap = st.kv_capacity_tokens
+        if prompt_len + requested > cap:  # a small KV cache: fill what one sequence can hold
+            requested = max(1, cap - prompt_len)
+    elif prompt_len + requested > ctx:
         raise _bad(
             f"This model's maximum context length is {ctx} tokens. However, you requested {prompt_len + requested} "
             f"tokens ({prompt_len} in the prompt, {requested} for the completion). Please reduce the length of "
             f"the prompt or {name}.", param=name, code="context_length_exceeded")
+    cap = st.kv_capacity_tokens
+    if prompt_len + requested > cap:
+        # One sequence larger than the whole KV cache could never be scheduled (the engine would fail).
+        raise _bad(
+            f"the prompt ({prompt_len} tokens) plus {name}={requested} needs {prompt_len + requested} tokens of KV "
+            f"cache but this server's cache holds {cap}; lower {name} or restart the server with a larger cache",
+            param=name, code="kv_cache_too_small")
     return requested
 
 

@@ -4,6 +4,7 @@ run functions on the engine thread (``run_in_engine``) while no HTTP request is 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -46,17 +47,14 @@ class RunningServer:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def server():
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
+@contextlib.contextmanager
+def serve_in_thread(llm: Any, **app_kwargs: Any):
+    """Serve ``llm`` with uvicorn in a background thread on 127.0.0.1 (a free port) until the block exits."""
     import uvicorn
 
-    from fdpp.llm import LLM
     from fdpp.server.app import build_app
 
-    llm = LLM(show_progress=False)
-    app = build_app(llm, max_body_bytes=1 << 20, max_n=8)
+    app = build_app(llm, **app_kwargs)
     port = _free_port()
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=5)
@@ -74,3 +72,15 @@ def server():
         srv.should_exit = True
         thread.join(30)
         assert not app.state.fdpp.async_engine.is_running
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The embedded default model (loaded once per module), served on 127.0.0.1."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from fdpp.llm import LLM
+
+    llm = LLM(show_progress=False)
+    with serve_in_thread(llm, max_body_bytes=1 << 20, max_n=8) as running:
+        yield running
