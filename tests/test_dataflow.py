@@ -17,7 +17,13 @@ from fdpp.dataflow.table import (
     rule_choice,
     use_dispatch_table,
 )
-from fdpp.dataflow.tuner import build_table, candidate_configs, default_m_grid, ranges_from_choices, tune_shape
+from fdpp.dataflow.tuner import (
+    build_table,
+    candidate_configs,
+    default_m_grid,
+    ranges_from_choices,
+    tune_shape,
+)
 from fdpp.kernels.gemv import gemv_reference
 from fdpp.ops.backend import use_backends
 from fdpp.ops.linear import linear
@@ -71,7 +77,7 @@ def test_tuner_finds_inflection_points_with_fake_timer():
     assert entry.choose(3)[0] == "flat" and entry.choose(32)[0] == "flat"
     assert entry.choose(33)[0] == "cublas" and entry.choose(10_000)[0] == "cublas"
     # The best config (largest BLOCK_N, no split) is the one kept.
-    impl, cfg = entry.choose(1)
+    _impl, cfg = entry.choose(1)
     best = min(candidate_configs("gemv", 4096, 4096, 1), key=lambda c: fake_timer("gemv", c, 4096, 4096, 1, None))
     assert cfg == best
     assert entry.timings["m"] == ms and len(entry.timings["us"]["flat"]) == len(ms)

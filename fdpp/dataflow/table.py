@@ -21,9 +21,10 @@ import datetime
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -31,9 +32,10 @@ FORMAT = "fdpp-dataflow/1"
 IMPLS = ("gemv", "flat", "cublas")
 SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
 
-# The fallback rule's inflection points (no table for this GPU, dtype or shape): the paper's A100 picture
-# and what cuBLAS's M-padding implies on Hopper (its time is flat up to M ~ 64..128).
-RULE_M1 = 4  # gemv for M <= RULE_M1
+# The fallback rule's inflection points (no table for this GPU, dtype or shape), from the H200 sweep
+# (bench/results): the GEMV wins only at M = 1, the flat GEMM up to M = 32..64, cuBLAS above (its time is
+# flat up to M ~ 64..128 because it pads M).
+RULE_M1 = 1  # gemv for M <= RULE_M1
 RULE_M2 = 64  # flat for RULE_M1 < M <= RULE_M2, cuBLAS above
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -50,7 +52,7 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 
 def rule_choice(m: int) -> Choice:
-    """The fallback when no table entry exists: gemv for M <= 4, flat GEMM for M <= 64, else cuBLAS."""
+    """The fallback when no table entry exists: gemv for M = 1, flat GEMM for M <= 64, else cuBLAS."""
     if m <= RULE_M1:
         return ("gemv", None)
     if m <= RULE_M2:
@@ -129,7 +131,7 @@ class ShapeEntry:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ShapeEntry":
+    def from_dict(cls, d: dict) -> ShapeEntry:
         return cls(
             dtype=d["dtype"], n=int(d["n"]), k=int(d["k"]), name=d.get("name", ""),
             ranges=[MRange(int(r["m_min"]), int(r["m_max"]), r["impl"], r.get("config")) for r in d["ranges"]],
@@ -151,7 +153,7 @@ class DispatchTable:
         """Add or replace the entry of (dtype, N, K)."""
         self.entries[(entry.dtype, entry.n, entry.k)] = entry
 
-    def merge(self, other: "DispatchTable") -> None:
+    def merge(self, other: DispatchTable) -> None:
         """Take every entry of ``other``, replacing ours where both have one."""
         for e in other.entries.values():
             self.add(e)
@@ -169,7 +171,7 @@ class DispatchTable:
                 "entries": [e.to_dict() for e in sorted(self.entries.values(), key=lambda e: (e.dtype, e.n, e.k))]}
 
     @classmethod
-    def from_dict(cls, d: dict, *, source: str = "<dict>") -> "DispatchTable":
+    def from_dict(cls, d: dict, *, source: str = "<dict>") -> DispatchTable:
         if d.get("format") != FORMAT:
             raise ValueError(f"{source}: not a dataflow table (format {d.get('format')!r}, expected {FORMAT!r})")
         meta = {k: v for k, v in d.items() if k not in ("format", "gpu", "entries")}
@@ -188,7 +190,7 @@ class DispatchTable:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "DispatchTable":
+    def load(cls, path: str | os.PathLike) -> DispatchTable:
         path = Path(path)
         try:
             d = json.loads(path.read_text())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import warnings
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -123,7 +123,7 @@ def tune_shape(
 ) -> ShapeEntry:
     """Profile one [N, K] shape over ``ms`` and return its table entry (raw timings kept in ``.timings``)."""
     candidates = candidates or candidate_configs
-    ms = sorted(set(int(m) for m in ms))
+    ms = sorted({int(m) for m in ms})
     impls = tuple(impls)
     best: dict[str, list] = {impl: [] for impl in impls}  # per impl, per m: (us, config)
     for m in ms:
@@ -294,7 +294,7 @@ class GraphTimer:
         try:
             sweep()  # compiles / loads the kernel outside the capture
             torch.cuda.synchronize(self.device)
-        except Exception as exc:  # noqa: BLE001 - a config that does not fit (shared memory, registers)
+        except Exception as exc:
             if not _is_resource_error(exc):
                 if self.strict:
                     raise

@@ -6,7 +6,7 @@ Backends (``fdpp.ops.backend.linear_backend``):
 - ``cublas``: torch.nn.functional.linear (cuBLAS on a GPU) plus the epilogue in PyTorch (ImplC).
 - ``gemv`` / ``flat``: force the CUDA-core GEMV (ImplA) or the flat tensor-core GEMM (ImplB).
 - ``table``: the heuristic dataflow (the CUDA default): an O(1), sync-free lookup of (GPU, dtype, N, K, M)
-  in the tuned table (fdpp.dataflow), falling back to a rule (gemv for M <= 4, flat for M <= 64, else
+  in the tuned table (fdpp.dataflow), falling back to a rule (gemv for M = 1, flat for M <= 64, else
   cuBLAS) where the table has no entry.
 """
 from __future__ import annotations
