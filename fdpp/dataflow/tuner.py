@@ -345,8 +345,12 @@ def tune_model(
     device: str | torch.device = "cuda",
     show_progress: bool = True,
     table: DispatchTable | None = None,
+    gemv_max_m: int = 8,
 ) -> DispatchTable:
-    """``fdpp tune``'s core: profile ``shapes`` on the current GPU with the graph timer, return the table."""
+    """``fdpp tune``'s core: profile ``shapes`` on the current GPU with the graph timer, return the table.
+
+    The GEMV is profiled only up to ``gemv_max_m`` (on Hopper it wins at M = 1 only; the benchmark
+    profiles it to 64 for the static all-GEMV comparison)."""
     from fdpp.kernels.gemv import num_sms
 
     device = torch.device(device)
@@ -354,7 +358,7 @@ def tune_model(
     ms = default_m_grid(max_m, quick=quick)
 
     def candidates(impl: str, n: int, k: int, m: int) -> list[dict | None]:
-        return candidate_configs(impl, n, k, m, num_sms=sms, quick=quick)
+        return candidate_configs(impl, n, k, m, num_sms=sms, quick=quick, gemv_max_m=gemv_max_m)
 
     gpu = torch.cuda.get_device_name(device)
     table = table if table is not None else DispatchTable(gpu)
