@@ -15,8 +15,10 @@ Rotary conventions (checked against ChatGLM2's ``modeling_chatglm.py`` and trans
   same pairs and angles.
 - fdpp: ``RotaryEmbedding(rotary_dim=head_dim // 2, is_neox=False)`` does exactly this.
 
-ChatGLM's ``query_key_value`` stacks [q (Hq*D); k (G*D); v (G*D)] rows, and query head h uses kv
-group ``h // (Hq / G)``, as fdpp's attention does; ``dense_h_to_4h`` stacks [gate; up] (SwiGLU is
+ChatGLM's ``query_key_value`` stacks [q (Hq*D); k (G*D); v (G*D)] rows with multi-query attention
+(every released checkpoint), and query head h uses kv group ``h // (Hq / G)``, as fdpp's attention
+does; without it (``multi_query_attention: false``) the rows are [q_h; k_h; v_h] head by head and are
+reordered while loading; ``dense_h_to_4h`` stacks [gate; up] (SwiGLU is
 ``silu(first half) * second half``), so both load into fdpp's merged layers as they are.
 Attention scale is head_dim**-0.5 (ChatGLM's query-key layer scaling cancels out).
 """
@@ -46,6 +48,8 @@ def chatglm_options(config: ModelConfig) -> dict:
         "linear_bias": add_bias_linear,
         "post_layer_norm": bool(hf.get("post_layer_norm", True)),
         "residual_after_norm": bool(hf.get("apply_residual_connection_post_layernorm", False)),
+        # without multi-query attention, query_key_value stacks [q_h; k_h; v_h] head by head
+        "per_head_qkv": not hf.get("multi_query_attention", True),
     }
 
 
@@ -69,10 +73,24 @@ class ChatGLMSelfAttention(nn.Module):
         self.query_key_value = MergedLinear(
             c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=opts["qkv_bias"]
         )
+        if opts["per_head_qkv"]:
+            self.query_key_value.weight.weight_loader = self._load_per_head_qkv
+            if self.query_key_value.bias is not None:
+                self.query_key_value.bias.weight_loader = self._load_per_head_qkv
         self.dense = Linear(c.q_size, c.hidden_size, bias=opts["linear_bias"])
         self.attn = Attention(
             c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, layer_idx
         )
+
+    def _load_per_head_qkv(
+        self, param: nn.Parameter, loaded: torch.Tensor, name: str = "", shard_id: str | None = None
+    ) -> None:
+        """Reorder a non-multi-query checkpoint's [Hq, (q, k, v), D] rows into fdpp's [(q, k, v), Hq, D]."""
+        if shard_id is None and loaded.shape[:1] == param.shape[:1]:
+            heads = loaded.shape[0] // (3 * self.head_dim)
+            rest = loaded.shape[1:]
+            loaded = loaded.reshape(heads, 3, self.head_dim, *rest).transpose(0, 1).reshape(loaded.shape)
+        self.query_key_value._shard_loader(param, loaded, name, shard_id)
 
     def forward(
         self, positions: torch.Tensor, hidden: torch.Tensor, rotary: RotaryEmbedding, residual: torch.Tensor

@@ -45,14 +45,14 @@ def tiny_glm(num_kv_heads: int = 2, rope_theta: float = 10000.0, layers: int = 2
     return randomize_(GlmForCausalLM(cfg), seed=seed)
 
 
-def chatglm_config(hf_cfg, rope_ratio: float | None = None, rmsnorm: bool = True) -> dict:
+def chatglm_config(hf_cfg, rope_ratio: float | None = None, rmsnorm: bool = True, mqa: bool = True) -> dict:
     """A ChatGLM2/3 config.json with hf_cfg's shapes (the keys THUDM's ChatGLMConfig writes)."""
     cfg = {
         "architectures": ["ChatGLMModel"], "model_type": "chatglm",
         "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig"},
         "num_layers": hf_cfg.num_hidden_layers, "hidden_size": hf_cfg.hidden_size,
         "ffn_hidden_size": hf_cfg.intermediate_size, "num_attention_heads": hf_cfg.num_attention_heads,
-        "kv_channels": hf_cfg.head_dim, "multi_query_attention": True,
+        "kv_channels": hf_cfg.head_dim, "multi_query_attention": mqa,
         "multi_query_group_num": hf_cfg.num_key_value_heads, "padded_vocab_size": hf_cfg.vocab_size,
         "seq_length": hf_cfg.max_position_embeddings, "layernorm_epsilon": hf_cfg.rms_norm_eps,
         "rmsnorm": rmsnorm, "add_bias_linear": False, "add_qkv_bias": True, "post_layer_norm": True,
@@ -65,8 +65,9 @@ def chatglm_config(hf_cfg, rope_ratio: float | None = None, rmsnorm: bool = True
     return cfg
 
 
-def glm_to_chatglm(hf_model) -> dict[str, torch.Tensor]:
-    """GlmForCausalLM weights renamed (and q/k/v stacked) into ChatGLM2's checkpoint layout."""
+def glm_to_chatglm(hf_model, mqa: bool = True) -> dict[str, torch.Tensor]:
+    """GlmForCausalLM weights renamed (and q/k/v stacked) into ChatGLM2's checkpoint layout: [q; k; v]
+    with multi-query attention, else [q_h; k_h; v_h] head by head (Megatron's layout)."""
     sd = {k: v.detach().clone() for k, v in hf_model.state_dict().items()}
     c = hf_model.config
     rot = c.head_dim // 2
@@ -80,9 +81,12 @@ def glm_to_chatglm(hf_model) -> dict[str, torch.Tensor]:
     for i in range(c.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
         for part in ("weight", "bias"):
-            out[f"{dst}self_attention.query_key_value.{part}"] = torch.cat(
-                [sd[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv"]
-            )
+            q, k, v = (sd[f"{src}self_attn.{p}_proj.{part}"] for p in "qkv")
+            if mqa:
+                qkv = torch.cat([q, k, v])
+            else:  # [H, 3, D, ...] head by head
+                qkv = torch.stack([t.unflatten(0, (-1, c.head_dim)) for t in (q, k, v)], dim=1).flatten(0, 2)
+            out[f"{dst}self_attention.query_key_value.{part}"] = qkv
         out[f"{dst}self_attention.dense.weight"] = sd[f"{src}self_attn.o_proj.weight"]
         out[f"{dst}mlp.dense_h_to_4h.weight"] = sd[f"{src}mlp.gate_up_proj.weight"]
         out[f"{dst}mlp.dense_4h_to_h.weight"] = sd[f"{src}mlp.down_proj.weight"]
@@ -96,9 +100,9 @@ def glm_to_chatglm(hf_model) -> dict[str, torch.Tensor]:
     return out
 
 
-def write_chatglm(path, hf_model, **config_kw) -> None:
-    config = chatglm_config(hf_model.config, **config_kw)
-    save_safetensors_checkpoint(str(path), glm_to_chatglm(hf_model), config)
+def write_chatglm(path, hf_model, mqa: bool = True, **config_kw) -> None:
+    config = chatglm_config(hf_model.config, mqa=mqa, **config_kw)
+    save_safetensors_checkpoint(str(path), glm_to_chatglm(hf_model, mqa), config)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,6 +165,8 @@ def test_rotary_conventions_agree(rope_ratio):
 CHATGLM_CASES = {
     "chatglm2-2groups": dict(num_kv_heads=2, rope_ratio=None),
     "chatglm3-32k-mqa-rope_ratio": dict(num_kv_heads=1, rope_ratio=4.0),
+    # multi_query_attention: false (no released checkpoint; per-head q/k/v rows)
+    "no-multi-query": dict(num_kv_heads=4, rope_ratio=None, mqa=False),
 }
 
 
@@ -169,7 +175,7 @@ def test_chatglm_matches_glm(tmp_path, case):
     kw = CHATGLM_CASES[case]
     ratio = kw["rope_ratio"]
     hf = tiny_glm(kw["num_kv_heads"], rope_theta=10000.0 * (ratio or 1.0))
-    write_chatglm(tmp_path, hf, rope_ratio=ratio)
+    write_chatglm(tmp_path, hf, mqa=kw.get("mqa", True), rope_ratio=ratio)
     llm = load_llm(tmp_path)
     assert type(llm.engine.model).__name__ == "ChatGLMForCausalLM"
     prompts = [random_prompt(37, VOCAB, seed=1), random_prompt(9, VOCAB, seed=2)]

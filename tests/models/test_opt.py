@@ -45,6 +45,8 @@ CASES = {
     # 350m style: post-norm, no final LayerNorm, project_in / project_out (512 -> 1024 in the real one)
     "post-norm-project": dict(do_layer_norm_before=False, word_embed_proj_dim=32),
     "pre-norm-project": dict(word_embed_proj_dim=48),
+    # enable_bias=false and layer_norm_elementwise_affine=false (no biases, parameter-free LayerNorms)
+    "no-bias-no-affine": dict(enable_bias=False, layer_norm_elementwise_affine=False),
 }
 
 
