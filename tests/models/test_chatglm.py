@@ -208,7 +208,7 @@ def test_chatglm_triton_kernels(tmp_path):
     hf = tiny_glm(num_kv_heads=2)
     write_chatglm(tmp_path, hf)
     llm = load_llm(tmp_path)
-    check_triton_against_hf(llm, hf, random_prompt(10, VOCAB), decode_linear="gemv")
+    check_triton_against_hf(llm, hf, random_prompt(10, VOCAB), decode_linear="gemv", n_decode=1)
 
 
 def test_chatglm_missing_tensor(tmp_path):
@@ -298,3 +298,10 @@ def test_glm_top_level_partial_rotary_factor(tmp_path):
     llm = load_llm(tmp_path)
     prompt = random_prompt(16, VOCAB)
     assert rel_err(prefill_logits(llm, prompt), hf_logits(hf, prompt)) < 1e-4
+
+
+def test_glm_triton_kernels(tmp_path):
+    """GLM-4 (transformers layout) through the Triton attention kernels and the flat GEMM."""
+    hf = tiny_glm(num_kv_heads=2)
+    hf.save_pretrained(str(tmp_path))
+    check_triton_against_hf(load_llm(tmp_path), hf, random_prompt(12, VOCAB), decode_linear="flat", n_decode=3)
