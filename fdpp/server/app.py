@@ -397,6 +397,9 @@ def _sampling_params(st: ServerState, req: Any, max_tokens: int, logprobs: int |
 
 def _check_common(st: ServerState, req: Any) -> int:
     """Checks that need no prompt; returns n."""
+    if req.stream_options is not None and not req.stream:
+        raise _bad("stream_options is only allowed when stream is true", param="stream_options",
+                   code="invalid_value")
     n = 1 if req.n is None else req.n
     if n < 1:
         raise _bad(f"n must be at least 1, got {n}", param="n", code="invalid_value")
@@ -832,7 +835,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                     group.close()
                 yield "data: [DONE]\n\n"
 
-            return _sse_response(gen())
+            return _sse_response(gen(), group)
 
         outs = await _collect_or_disconnect(request, group, tracker, len(subs))
         if outs is None:
@@ -944,7 +947,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                     group.close()
                 yield "data: [DONE]\n\n"
 
-            return _sse_response(gen())
+            return _sse_response(gen(), group)
 
         outs = await _collect_or_disconnect(request, group, tracker, 1)
         if outs is None:
@@ -964,9 +967,24 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
     return app
 
 
-def _sse_response(gen: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _SSEResponse(StreamingResponse):
+    """A text/event-stream response that aborts its engine requests however it ends (also when the
+    client leaves before the first chunk, when the body generator has not started and so cannot)."""
+
+    def __init__(self, gen: AsyncIterator[str], group: Any) -> None:
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._group = group
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._group.close()
+
+
+def _sse_response(gen: AsyncIterator[str], group: Any) -> StreamingResponse:
+    return _SSEResponse(gen, group)
 
 
 def _default_model_name(engine: Any) -> str:

@@ -95,6 +95,10 @@ def test_stop_n_seed_logprobs(server):
         model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, stop=stop, stream=True) if ch.choices)
     assert streamed == expected  # a stop string split over tokens is never streamed
 
+    # echo: the prompt comes first
+    r = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=12, temperature=0, echo=True)
+    assert r.choices[0].text == PROMPT + ref
+
     # n with a seed: n choices, reproducible
     kw = dict(model=server.model, prompt=PROMPT, max_tokens=6, temperature=1.0, top_p=0.9, n=3, seed=7,
               extra_body={"top_k": 50})
@@ -207,6 +211,17 @@ BAD_INPUTS = [
     ("completions", b'{"prompt": [1, 99999999]}', 400, None),  # token id outside the vocabulary
     ("completions", b'{"prompt": "\xff\xfe bad"}', 400, None),  # invalid UTF-8
     ("completions", b'{"prompt": "\\ud800"}', 400, None),  # lone surrogate
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None),
+    ("completions", b'{"prompt": "hi", "max_tokens": 1e10}', 400, "max_tokens"),
+    ("completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("completions", b'{"prompt": "hi", "seed": 1180591620717411303424}', 400, "seed"),
+    ("completions", b'{"prompt": "hi", "stop": ["a", 5]}', 400, "stop"),
+    ("completions", b'{"prompt": "hi", "stream_options": {"include_usage": true}}', 400, "stream_options"),
+    ("completions", b'{"prompt": "hi", "echo": true, "logprobs": 1}', 400, "echo"),
+    ("completions", b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}", 400, None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}', 400, None),
+    ("chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}', 400,
+     "top_logprobs"),
 ]
 
 
