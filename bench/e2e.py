@@ -45,7 +45,11 @@ def check_correctness(out: dict) -> None:
                     p.normal_(0, 0.05)
         d = tempfile.mkdtemp()
         hf.save_pretrained(d)
-        hf = hf.to("cuda", dtype)
+        hf32 = hf.to("cuda", torch.float32)
+        with torch.no_grad():
+            prompt0 = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(1)).tolist()
+            ref32 = hf32(torch.tensor([prompt0], device="cuda")).logits[0].double()
+        hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to("cuda").eval()
         name = str(dtype).removeprefix("torch.")
         for graphs in (False, True):
             llm = LLM(d, dtype=name, device="cuda", show_progress=False, enforce_eager=not graphs,
@@ -59,6 +63,8 @@ def check_correctness(out: dict) -> None:
             with torch.no_grad():
                 ref = hf(torch.tensor([prompt], device="cuda")).logits[0].double()
             err = ((ours - ref).norm() / ref.norm()).item()
+            err32 = ((ours - ref32).norm() / ref32.norm()).item()
+            hf_err32 = ((ref - ref32).norm() / ref32.norm()).item()
             outs = llm.generate([prompt, prompt[:50]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
                                 use_tqdm=False)
             with torch.no_grad():
@@ -67,9 +73,11 @@ def check_correctness(out: dict) -> None:
             same = sum(1 for a, b in zip(outs[0].outputs[0].token_ids, g) if a == b)
             # teacher-forced decode logits: run our tokens through HF and compare the step logits
             key = f"{name}_{'graphs' if graphs else 'eager'}"
-            res[key] = {"prefill_logits_rel_err": err, "greedy_tokens_equal_prefix": _prefix(outs[0].outputs[0].token_ids, g),
+            res[key] = {"prefill_logits_rel_err_vs_hf_same_dtype": err, "fdpp_rel_err_vs_fp32": err32,
+                        "transformers_rel_err_vs_fp32": hf_err32, "greedy_tokens_equal_prefix": _prefix(outs[0].outputs[0].token_ids, g),
                         "greedy_tokens_equal_total": same, "of": 24}
             log("check", key, res[key])
+            llm.close()
             del llm
             gc.collect()
             torch.cuda.empty_cache()
@@ -118,6 +126,7 @@ def bench_fdpp(out: dict, models: list[str], batch_sizes: list[int], input_lens:
                     log(f"fdpp {model} eager={eager} bs={bs} in={n_in}: TTFT {r['prefill_ms']:.1f} ms, step "
                         f"{r['decode_step_ms']:.3f} ms, {r['decode_tokens_per_s']:.1f} tok/s, "
                         f"{r['pct_of_copy_bw'] or 0:.1f}% of copy bw")
+            llm.close()
             del llm
             gc.collect()
             torch.cuda.empty_cache()
@@ -176,6 +185,30 @@ def bench_hf(out: dict, models: list[str], batch_sizes: list[int], input_lens: l
         torch.cuda.empty_cache()
 
 
+def profile_decode(out: dict, model: str, batch_size: int, input_len: int) -> None:
+    """Kernel-time breakdown of eager decode steps (torch profiler), to explain the step time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fdpp import LLM, SamplingParams
+
+    llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=batch_size, max_model_len=input_len + 64,
+              enforce_eager=True, show_progress=False)
+    eng = llm.engine
+    for _ in range(batch_size):
+        eng.add_request(None, list(range(1, input_len + 1)), SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(8):
+        eng.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            eng.step()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70)
+    log(table)
+    out.setdefault("profiles", {})[f"{model}_bs{batch_size}_in{input_len}"] = table
+    llm.close()
+
+
 def write(out: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
@@ -197,6 +230,7 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true", help="also time transformers eager and static cache")
     ap.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--peer-input-lens", type=int, nargs="+", default=None)
+    ap.add_argument("--profile", action="store_true", help="profile eager decode steps of the first model")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     out = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -207,6 +241,8 @@ def main() -> None:
     if args.check:
         check_correctness(out)
         write(out, args.out)
+    if args.profile:
+        profile_decode(out, args.models[0], args.batch_sizes[0], args.input_lens[0])
     if args.models:
         bench_fdpp(out, args.models, args.batch_sizes, args.input_lens, args.output_len, args.eager_too)
         write(out, args.out)

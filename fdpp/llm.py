@@ -41,6 +41,10 @@ class LLM:
         self.engine = LLMEngine(config)
         self.llm_engine = self.engine  # vLLM's attribute name
 
+    def close(self) -> None:
+        """Free the model, KV cache and CUDA graphs now (instead of when the object is collected)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

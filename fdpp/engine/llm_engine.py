@@ -304,6 +304,12 @@ class LLMEngine:
             metrics=req.metrics,
         )
 
+    def shutdown(self) -> None:
+        """Abort every request and free the engine's device memory; the engine is unusable after."""
+        for rid in list(self.requests):
+            self.abort_request(rid)
+        self.runner.shutdown()
+
     # ---- introspection ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
         self.block_manager.check_integrity()

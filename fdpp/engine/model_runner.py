@@ -115,6 +115,9 @@ class ModelRunner:
         dev = self.device
         params = [s.params for s in seqs]
         V = self.vocab_size
+        if all(p.is_greedy and p.logprobs is None and not p.has_penalties and
+               (p.min_tokens == 0 or p.ignore_eos) for p in params):
+            return SamplingBatch.greedy()
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
         top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev)
         enabled_k = [p.top_k for p in params if 0 < p.top_k < V and not p.is_greedy]
@@ -164,6 +167,17 @@ class ModelRunner:
             self._generators[seq.seq_id] = gen
         return gen
 
+    def shutdown(self) -> None:
+        """Free the GPU memory this runner holds: graphs, the KV cache and the model's weights."""
+        self.graphs.clear()
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        self.kv_cache = None
+        for p in self.model.parameters():
+            p.data = torch.empty(0, dtype=p.dtype)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def release(self, seq: Sequence) -> None:
         """Forget per-sequence state (its RNG) once the sequence has finished."""
         self._generators.pop(seq.seq_id, None)
@@ -208,11 +222,15 @@ class ModelRunner:
             return
         n = sizes[-1]
         dev = self.device
-        self.g_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.g_pos = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.g_slots = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        # rows: token ids, positions, slots; one host->device copy per step fills them all
+        self.g_long = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.g_long[2].fill_(-1)
+        self.g_ids, self.g_pos, self.g_slots = self.g_long[0], self.g_long[1], self.g_long[2]
         self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.h_long = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
+        self.h_ctx = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self.h_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         pool = None
         bar = tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
         for bs in bar:
@@ -246,20 +264,25 @@ class ModelRunner:
         bs = len(seqs)
         bucket = next(b for b in self.graph_batch_sizes if b >= bs)
         bsz = self.block_size
-        ids, pos, slots, ctx = [], [], [], []
-        for s in seqs:
+        h_long, h_ctx, h_tables = self.h_long.numpy(), self.h_ctx.numpy(), self.h_tables.numpy()
+        width = 0
+        # NOTE: the pinned buffers are reusable: the previous step's copies finished when its sampled
+        # tokens were read on the host.
+        for i, s in enumerate(seqs):
             t = s.num_tokens - 1
-            ids.append(s.token_ids[-1])
-            pos.append(t)
-            slots.append(s.block_table[t // bsz] * bsz + t % bsz)
-            ctx.append(s.num_tokens)
-        pad = bucket - bs
-        self.g_ids[:bucket].copy_(self._to_device(ids + [0] * pad, torch.int64), non_blocking=True)
-        self.g_pos[:bucket].copy_(self._to_device(pos + [0] * pad, torch.int64), non_blocking=True)
-        self.g_slots[:bucket].copy_(self._to_device(slots + [-1] * pad, torch.int64), non_blocking=True)
-        self.g_ctx[:bucket].copy_(self._to_device(ctx + [0] * pad, torch.int32), non_blocking=True)
-        tables = self._block_table_tensor(seqs)
-        self.g_tables[:bs, : tables.shape[1]].copy_(tables, non_blocking=True)
+            h_long[0, i] = s.token_ids[-1]
+            h_long[1, i] = t
+            h_long[2, i] = s.block_table[t // bsz] * bsz + t % bsz
+            h_ctx[i] = s.num_tokens
+            nb = len(s.block_table)
+            h_tables[i, :nb] = s.block_table
+            width = max(width, nb)
+        h_long[:, bs:bucket] = 0
+        h_long[2, bs:bucket] = -1  # padding rows: no cache write
+        h_ctx[bs:bucket] = 0  # and no cache read
+        self.g_long[:, :bucket].copy_(self.h_long[:, :bucket], non_blocking=True)
+        self.g_ctx[:bucket].copy_(self.h_ctx[:bucket], non_blocking=True)
+        self.g_tables[:bs, :width].copy_(self.h_tables[:bs, :width], non_blocking=True)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:bs]

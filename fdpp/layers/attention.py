@@ -6,6 +6,7 @@ from torch import nn
 
 from fdpp.engine.context import get_attention_metadata
 from fdpp.ops import attention as attn_ops
+from fdpp.ops.rotary import rope_and_store_kv
 
 
 class Attention(nn.Module):
@@ -36,14 +37,31 @@ class Attention(nn.Module):
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D]."""
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        rotary: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """q [T, Hq*D], k/v [T, Hkv*D] -> [T, Hq*D].
+
+        With ``rotary`` (a RotaryEmbedding) and ``positions``, q and k are rotated here, fused with the
+        cache write; without, they must be rotated already.
+        """
         meta = get_attention_metadata()
         num_tokens = q.shape[0]
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if rotary is not None:
+            q = rope_and_store_kv(
+                q, k, v, positions, rotary.cos_sin_cache, rotary.is_neox,
+                self.k_cache, self.v_cache, meta.slot_mapping,
+            )
+        else:
+            attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         out = attn_ops.attention(
             q,
             self.k_cache,

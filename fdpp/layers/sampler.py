@@ -14,10 +14,10 @@ import torch
 class SamplingBatch:
     """Per-row sampling parameters as tensors on the logits' device. Built by the model runner."""
 
-    temperatures: torch.Tensor  # [B] float32; 0 = greedy
-    top_k: torch.Tensor  # [B] int64; vocab size = disabled
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
+    temperatures: torch.Tensor | None  # [B] float32; 0 = greedy (None: all greedy)
+    top_k: torch.Tensor | None  # [B] int64; vocab size = disabled
+    top_p: torch.Tensor | None  # [B] float32
+    min_p: torch.Tensor | None  # [B] float32
     all_greedy: bool
     max_top_k: int  # largest enabled top_k (0: none enabled)
     use_top_p: bool
@@ -31,6 +31,11 @@ class SamplingBatch:
     banned: torch.Tensor | None = None  # [B, V] bool: tokens that may not be sampled now (min_tokens)
     generators: list[torch.Generator | None] | None = None  # per row; None = global RNG
     num_logprobs: int = -1  # -1: none requested
+
+    @classmethod
+    def greedy(cls) -> "SamplingBatch":
+        """Plain argmax for every row: no parameter tensors at all (the common decode fast path)."""
+        return cls(None, None, None, None, True, 0, False, False)
 
 
 @dataclass
@@ -56,6 +61,8 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
     """logits [B, V] float32 -> sampled ids (and log-probabilities when asked)."""
+    if b.temperatures is None:
+        return SamplerOutput(token_ids=logits.argmax(dim=-1))
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.num_logprobs >= 0 else None
     logits = apply_penalties(logits, b)

@@ -40,9 +40,7 @@ class LlamaAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        T = hidden.shape[0]
-        q, k = self.rotary_emb(positions, q.view(T, -1, self.attn.head_dim), k.view(T, -1, self.attn.head_dim))
-        out = self.attn(q.reshape(T, -1), k.reshape(T, -1), v)
+        out = self.attn(q, k, v, positions=positions, rotary=self.rotary_emb)
         return self.o_proj(out)
 
 

@@ -82,3 +82,34 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_
     if rot == x.shape[-1]:
         return out.to(x.dtype)
     return torch.cat([out.to(x.dtype), x[..., rot:]], dim=-1)
+
+
+# Tests set this to run the fused Triton kernel on the CPU under TRITON_INTERPRET=1.
+_FORCE_TRITON = False
+
+
+def rope_and_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotate q and k, write k and v into the paged cache; returns the rotated q [T, Hq, D].
+
+    On CUDA one fused kernel does it all (q rotated in place); elsewhere the reference ops.
+    """
+    if q.is_cuda or _FORCE_TRITON:
+        from fdpp.kernels.rotary import rope_store_kv
+
+        rope_store_kv(q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping)
+        return q
+    from fdpp.ops.attention import store_kv
+
+    q, k = apply_rotary(q, k, positions, cos_sin_cache, is_neox)
+    store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q
