@@ -747,6 +747,16 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
         cards = [ModelCard(id=n, root=st.root, max_model_len=st.max_model_len) for n in names]
         return JSONResponse(ModelList(data=cards).model_dump())
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str) -> JSONResponse:
+        if model_id not in names:
+            raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
+        return JSONResponse(ModelCard(id=model_id, root=st.root, max_model_len=st.max_model_len).model_dump())
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        return await health()
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = fb = None
@@ -793,6 +803,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
 
             async def gen() -> AsyncIterator[str]:
                 states: dict[int, _ChoiceState] = {}
@@ -823,7 +834,9 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                                 index=ci, text=delta, logprobs=lp, finish_reason=c.finish_reason,
                                 stop_reason=c.stop_reason))
                         if choices:
-                            yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices))
+                            usage = _usage(prompt_lens, list(final.values())) if continuous else None
+                            yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices,
+                                                                usage=usage))
                     tracker.done()
                     if include_usage:
                         yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=[],
@@ -903,6 +916,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            continuous = include_usage and bool(req.stream_options.continuous_usage_stats)
 
             async def gen() -> AsyncIterator[str]:
                 states = {i: _ChoiceState() for i in range(n)}
@@ -934,8 +948,9 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                                 index=c.index, delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
                                 logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
                         if choices:
+                            usage = _usage([len(ids)], [out]) if continuous else None
                             yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model,
-                                                                    choices=choices))
+                                                                    choices=choices, usage=usage))
                     tracker.done()
                     if include_usage and last is not None:
                         yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[],

@@ -114,6 +114,7 @@ class AsyncEngine:
         self._idle_poll_s = idle_poll_s
         self.error: BaseException | None = None  # set if the loop crashed
         self.num_steps = 0
+        self.peak_batch = 0  # most requests advanced by one step so far (continuous batching at work)
         self.last_step_time: float | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ class AsyncEngine:
             return
         self.num_steps += 1
         self.last_step_time = time.time()
+        self.peak_batch = max(self.peak_batch, len(outputs))
         for out in outputs:
             entry = self._groups.get(out.request_id)
             if entry is None:

@@ -36,6 +36,9 @@ def test_models_and_health(server):
     client = _client(server)
     models = client.models.list()
     assert [m.id for m in models.data] == [server.model]
+    assert client.models.retrieve(server.model).id == server.model
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
     assert httpx.get(server.base_url + "/health").status_code == 200
 
 
@@ -80,6 +83,13 @@ def test_chat_greedy_matches_chat(server):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == [
         ref.outputs[0].finish_reason]
     assert chunks[-1].usage.prompt_tokens == len(ref.prompt_token_ids)
+
+    # vLLM's continuous usage stats: every chunk carries the running usage
+    chunks = list(client.chat.completions.create(
+        model=server.model, messages=CHAT, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [ch.usage.completion_tokens for ch in chunks[1:] if ch.usage]
+    assert counts == sorted(counts) and counts[-1] == len(ref.outputs[0].token_ids)
 
 
 def test_stop_n_seed_logprobs(server):
@@ -174,7 +184,8 @@ def test_64_concurrent_clients(server):
         assert text == ref.text, (i, text, ref.text)
     stats = server.wait_idle()
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
-    print(f"64 concurrent clients: {elapsed:.1f} s")
+    assert server.state.async_engine.peak_batch >= 16  # the clients were batched together
+    print(f"64 concurrent clients: {elapsed:.1f} s, peak batch {server.state.async_engine.peak_batch}")
 
 
 BAD_INPUTS = [
