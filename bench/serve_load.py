@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "government company number group problem fact river mountain city garden music window story").split()
+WORDS = ["time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye", "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem", "fact", "river", "mountain", "city", "garden", "music", "window", "story"]
 
 
 @dataclass

@@ -17,17 +17,25 @@ import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from fdpp.errors import FdppError, InvalidRequestError
+from fdpp.errors import InvalidRequestError
 from fdpp.outputs import RequestOutput
 from fdpp.sampling_params import SamplingParams
 from fdpp.server.async_engine import AsyncEngine, EngineDeadError, RequestAbortedError
@@ -168,7 +176,7 @@ class _Guard:
     """Pure ASGI middleware: rejects bodies over ``max_body_bytes`` (413) before the app sees them,
     checks the API key, and counts every response by endpoint and status."""
 
-    def __init__(self, app: Any, state: "ServerState") -> None:
+    def __init__(self, app: Any, state: ServerState) -> None:
         self.app = app
         self.state = state
 
@@ -321,7 +329,7 @@ def _check_text(s: str, param: str) -> None:
                    code="invalid_utf8") from None
 
 
-def _check_model(st: ServerState, model: Optional[str]) -> str:
+def _check_model(st: ServerState, model: str | None) -> str:
     if model is None:
         return st.model_name
     if model not in st.served_model_names:
@@ -413,12 +421,12 @@ def _check_common(st: ServerState, req: Any) -> int:
     return n
 
 
-def _check_max_tokens(value: Optional[int], name: str) -> None:
+def _check_max_tokens(value: int | None, name: str) -> None:
     if value is not None and value < 1:
         raise _bad(f"{name} must be at least 1, got {value}", param=name, code="invalid_value")
 
 
-def _resolve_max_tokens(st: ServerState, requested: Optional[int], prompt_len: int, name: str) -> int:
+def _resolve_max_tokens(st: ServerState, requested: int | None, prompt_len: int, name: str) -> int:
     ctx = st.max_model_len
     if prompt_len >= ctx:
         raise _bad(

@@ -19,8 +19,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 from fdpp.outputs import RequestOutput
 from fdpp.sampling_params import SamplingParams
@@ -49,7 +50,7 @@ class _Sub:
 class RequestGroup:
     """Outputs of one HTTP request's engine requests, in arrival order."""
 
-    engine: "AsyncEngine"
+    engine: AsyncEngine
     subs: list[_Sub]
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -184,7 +185,7 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished_requests():
                     self._step()
-        except BaseException as e:  # noqa: BLE001 - report, fail every stream, stop
+        except BaseException as e:
             logger.exception("the engine loop crashed")
             self.error = e
             self._stopping.set()
@@ -241,7 +242,7 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - fail the requests in flight, keep serving new ones
+        except Exception as e:
             logger.exception("engine step failed; aborting the %d requests in flight", len(self._groups))
             self._fail_all(RequestAbortedError(f"the engine failed: {type(e).__name__}: {e}"))
             return
@@ -262,7 +263,7 @@ class AsyncEngine:
         for rid in list(self._groups):
             try:
                 self.engine.abort_request(rid)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 logger.exception("abort of %s failed", rid)
         self._groups.clear()
         for g in groups.values():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -31,8 +31,8 @@ class _Response(BaseModel):
 class ErrorInfo(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[Union[str, int]] = None
+    param: str | None = None
+    code: str | int | None = None
 
 
 class ErrorResponse(BaseModel):
@@ -41,8 +41,8 @@ class ErrorResponse(BaseModel):
 
 # ---- shared ----------------------------------------------------------------------------------------
 class StreamOptions(_Request):
-    include_usage: Optional[bool] = False
-    continuous_usage_stats: Optional[bool] = False
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False
 
 
 class UsageInfo(_Response):
@@ -54,51 +54,51 @@ class UsageInfo(_Response):
 class _SamplingFields(_Request):
     """Sampling fields common to both endpoints (OpenAI's, plus vLLM's extensions)."""
 
-    model: Optional[str] = None
-    n: Optional[int] = 1
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    presence_penalty: Optional[float] = 0.0
-    frequency_penalty: Optional[float] = 0.0
-    repetition_penalty: Optional[float] = None
-    stop: Optional[Union[str, list[str]]] = None
-    stop_token_ids: Optional[list[int]] = None
-    include_stop_str_in_output: Optional[bool] = False
-    ignore_eos: Optional[bool] = False
-    min_tokens: Optional[int] = 0
-    skip_special_tokens: Optional[bool] = True
-    seed: Optional[int] = None
-    stream: Optional[bool] = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-    logit_bias: Optional[dict[str, float]] = None
-    best_of: Optional[int] = None
+    model: str | None = None
+    n: int | None = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = 0.0
+    frequency_penalty: float | None = 0.0
+    repetition_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    ignore_eos: bool | None = False
+    min_tokens: int | None = 0
+    skip_special_tokens: bool | None = True
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------
 class CompletionRequest(_SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
-    logprobs: Optional[int] = None
-    echo: Optional[bool] = False
-    suffix: Optional[str] = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool | None = False
+    suffix: str | None = None
 
 
 class CompletionLogProbs(_Response):
     text_offset: list[int] = Field(default_factory=list)
-    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
     tokens: list[str] = Field(default_factory=list)
-    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
 class CompletionResponseChoice(_Response):
     index: int
     text: str
-    logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class CompletionResponse(_Response):
@@ -108,15 +108,15 @@ class CompletionResponse(_Response):
     model: str
     choices: list[CompletionResponseChoice]
     usage: UsageInfo
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class CompletionStreamChoice(_Response):
     index: int
     text: str
-    logprobs: Optional[CompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class CompletionStreamResponse(_Response):
@@ -125,21 +125,21 @@ class CompletionStreamResponse(_Response):
     created: int
     model: str
     choices: list[CompletionStreamChoice]
-    usage: Optional[UsageInfo] = None
+    usage: UsageInfo | None = None
 
 
 # ---- /v1/chat/completions --------------------------------------------------------------------------
 class ChatContentPart(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
-    text: Optional[str] = None
+    text: str | None = None
 
 
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     role: str
-    content: Optional[Union[str, list[ChatContentPart]]] = None
-    name: Optional[str] = None
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
 
 
 class ResponseFormat(_Request):
@@ -149,44 +149,44 @@ class ResponseFormat(_Request):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage]
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = False
-    top_logprobs: Optional[int] = None
-    add_generation_prompt: Optional[bool] = True
-    response_format: Optional[ResponseFormat] = None
-    tools: Optional[list[dict[str, Any]]] = None
-    tool_choice: Optional[Union[str, dict[str, Any]]] = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = True
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class TopLogprob(_Response):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
 
 
 class ChatCompletionLogProb(_Response):
     token: str
     logprob: float
-    bytes: Optional[list[int]] = None
+    bytes: list[int] | None = None
     top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class ChatCompletionLogProbs(_Response):
-    content: Optional[list[ChatCompletionLogProb]] = None
+    content: list[ChatCompletionLogProb] | None = None
 
 
 class ChatResponseMessage(_Response):
     role: str = "assistant"
-    content: Optional[str] = None
+    content: str | None = None
 
 
 class ChatCompletionResponseChoice(_Response):
     index: int
     message: ChatResponseMessage
-    logprobs: Optional[ChatCompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionResponse(_Response):
@@ -196,12 +196,12 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
-    system_fingerprint: Optional[str] = None
+    system_fingerprint: str | None = None
 
 
 class DeltaMessage(_Response):
-    role: Optional[str] = None
-    content: Optional[str] = None
+    role: str | None = None
+    content: str | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:  # OpenAI leaves unset delta fields out
@@ -211,9 +211,9 @@ class DeltaMessage(_Response):
 class ChatCompletionStreamChoice(_Response):
     index: int
     delta: DeltaMessage
-    logprobs: Optional[ChatCompletionLogProbs] = None
-    finish_reason: Optional[str] = None
-    stop_reason: Optional[Union[int, str]] = None
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
 
 
 class ChatCompletionStreamResponse(_Response):
@@ -222,7 +222,7 @@ class ChatCompletionStreamResponse(_Response):
     created: int
     model: str
     choices: list[ChatCompletionStreamChoice]
-    usage: Optional[UsageInfo] = None
+    usage: UsageInfo | None = None
 
 
 # ---- /v1/models ------------------------------------------------------------------------------------
@@ -231,9 +231,9 @@ class ModelCard(_Response):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "fdpp"
-    root: Optional[str] = None
-    parent: Optional[str] = None
-    max_model_len: Optional[int] = None
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
 
 
 class ModelList(_Response):

@@ -3,7 +3,6 @@ greedy equality with LLM.generate / LLM.chat, 64 concurrent clients, bad input, 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 import httpx
@@ -110,8 +109,8 @@ def test_stop_n_seed_logprobs(server):
     assert r.choices[0].text == PROMPT + ref
 
     # n with a seed: n choices, reproducible
-    kw = dict(model=server.model, prompt=PROMPT, max_tokens=6, temperature=1.0, top_p=0.9, n=3, seed=7,
-              extra_body={"top_k": 50})
+    kw = {"model": server.model, "prompt": PROMPT, "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "n": 3, "seed": 7,
+              "extra_body": {"top_k": 50}}
     a = client.completions.create(**kw)
     b = client.completions.create(**kw)
     assert sorted(c.index for c in a.choices) == [0, 1, 2]
@@ -150,7 +149,7 @@ def test_64_concurrent_clients(server):
             refs[i] = out
 
     async def one(client, i):
-        kw = dict(model=server.model, prompt=prompts[i], max_tokens=max_toks[i], temperature=0)
+        kw = {"model": server.model, "prompt": prompts[i], "max_tokens": max_toks[i], "temperature": 0}
         if i % 2:
             stream = await client.completions.create(**kw, stream=True, stream_options={"include_usage": True})
             text, finish, usage = "", None, None
@@ -295,15 +294,15 @@ def test_disconnect_mid_stream_frees_blocks(server):
                                              "messages": [{"role": "user", "content": body["prompt"]}]}
         else:
             url = "completions"
-        async with httpx.AsyncClient(timeout=120) as client:
-            async with client.stream("POST", f"{server.base_url}/v1/{url}", json=body) as resp:
-                assert resp.status_code == 200
-                n = 0
-                async for line in resp.aiter_lines():
-                    if line.startswith("data: ") and line != "data: [DONE]":
-                        n += 1
-                        if n >= 3:
-                            break  # leaving the block closes the connection mid-stream
+        async with httpx.AsyncClient(timeout=120) as client, \
+                client.stream("POST", f"{server.base_url}/v1/{url}", json=body) as resp:
+            assert resp.status_code == 200
+            n = 0
+            async for line in resp.aiter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    n += 1
+                    if n >= 3:
+                        break  # leaving the block closes the connection mid-stream
         return n
 
     async def main():
