@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -39,20 +39,20 @@ MODEL_PHI_TOLERANCE = 0.002
 
 BUILTIN_TEXTS = [
     # Prose
-    "The lighthouse keeper had kept a log for thirty-one years, and in all that time he had never "
+    ("The lighthouse keeper had kept a log for thirty-one years, and in all that time he had never "
     "missed an entry. Most days the log said little: wind from the south-west, a fishing boat at dawn, "
     "fog lifting by noon. But on the night of the great storm the entries ran for four pages, written in "
     "a hand that grew steadily worse as the lamp swung and the rain hammered the glass. Historians who "
     "later read the log noticed that he described the waves not by their height but by the sounds they "
-    "made against the rocks, as if he had long ago stopped trusting his eyes in the dark.",
+    "made against the rocks, as if he had long ago stopped trusting his eyes in the dark."),
     # Expository / science
-    "Photosynthesis converts light energy into chemical energy. In the light-dependent reactions, "
+    ("Photosynthesis converts light energy into chemical energy. In the light-dependent reactions, "
     "chlorophyll absorbs photons and splits water, releasing oxygen and producing ATP and NADPH. The "
     "Calvin cycle then uses that energy to fix carbon dioxide into three-carbon sugars. Because the "
     "enzyme RuBisCO also reacts with oxygen, plants in hot, dry climates evolved C4 and CAM pathways "
-    "that concentrate carbon dioxide around the enzyme and reduce wasteful photorespiration.",
+    "that concentrate carbon dioxide around the enzyme and reduce wasteful photorespiration."),
     # Code
-    "def merge_intervals(intervals):\n"
+    ("def merge_intervals(intervals):\n"
     "    \"\"\"Merge overlapping [start, end] intervals and return them sorted.\"\"\"\n"
     "    intervals = sorted(intervals, key=lambda iv: iv[0])\n"
     "    merged = []\n"
@@ -63,18 +63,18 @@ BUILTIN_TEXTS = [
     "            merged.append([start, end])\n"
     "    return merged\n\n"
     "assert merge_intervals([[1, 3], [2, 6], [8, 10], [15, 18]]) == [[1, 6], [8, 10], [15, 18]]\n"
-    "for i in range(10):\n    print(f\"{i:3d} {i * i:5d} {2 ** i:6d}\")\n",
+    "for i in range(10):\n    print(f\"{i:3d} {i * i:5d} {2 ** i:6d}\")\n"),
     # Numbers and tables
-    "Quarterly results (in millions of USD): Q1 revenue 412.7, cost 298.1, margin 27.8%; Q2 revenue "
+    ("Quarterly results (in millions of USD): Q1 revenue 412.7, cost 298.1, margin 27.8%; Q2 revenue "
     "455.2, cost 310.4, margin 31.8%; Q3 revenue 430.9, cost 305.0, margin 29.2%; Q4 revenue 501.3, "
     "cost 342.6, margin 31.7%. Year total: 1800.1 revenue. Phone: +1 (555) 013-2749. Dates: 2024-03-15, "
-    "1999-12-31, 07/04/1776. Pi is 3.14159265358979, e is 2.71828182845904, and 2^32 = 4294967296.",
+    "1999-12-31, 07/04/1776. Pi is 3.14159265358979, e is 2.71828182845904, and 2^32 = 4294967296."),
     # Dialogue / instructions
-    "User: Can you explain how to make a simple sourdough starter?\nAssistant: Sure. Mix equal weights "
+    ("User: Can you explain how to make a simple sourdough starter?\nAssistant: Sure. Mix equal weights "
     "of whole-wheat flour and water in a clean jar, cover it loosely, and keep it at room temperature. "
     "Every day, discard about half and feed it with fresh flour and water. After five to ten days it "
     "should double within a few hours of feeding and smell pleasantly sour. Then it is ready to bake.\n"
-    "User: What if it smells like nail polish?\nAssistant: That usually means it is hungry: feed it more often.",
+    "User: What if it smells like nail polish?\nAssistant: That usually means it is hungry: feed it more often."),
 ]
 
 
@@ -204,7 +204,7 @@ class CalibrationResult:
         os.replace(tmp, path)  # atomic: a reader never sees half a file
 
     @classmethod
-    def load(cls, path: str) -> "CalibrationResult":
+    def load(cls, path: str) -> CalibrationResult:
         with open(path) as f:
             data = json.load(f)
         if data.get("version") != CALIBRATION_VERSION:
@@ -285,12 +285,12 @@ def decide(collectors: Sequence[_LayerCollector], *, dtype, model_key: str, num_
         layer_rates.append(rate)
         combined += c.rowmax_hist
         total_rows += rows
-        layers.append(dict(
-            layer=i, phi=round(phi, 4), predicted_fallback_rate=rate, num_rows=int(rows), num_scores=c.num_scores,
-            score_min=c.min, score_max=c.max,
-            score_q0001=_quantile(c.score_hist, 1e-4), score_q9999=_quantile(c.score_hist, 1 - 1e-4),
-            rowmax_q01=_quantile(c.rowmax_hist, 0.01), rowmax_q50=_quantile(c.rowmax_hist, 0.5),
-            rowmax_q99=_quantile(c.rowmax_hist, 0.99)))
+        layers.append({
+            "layer": i, "phi": round(phi, 4), "predicted_fallback_rate": rate, "num_rows": int(rows),
+            "num_scores": c.num_scores, "score_min": c.min, "score_max": c.max,
+            "score_q0001": _quantile(c.score_hist, 1e-4), "score_q9999": _quantile(c.score_hist, 1 - 1e-4),
+            "rowmax_q01": _quantile(c.rowmax_hist, 0.01), "rowmax_q50": _quantile(c.rowmax_hist, 0.5),
+            "rowmax_q99": _quantile(c.rowmax_hist, 0.99)})
     if total_rows == 0:
         raise RuntimeError("calibration saw no attention scores: did the model run on the reference "
                            "attention path (use_backends(attention='reference'))?")

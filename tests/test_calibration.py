@@ -102,5 +102,6 @@ def test_load_or_none_missing_and_stale(tmp_path, monkeypatch):
     path = calibration.cache_path("stale")
     import os
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    open(path, "w").write('{"version": -1}')
+    with open(path, "w") as f:
+        f.write('{"version": -1}')
     assert load_or_none("stale") is None

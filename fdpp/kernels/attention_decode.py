@@ -52,7 +52,7 @@ def _decode_finish(
     if UNIFIED:
         rel = m_i - phi_log2
         # NOTE: `rel != rel` catches NaN (inf - inf); such a row must be recomputed too.
-        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)
+        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)  # noqa: PLR0124
         bad = bad & mask_g & (ctx_len > 0)  # an empty (graph padding) sequence is never flagged
         tl.store(flags_ptr + seq * num_heads + heads, bad.to(tl.int32), mask=mask_g)
         if ctx_len > 0:
@@ -258,7 +258,8 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 _workspace: dict[tuple, torch.Tensor] = {}
 _num_sms: dict[int, int] = {}
 
-# Tuning knobs (measured on H100, see bench/bench_attention.py). Overridable per call.
+# Split heuristic (choose_num_splits), picked by `bench/bench_attention.py --tune` on an H200 over 20
+# candidates: fill ~2 programs per SM, never less than 128 tokens per split. Overridable per call.
 DECODE_TARGET_PROGRAMS_PER_SM = 2
 DECODE_MIN_TOKENS_PER_SPLIT = 128
 DECODE_MAX_SPLITS = 64
@@ -339,11 +340,12 @@ def _check_inputs(q, k_cache, v_cache, block_tables, context_lens):
         raise ValueError(f"decode attention: head_dim {head_dim} > 256 is not supported")
 
 
-# Kernel configs for 16-bit head_dim <= 128 (bench/bench_attention.py --tune picks them on the GPU):
-# one for steps with fewer (sequence, KV head) groups than SMs (the KV length is split), one for
-# batched steps (groups >= SMs, mostly one split).
-DECODE_CONFIG_SPLIT = dict(block_n=64, num_warps=4, num_stages=2)
-DECODE_CONFIG_BATCH = dict(block_n=64, num_warps=4, num_stages=2)
+# Kernel configs for 16-bit head_dim <= 128, picked by `bench/bench_attention.py --tune` on an H200
+# (bench/results/attention_NVIDIA_H200_2026-11-26.md): one for steps with fewer (sequence, KV head)
+# groups than SMs, where the KV length is split (long tiles: fewer, larger loads per program), one for
+# batched steps (groups >= SMs, mostly one split: small CTAs, deeper pipelining).
+DECODE_CONFIG_SPLIT = {"block_n": 128, "num_warps": 4, "num_stages": 2}
+DECODE_CONFIG_BATCH = {"block_n": 64, "num_warps": 2, "num_stages": 3}
 
 
 def _default_config(head_dim: int, group: int, dtype: torch.dtype, is_batched: bool) -> dict:

@@ -103,7 +103,7 @@ def paged_prefill_kernel(
     if tile_m * BLOCK_M >= q_len:
         return
     flag_idx = (seq * num_heads + head) * max_q_tiles + tile_m
-    if IS_FALLBACK:
+    if IS_FALLBACK:  # noqa: SIM102 - constexpr branch: the runtime test must stay nested
         if tl.load(flags_ptr + flag_idx) == 0:
             return
 
@@ -149,7 +149,7 @@ def paged_prefill_kernel(
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     if UNIFIED:
         rel = tl.where(mask_m, m_i - phi_log2, 0.0)
-        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)
+        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)  # noqa: PLR0124
         is_bad = tl.max(bad.to(tl.int32), 0)
         tl.store(flags_ptr + flag_idx, is_bad)
         num_rows = tl.minimum(q_len - tile_m * BLOCK_M, BLOCK_M).to(tl.int64)
@@ -168,14 +168,14 @@ def _upcast_dot(dtype: torch.dtype) -> bool:
 
 def _default_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     if not on_gpu:
-        return dict(block_m=16, block_n=16, num_warps=4, num_stages=1)
+        return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
-        return dict(block_m=64, block_n=32, num_warps=4, num_stages=2)
+        return {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 2}
     if head_dim <= 64:
-        return dict(block_m=128, block_n=64, num_warps=4, num_stages=3)
+        return {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3}
     if head_dim <= 128:
-        return dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
-    return dict(block_m=64, block_n=32, num_warps=8, num_stages=2)
+        return {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+    return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
 def paged_prefill_attention(

@@ -10,8 +10,8 @@ the hot path, safe inside CUDA graphs); `fallback_stats()` reads them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -206,7 +206,7 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         sliding_window: int | None = None,
                         compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain-PyTorch paged attention (gather K/V through the block table, softmax in compute_dtype)."""
-    num_tokens, num_heads, head_dim = q.shape
+    num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     context_lens = meta.context_lens.tolist()
