@@ -307,7 +307,8 @@ def split_counters(device: torch.device, numel: int) -> torch.Tensor:
             raise RuntimeError(
                 "decode attention needs a larger split-counter workspace while a CUDA graph is being "
                 "captured; run one eager step at the largest batch size before capturing")
-        buf = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
+        with torch.inference_mode(False):  # a process-lifetime buffer, not an inference tensor
+            buf = torch.zeros(max(numel, 1 << 16), dtype=torch.int32, device=device)
         _workspace[key] = buf
     return buf
 

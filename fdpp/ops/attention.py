@@ -102,7 +102,9 @@ def _stats_tensor(device: torch.device) -> torch.Tensor:
     key = str(device)
     t = _stats.get(key)
     if t is None:
-        t = torch.zeros(MAX_LAYERS_TRACKED, 2, dtype=torch.int64, device=device)
+        # NOTE: the engine runs under inference_mode; a tensor born there could not be reset later.
+        with torch.inference_mode(False):
+            t = torch.zeros(MAX_LAYERS_TRACKED, 2, dtype=torch.int64, device=device)
         _stats[key] = t
     return t
 

@@ -143,3 +143,37 @@ def test_decode_cuda_graph_replay(phi):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, reference(q, kc, vc, meta, scale)) < TOL[dtype]
+
+
+def test_engine_greedy_tokens_same_with_triton_attention(tmp_path):
+    """A tiny Llama through the whole engine (prefill + decode steps, paged cache): the same greedy
+    tokens with the reference attention, the synchronized kernels, the unified kernels, and the unified
+    kernels with a phi so wrong that every row falls back."""
+    from fdpp import SamplingParams
+    from fdpp.ops import attention as attn_ops
+    from fdpp.ops.backend import use_backends
+    from tests.helpers import write_tiny_llama
+    from tests.models import load_llm, random_prompt
+
+    write_tiny_llama(str(tmp_path / "m"))
+    prompts = [random_prompt(n, 128, seed=s) for s, n in enumerate((21, 5, 13))]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    tokens = {}
+    for name, backend, phi in (("reference", "reference", None), ("sync", "triton", None),
+                               ("unified", "triton", 0.0), ("fallback", "triton", -60.0)):
+        with use_backends():  # LLM sets the process-wide backends: restore them afterwards
+            llm = load_llm(tmp_path / "m", attention_backend=backend)
+            for layer in llm.engine.model.attention_layers():
+                layer.phi = phi
+            attn_ops.reset_fallback_stats()
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            tokens[name] = [o.outputs[0].token_ids for o in outs]
+            stats = attn_ops.fallback_stats()
+            llm.close()
+        if name == "unified":
+            assert stats["rows_checked"] > 0 and stats["rate"] == 0.0
+        if name == "fallback":
+            assert stats["rows_checked"] > 0 and stats["rate"] == 1.0
+    assert tokens["sync"] == tokens["reference"]
+    assert tokens["unified"] == tokens["reference"]
+    assert tokens["fallback"] == tokens["reference"]
