@@ -255,6 +255,8 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def _upcast_dot(dtype: torch.dtype) -> bool:
     """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there (CPU tests)."""
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+
+
 _workspace: dict[tuple, torch.Tensor] = {}
 _num_sms: dict[int, int] = {}
 
@@ -297,7 +299,8 @@ def num_sms_of(device: torch.device) -> int:
 def split_counters(device: torch.device, numel: int) -> torch.Tensor:
     """Zeroed int32 tickets for the fused split reduction; kernels leave them zeroed again.
 
-    NOTE: allocated once per device and grown only when too small. Growing allocates, so warm up at
+    NOTE: shared by every launch on the device, so decode attention must not run on two streams at
+    once. Allocated once per device and grown only when too small. Growing allocates, so warm up at
     the largest batch before capturing CUDA graphs (the engine's warm-up run does this).
     """
     key = ("counters", str(device))
