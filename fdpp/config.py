@@ -57,7 +57,9 @@ class ModelConfig:
         return cls(
             architecture=arch,
             model_type=d.get("model_type", ""),
-            vocab_size=_first(d, "vocab_size", "padded_vocab_size"),
+            vocab_size=_first(d, "padded_vocab_size", "vocab_size")
+            if d.get("model_type") == "chatglm"
+            else _first(d, "vocab_size", "padded_vocab_size"),
             hidden_size=hidden,
             intermediate_size=_first(d, "intermediate_size", "ffn_hidden_size", "ffn_dim", default=4 * hidden),
             num_hidden_layers=_first(d, "num_hidden_layers", "num_layers", "n_layer"),
@@ -70,7 +72,8 @@ class ModelConfig:
             rms_norm_eps=_first(d, "rms_norm_eps", "layernorm_epsilon", "layer_norm_epsilon", default=1e-6),
             rope_theta=float(_rope_theta(d)),
             rope_scaling=_rope_scaling(d),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            # OPT configs often omit the key; transformers' OPT default is tied
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", d.get("model_type") == "opt")),
             attention_bias=bool(d.get("attention_bias", False) or d.get("add_qkv_bias", False)),
             mlp_bias=bool(d.get("mlp_bias", False)),
             hidden_act=d.get("hidden_act") or d.get("activation_function") or "silu",

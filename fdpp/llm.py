@@ -119,9 +119,13 @@ class LLM:
 
 
 def _apply_backends(config: EngineConfig) -> None:
+    """Set the op backends the config names; "auto" leaves the current setting (e.g. a use_backends block)."""
     from fdpp.ops.backend import set_backends
 
-    set_backends(attention=config.attention_backend, linear=config.linear_backend)
+    set_backends(
+        attention=None if config.attention_backend == "auto" else config.attention_backend,
+        linear=None if config.linear_backend == "auto" else config.linear_backend,
+    )
 
 
 def _as_prompt_list(prompts: Any) -> list[str | list[int]]:

@@ -10,6 +10,18 @@ from tests.helpers import write_tiny_llama
 pytestmark = pytest.mark.gpu
 
 
+def _greedy_is_argmax_up_to_rounding(hf32, prompt, tokens, tol):
+    """Each greedy token must be the fp32 reference's argmax, or within ``tol`` of it (a near-tie that
+    half-precision rounding may break either way)."""
+    ids = torch.tensor([prompt + tokens], device="cuda")
+    with torch.no_grad():
+        logits = hf32(ids).logits[0, len(prompt) - 1 : -1].float()
+    best = logits.max(dim=-1).values
+    chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+    gap = (best - chosen).max().item()
+    assert gap <= tol, f"a greedy token is {gap:.3f} below the fp32 argmax logit"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("eager", [True, False])
 def test_gpu_engine_matches_transformers(tmp_path, dtype, eager):
@@ -26,12 +38,12 @@ def test_gpu_engine_matches_transformers(tmp_path, dtype, eager):
     eng.block_manager.free(seq)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0].double()
-    assert ((ours - ref).norm() / ref.norm()).item() < 3e-2
-    # batched greedy decode equals each prompt alone (graph buckets, padding rows)
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < (5e-3 if dtype == "float16" else 3e-2), err
+    # a batch of prompts of different lengths (graph buckets with padding rows) decodes greedily
     prompts = [prompt[:n] for n in (5, 77, 200)]
-    p = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    together = llm.generate(prompts, p, use_tqdm=False)
-    for pr, out in zip(prompts, together):
-        assert out.outputs[0].token_ids == llm.generate([pr], p, use_tqdm=False)[0].outputs[0].token_ids
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    for pr, out in zip(prompts, outs):
+        _greedy_is_argmax_up_to_rounding(hf, pr, out.outputs[0].token_ids, 0.05 if dtype == "float16" else 0.2)
     eng.check_integrity()
     llm.close()

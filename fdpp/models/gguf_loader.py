@@ -23,6 +23,7 @@ GGUF quirks handled here (the engine's weight loader does not need to know them)
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -97,9 +98,18 @@ def _quant_types() -> tuple[str, ...]:
     return tuple(n for n in names if hasattr(gguf.GGMLQuantizationType, n))
 
 
-#: GGML tensor types ``iter_gguf_tensors`` can dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*,
-#: the K-quants, IQ*, ... whatever the installed ``gguf`` package implements).
-SUPPORTED_QUANT_TYPES: tuple[str, ...] = _quant_types()
+@functools.lru_cache(maxsize=1)
+def supported_quant_types() -> tuple[str, ...]:
+    """GGML tensor types ``iter_gguf_tensors`` can dequantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_*,
+    the K-quants, IQ*, ... whatever the installed ``gguf`` package implements)."""
+    return _quant_types()
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: computed on first use, so importing this module (e.g. to resolve an HF folder) needs no gguf
+    if name == "SUPPORTED_QUANT_TYPES":
+        return supported_quant_types()
+    raise AttributeError(name)
 
 
 def is_gguf_file(path: str | os.PathLike[str]) -> bool:
@@ -157,7 +167,7 @@ def _open_gguf_uncached(path: str):
         if "GGMLQuantizationType" in msg:
             raise UnsupportedModelError(
                 f"GGUF file {path!r} uses a tensor type the installed gguf package does not know ({msg}); "
-                f"upgrade gguf (pip install -U gguf) or use a file quantized as one of {', '.join(SUPPORTED_QUANT_TYPES)}"
+                f"upgrade gguf (pip install -U gguf) or use a file quantized as one of {', '.join(supported_quant_types())}"
             ) from e
         raise ModelLoadError(
             f"GGUF file {path!r} ({size} bytes) is truncated or corrupt: gguf.GGUFReader failed with "
@@ -376,10 +386,10 @@ def _dequantize(t, path: str) -> np.ndarray:
 
     shape = tuple(reversed([int(x) for x in t.shape]))
     name = t.tensor_type.name
-    if name not in SUPPORTED_QUANT_TYPES:
+    if name not in supported_quant_types():
         raise UnsupportedModelError(
             f"tensor {t.name!r} in GGUF file {path!r} is quantized as {name}, which fdpp cannot dequantize; "
-            f"use a file quantized as one of {', '.join(SUPPORTED_QUANT_TYPES)}"
+            f"use a file quantized as one of {', '.join(supported_quant_types())}"
         )
     if name in ("F32", "F16", "F64", "I8", "I16", "I32", "I64"):
         # A private, writable copy of the memory-mapped data (F16 stays float16: torch converts it

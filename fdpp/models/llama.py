@@ -16,8 +16,22 @@ from fdpp.layers.norm import RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 
 
+def layer_sliding_window(c: ModelConfig, layer_idx: int) -> int | None:
+    """The attention window of one layer: transformers' ``layer_types`` when given; Qwen2 windows only
+    the layers from ``max_window_layers`` on; otherwise every layer has the config's window."""
+    w = c.sliding_window
+    if w is None:
+        return None
+    types = c.hf.get("layer_types")
+    if types:
+        return w if types[layer_idx] == "sliding_attention" else None
+    if c.model_type == "qwen2":
+        return w if layer_idx >= c.hf.get("max_window_layers", 0) else None
+    return w
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         c = config
         self.q_size, self.kv_size = c.q_size, c.kv_size
@@ -25,16 +39,14 @@ class LlamaAttention(nn.Module):
             c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=qkv_bias
         )
         self.o_proj = Linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
-        self.rotary_emb = RotaryEmbedding(
-            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, is_neox=True
-        )
+        self.rotary_emb = rotary_emb  # NOTE: one module (one cos/sin cache) shared by all layers
         self.attn = Attention(
             c.num_attention_heads,
             c.num_key_value_heads,
             c.head_dim,
             c.head_dim**-0.5,
             layer_idx,
-            sliding_window=c.sliding_window,
+            sliding_window=layer_sliding_window(c, layer_idx),
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -59,9 +71,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias)
+        self.self_attn = LlamaAttention(config, layer_idx, qkv_bias, rotary_emb)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -80,9 +92,13 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
+        c = config
+        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
+        self.rotary_emb = RotaryEmbedding(
+            c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, is_neox=True
+        )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, qkv_bias) for i in range(config.num_hidden_layers)
+            LlamaDecoderLayer(c, i, qkv_bias, self.rotary_emb) for i in range(c.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

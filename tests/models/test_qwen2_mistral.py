@@ -103,9 +103,6 @@ def test_missing_and_misshapen_tensors(tmp_path, family):
         load_llm(tmp_path)
 
 
-@pytest.mark.xfail(reason="fdpp's Llama code applies sliding_window to every layer; Qwen2 windows only layers "
-                   ">= max_window_layers (config.layer_types): needs the per-layer window in llama.py",
-                   strict=False)
 def test_qwen2_sliding_window_on_upper_layers_only(tmp_path):
     """use_sliding_window=true: transformers windows layers >= max_window_layers only."""
     hf = write_tiny(tmp_path, "Qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1,
