@@ -19,6 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 
+OUT_DIR = os.environ.get("OUT", "bench/results")
+
+
 def log(*a):
     print(*a, flush=True)
 
@@ -98,38 +101,43 @@ def bench_fdpp(out: dict, models: list[str], batch_sizes: list[int], input_lens:
     from fdpp import LLM
     from fdpp.benchmark import copy_bandwidth, run_latency
 
-    bw = copy_bandwidth(torch.device("cuda"), 2 << 30)
+    bw = copy_bandwidth(torch.device("cuda"), 4 << 30)  # a 2 GB buffer copied: 4 GB moved
     out["copy_bandwidth_gbs"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     rows = out.setdefault("fdpp", [])
     for model in models:
         modes = [False, True] if eager_too else [False]
         for eager in modes:
-            max_len = max(input_lens) + output_len + 16
-            t0 = time.time()
-            llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=max(batch_sizes), max_model_len=max_len,
-                      enforce_eager=eager, show_progress=False, max_num_batched_tokens=max(8192, max(input_lens)))
-            log(f"{model} loaded in {time.time() - t0:.1f}s (eager={eager}); kv blocks {llm.engine.block_manager.num_blocks}")
-            for bs in batch_sizes:
-                for n_in in input_lens:
+            # NOTE: one engine per prompt length: decode graphs are captured for max_model_len, which sets
+            # the attention split count, so a 32k-token engine would time short prompts unfairly.
+            for n_in in input_lens:
+                max_len = n_in + output_len + 16
+                t0 = time.time()
+                llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=max(batch_sizes), max_model_len=max_len,
+                          enforce_eager=eager, show_progress=False, max_num_batched_tokens=max(8192, n_in))
+                log(f"{model} (max_model_len {max_len}) ready in {time.time() - t0:.1f}s (eager={eager}); "
+                    f"kv blocks {llm.engine.block_manager.num_blocks}")
+                for bs in batch_sizes:
                     need = bs * (n_in + output_len)
                     cap = llm.engine.block_manager.num_blocks * llm.engine.block_manager.block_size
                     if need > cap:
                         log(f"skip {model} bs={bs} in={n_in}: needs {need} KV tokens, cache holds {cap}")
                         continue
+                    from fdpp.ops.attention import fallback_stats, reset_fallback_stats
+
+                    reset_fallback_stats()
                     r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw).as_dict()
                     r["eager"] = eager
-                    from fdpp.ops.attention import fallback_stats
-
                     r["attention_fallback"] = fallback_stats()
                     rows.append(r)
+                    write(out, OUT_DIR)  # keep what is measured if the call runs out of time
                     log(f"fdpp {model} eager={eager} bs={bs} in={n_in}: TTFT {r['prefill_ms']:.1f} ms, step "
                         f"{r['decode_step_ms']:.3f} ms, {r['decode_tokens_per_s']:.1f} tok/s, "
                         f"{r['pct_of_copy_bw'] or 0:.1f}% of copy bw")
-            llm.close()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
+                llm.close()
+                del llm
+                gc.collect()
+                torch.cuda.empty_cache()
 
 
 def bench_hf(out: dict, models: list[str], batch_sizes: list[int], input_lens: list[int], output_len: int) -> None:
@@ -178,6 +186,7 @@ def bench_hf(out: dict, models: list[str], batch_sizes: list[int], input_lens: l
                          "total_s": total, "prefill_ms": ttft * 1e3,
                          "decode_tokens_per_s": bs * (output_len - 1) / decode}
                     rows.append(r)
+                    write(out, OUT_DIR)
                     log(f"transformers {mode} {model} bs={bs} in={n_in}: {r['decode_tokens_per_s']:.1f} tok/s, "
                         f"prefill {r['prefill_ms']:.1f} ms")
         del hf
@@ -231,8 +240,10 @@ def main() -> None:
     ap.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--peer-input-lens", type=int, nargs="+", default=None)
     ap.add_argument("--profile", action="store_true", help="profile eager decode steps of the first model")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=OUT_DIR)
     args = ap.parse_args()
+    global OUT_DIR
+    OUT_DIR = args.out
     out = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__, "argv": sys.argv[1:]}
     import triton
