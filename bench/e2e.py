@@ -240,10 +240,10 @@ def main() -> None:
     ap.add_argument("--peer-batch-sizes", type=int, nargs="+", default=None)
     ap.add_argument("--peer-input-lens", type=int, nargs="+", default=None)
     ap.add_argument("--profile", action="store_true", help="profile eager decode steps of the first model")
-    ap.add_argument("--out", default=OUT_DIR)
+    ap.add_argument("--out", default=None, help="results folder (default: $OUT or bench/results)")
     args = ap.parse_args()
     global OUT_DIR
-    OUT_DIR = args.out
+    OUT_DIR = args.out = args.out or OUT_DIR
     out = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__, "argv": sys.argv[1:]}
     import triton
