@@ -688,11 +688,14 @@ def _stream_deltas(out_choice: Any, cs: _ChoiceState, holdback: int) -> tuple[st
 # ---- the app ---------------------------------------------------------------------------------------
 def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N,
-              api_key: str | None = None, async_engine: AsyncEngine | None = None) -> FastAPI:
+              api_key: str | None = None, async_engine: AsyncEngine | None = None,
+              start_engine: bool = True) -> FastAPI:
     """A FastAPI app serving ``llm`` (an ``fdpp.LLM`` or ``LLMEngine``).
 
-    The engine thread starts with the app (lifespan start-up) and stops at shutdown, aborting what is
-    in flight. ``app.state.fdpp`` is the ``ServerState`` (``.async_engine`` for tests and tools).
+    With ``start_engine`` the engine loop starts in a background thread with the app (lifespan
+    start-up) and stops at shutdown, aborting what is in flight; without it the caller runs the loop
+    (``AsyncEngine.claim()`` then ``run_forever()``, as ``fdpp serve`` does on its main thread) and the
+    app's shutdown only asks it to stop. ``app.state.fdpp`` is the ``ServerState`` (``.async_engine``).
     """
     engine = getattr(llm, "engine", llm)
     if isinstance(served_model_names, str):
@@ -705,11 +708,15 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        aeng.start()
+        if start_engine:
+            aeng.start()
         try:
             yield
         finally:
-            await asyncio.to_thread(aeng.shutdown)
+            if start_engine:
+                await asyncio.to_thread(aeng.shutdown)
+            else:
+                aeng.request_stop()
 
     app = FastAPI(title="fdpp OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.fdpp = st

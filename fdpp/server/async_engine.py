@@ -111,6 +111,7 @@ class AsyncEngine:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # engine request id -> (group, index)
         self._thread: threading.Thread | None = None
+        self._active = threading.Event()  # the loop runs (or is claimed and about to)
         self._stopping = threading.Event()
         self._idle_poll_s = idle_poll_s
         self.error: BaseException | None = None  # set if the loop crashed
@@ -120,20 +121,36 @@ class AsyncEngine:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        """Run the loop in a background thread."""
+        if self._active.is_set():
             return
         self._stopping.clear()
+        self._active.set()
         self._thread = threading.Thread(target=self._run, name="fdpp-engine", daemon=True)
         self._thread.start()
 
+    def claim(self) -> None:
+        """Accept requests now (they queue) for a loop that the caller will run with ``run_forever``."""
+        self._stopping.clear()
+        self._active.set()
+
+    def run_forever(self) -> None:
+        """Run the loop in the calling thread until ``request_stop`` (e.g. from a signal handler).
+
+        ``fdpp serve`` runs it on the main thread, the thread that loaded the model: on the CPU, torch's
+        OpenMP pool serves that thread about twice as fast as a thread started later."""
+        self._thread = threading.current_thread()
+        self._active.set()
+        self._run()
+
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+        return self._active.is_set() and not self._stopping.is_set()
 
     @property
     def is_dead(self) -> bool:
-        """The loop thread has exited (or was never started)."""
-        return self._thread is None or not self._thread.is_alive()
+        """The loop has exited (or was never started)."""
+        return not self._active.is_set()
 
     def request_stop(self) -> None:
         """Ask the loop to abort every in-flight request and stop; returns at once (signal-safe)."""
@@ -142,7 +159,8 @@ class AsyncEngine:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort every in-flight request (their streams end with ``RequestAbortedError``) and stop."""
-        if self._thread is None:
+        if self._thread is None or self._thread is threading.current_thread():
+            self.request_stop()
             return
         self.request_stop()
         self._thread.join(timeout)
@@ -193,6 +211,7 @@ class AsyncEngine:
         else:
             self._fail_all(RequestAbortedError("the server is shutting down; the request was aborted"))
         finally:
+            self._active.clear()
             self._drain_after_stop()
 
     def _apply_commands(self, block: bool) -> bool:
