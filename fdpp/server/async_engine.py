@@ -20,7 +20,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from fdpp.outputs import RequestOutput
@@ -46,45 +46,65 @@ class _Sub:
     finished: bool = False
 
 
-@dataclass
 class RequestGroup:
-    """Outputs of one HTTP request's engine requests, in arrival order."""
+    """Outputs of one HTTP request's engine requests.
 
-    engine: AsyncEngine
-    subs: list[_Sub]
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    _closed: bool = False
+    The engine thread keeps only the latest output of each sub-request (outputs are cumulative), so a
+    slow reader costs no memory, and wakes the reader with at most one pending callback."""
 
-    def _post(self, item: Any) -> None:  # called from the engine thread
+    def __init__(self, engine: AsyncEngine, subs: list[_Sub], loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.subs = subs
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: dict[int, RequestOutput] = {}
+        self._error: BaseException | None = None
+        self._wake_scheduled = False
+        self._event = asyncio.Event()
+        self._closed = False
+
+    # -- engine thread --
+    def _post(self, item: tuple[int, RequestOutput] | BaseException) -> None:
+        with self._lock:
+            if isinstance(item, BaseException):
+                self._error = item
+            else:
+                self._pending[item[0]] = item[1]
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._event.set)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
-    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yield ``(prompt_index, cumulative RequestOutput)``; ends once every sub-request finished.
+    # -- event loop --
+    def _take(self) -> tuple[dict[int, RequestOutput], BaseException | None]:
+        self._event.clear()
+        with self._lock:
+            items, self._pending = self._pending, {}
+            self._wake_scheduled = False
+            return items, self._error
 
-        Several outputs of one sub-request queued while the consumer was busy are coalesced (they are
-        cumulative, the latest says everything). Raises the engine's exception if a request failed."""
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield ``(prompt_index, latest cumulative RequestOutput)`` until every sub-request finished.
+
+        Raises the engine's exception if the requests failed (or ``EngineDeadError`` if the loop died)."""
         try:
             remaining = sum(not s.finished for s in self.subs)
             while remaining:
-                try:
-                    items = [await asyncio.wait_for(self.queue.get(), timeout=2.0)]
-                except asyncio.TimeoutError:
-                    if self.engine.is_dead:
-                        raise EngineDeadError(self.engine._dead_reason()) from None
+                items, error = self._take()
+                if error is not None:
+                    raise error
+                if not items:
+                    try:
+                        await asyncio.wait_for(self._event.wait(), timeout=2.0)
+                    except asyncio.TimeoutError:
+                        if self.engine.is_dead:
+                            raise EngineDeadError(self.engine._dead_reason()) from None
                     continue
-                while not self.queue.empty():
-                    items.append(self.queue.get_nowait())
-                latest: dict[int, RequestOutput] = {}
-                for item in items:
-                    if isinstance(item, BaseException):
-                        raise item
-                    idx, out = item
-                    latest[idx] = out
-                for idx, out in latest.items():
+                for idx in sorted(items):
+                    out = items[idx]
                     sub = self.subs[idx]
                     if out.finished and not sub.finished:
                         sub.finished = True
