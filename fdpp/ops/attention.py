@@ -203,6 +203,37 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[blocks].reshape(num_blocks * block_size, *cache.shape[2:])[:length]
 
 
+def _decode_reference_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                              compute_dtype: torch.dtype) -> torch.Tensor:
+    """Decode (one query per sequence) for the whole batch at once: one gather, two batched products."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    ctx = meta.context_lens.to(torch.int64)
+    max_len = int(ctx.max())
+    num_blocks = -(-max_len // block_size)
+    tables = meta.block_tables[:, :num_blocks].long()  # [B, nb]; entries past a sequence are masked below
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, L, Hkv, D]
+        return cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
+
+    k = gather(k_cache).to(compute_dtype)
+    v = gather(v_cache).to(compute_dtype)
+    qg = q.to(compute_dtype).view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
+    pos = torch.arange(max_len, device=q.device)
+    visible = pos[None, :] < ctx[:, None]  # [B, L]
+    if sliding_window is not None:
+        visible &= pos[None, :] > ctx[:, None] - 1 - sliding_window
+    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(num_seqs, num_heads, head_dim)
+    # a sequence with no context (graph padding) has all -inf scores: give it zeros, not NaN
+    out = torch.where((ctx > 0)[:, None, None], out, torch.zeros((), dtype=out.dtype))
+    return out.to(q.dtype)
+
+
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, *, scale: float, layer_idx: int = 0,
                         sliding_window: int | None = None,
