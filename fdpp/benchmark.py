@@ -35,19 +35,18 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step streams: every parameter once (the embedding table only by rows, so left out
-    unless it is shared with the LM head)."""
+    """Bytes a decode step streams: every parameter once, except token-embedding tables, of which a step
+    reads only a few rows (unless the table is also the LM head)."""
+    from fdpp.layers.embedding import LMHead, VocabEmbedding
+
+    heads = {id(m.weight) for m in model.modules() if isinstance(m, LMHead)}
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, VocabEmbedding)} - heads
+    seen: set[int] = set()
     total = 0
-    seen = set()
-    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    head = getattr(model, "lm_head", None)
-    tied = embed is not None and head is not None and embed.weight is head.weight
-    for name, p in model.named_parameters():
-        if id(p) in seen:
+    for p in model.parameters():  # shared parameters are listed once
+        if id(p) in skip or id(p) in seen:
             continue
         seen.add(id(p))
-        if embed is not None and p is embed.weight and not tied:
-            continue
         total += p.numel() * p.element_size()
     return total
 
