@@ -31,8 +31,6 @@ def check_correctness(out: dict) -> None:
     import tempfile
 
     from fdpp import LLM, SamplingParams
-    from fdpp.engine.scheduler import ScheduledBatch
-    from fdpp.engine.sequence import Sequence
     from transformers import LlamaConfig, LlamaForCausalLM
 
     res = {}
@@ -59,10 +57,7 @@ def check_correctness(out: dict) -> None:
                       max_num_seqs=8, calibration="off")
             prompt = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(1)).tolist()
             eng = llm.engine
-            seq = Sequence("t", prompt, SamplingParams(), 0.0)
-            eng.block_manager.allocate(seq, len(prompt))
-            ours = eng.runner.forward_logits(ScheduledBatch([seq], [len(prompt)], True)).double()
-            eng.block_manager.free(seq)
+            ours = eng.prompt_logits(prompt).double()
             with torch.no_grad():
                 ref = hf(torch.tensor([prompt], device="cuda")).logits[0].double()
             err = ((ours - ref).norm() / ref.norm()).item()

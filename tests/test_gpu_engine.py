@@ -3,8 +3,6 @@ import pytest
 import torch
 
 from fdpp import LLM, SamplingParams
-from fdpp.engine.scheduler import ScheduledBatch
-from fdpp.engine.sequence import Sequence
 from tests.helpers import write_tiny_llama
 
 pytestmark = pytest.mark.gpu
@@ -32,10 +30,7 @@ def test_gpu_engine_matches_transformers(tmp_path, dtype, eager):
               max_num_seqs=8, gpu_memory_utilization=0.3)
     prompt = torch.randint(3, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
     eng = llm.engine
-    seq = Sequence("t", prompt, SamplingParams(), 0.0)
-    eng.block_manager.allocate(seq, len(prompt))
-    ours = eng.runner.forward_logits(ScheduledBatch([seq], [len(prompt)], True)).double()
-    eng.block_manager.free(seq)
+    ours = eng.prompt_logits(prompt).double()
     with torch.no_grad():
         ref = hf(torch.tensor([prompt], device="cuda")).logits[0].double()
     err = ((ours - ref).norm() / ref.norm()).item()

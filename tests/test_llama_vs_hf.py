@@ -3,8 +3,6 @@ import pytest
 import torch
 
 from fdpp import LLM, SamplingParams
-from fdpp.engine.scheduler import ScheduledBatch
-from fdpp.engine.sequence import Sequence
 from tests.helpers import hf_greedy, write_tiny_llama
 
 CASES = {
@@ -29,10 +27,7 @@ def test_logits_and_greedy_match_transformers(tmp_path, case):
 
     # prefill logits of every position
     eng = llm.engine
-    seq = Sequence("t", prompt, SamplingParams(), 0.0)
-    eng.block_manager.allocate(seq, len(prompt))
-    ours = eng.runner.forward_logits(ScheduledBatch([seq], [len(prompt)], True))
-    eng.block_manager.free(seq)
+    ours = eng.prompt_logits(prompt)
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0]
     err = (ours.double() - ref.double()).norm() / ref.double().norm()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fdpp.config import EngineConfig, ModelConfig, resolve_device, resolve_dtype
+from fdpp.config import EngineConfig, ModelConfig, resolve_device
 from fdpp.engine.block_manager import BlockManager
 from fdpp.engine.model_runner import ModelRunner, kv_bytes_per_token, num_blocks_for_budget
 from fdpp.engine.scheduler import Scheduler
@@ -303,6 +303,23 @@ class LLMEngine:
             finished=all(s.is_finished for s in req.seqs),
             metrics=req.metrics,
         )
+
+    def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len(token_ids), vocab] at every position of one prompt, by one prefill through the
+        paged cache (blocks are taken for the call and given back). For checks and calibration."""
+        from fdpp.engine.scheduler import ScheduledBatch
+
+        n = len(token_ids)
+        if not 0 < n <= self.max_model_len:
+            raise InvalidRequestError(f"prompt_logits: {n} tokens; give 1..{self.max_model_len}")
+        seq = Sequence("prompt-logits", list(token_ids), SamplingParams(max_tokens=1), time.time())
+        if not self.block_manager.can_allocate(self.block_manager.blocks_needed(seq, n)):
+            raise CacheTooSmallError(f"prompt_logits: {n} tokens do not fit in the free KV blocks")
+        self.block_manager.allocate(seq, n)
+        try:
+            return self.runner.forward_logits(ScheduledBatch([seq], [n], True))
+        finally:
+            self.block_manager.free(seq)
 
     def shutdown(self) -> None:
         """Abort every request and free the engine's device memory; the engine is unusable after."""

@@ -43,7 +43,7 @@ __all__ = [
     "iter_gguf_tensors",
     "gguf_tensor_names",
     "gguf_to_hf_name",
-    "SUPPORTED_QUANT_TYPES",
+    "supported_quant_types",
 ]
 
 _GGUF_MAGIC = b"GGUF"

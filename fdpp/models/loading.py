@@ -115,23 +115,11 @@ def set_phi(model: nn.Module, result: Any) -> None:
 def calibrate_engine(engine: Any, texts: list[str] | None = None, save: bool = True) -> Any:
     """Run the built-in calibration text through the model and record per-layer score statistics."""
     from fdpp import calibration as cal
-    from fdpp.engine.scheduler import ScheduledBatch
-    from fdpp.engine.sequence import Sequence
     from fdpp.ops.backend import use_backends
-    from fdpp.sampling_params import SamplingParams
-
-    runner = engine.runner
-    bm = engine.block_manager
 
     def run_model(token_ids: list[int]) -> None:
-        n = min(len(token_ids), engine.max_model_len - 1)
-        seq = Sequence("calibration", token_ids[:n], SamplingParams(max_tokens=1), 0.0)
-        bm.allocate(seq, n)
-        try:
-            with use_backends(attention="reference"):
-                runner.forward_logits(ScheduledBatch([seq], [n], True))
-        finally:
-            bm.free(seq)
+        with use_backends(attention="reference"):
+            engine.prompt_logits(token_ids[: engine.max_model_len - 1])
 
     if texts is None and engine.tokenizer is None:
         # random-weight models have no tokenizer: calibrate on random token ids

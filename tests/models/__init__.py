@@ -9,8 +9,6 @@ import os
 import torch
 
 from fdpp import LLM, SamplingParams
-from fdpp.engine.scheduler import ScheduledBatch
-from fdpp.engine.sequence import Sequence
 
 LOGITS_TOL = 1e-4  # relative norm error of fp32 prefill logits
 
@@ -40,13 +38,7 @@ def load_llm(path: str, **kwargs) -> LLM:
 
 def prefill_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
     """fdpp's logits at every prompt position, through the paged cache (one prefill step)."""
-    eng = llm.engine
-    seq = Sequence("prefill-check", prompt, SamplingParams(), 0.0)
-    eng.block_manager.allocate(seq, len(prompt))
-    try:
-        return eng.runner.forward_logits(ScheduledBatch([seq], [len(prompt)], True))
-    finally:
-        eng.block_manager.free(seq)
+    return llm.engine.prompt_logits(prompt)
 
 
 def hf_logits(hf_model, prompt: list[int]) -> torch.Tensor:
