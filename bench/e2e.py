@@ -18,7 +18,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-
 OUT_DIR = os.environ.get("OUT", "bench/results")
 
 
@@ -30,8 +29,9 @@ def check_correctness(out: dict) -> None:
     """fdpp fp16 on the GPU vs transformers fp16 on the same random weights (tiny Llama, GQA)."""
     import tempfile
 
-    from fdpp import LLM, SamplingParams
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fdpp import LLM, SamplingParams
 
     res = {}
     for dtype in (torch.float16, torch.bfloat16):

@@ -40,7 +40,7 @@ class ModelConfig:
     hf: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         archs = d.get("architectures") or []
         arch = archs[0] if archs else _ARCH_FROM_TYPE.get(d.get("model_type", ""), "")
         heads = _first(d, "num_attention_heads", "n_head", "num_heads")

@@ -1,7 +1,9 @@
 """The offline API, in vLLM's conventions: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence as Seq
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
+from typing import Any
 
 from tqdm.auto import tqdm
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from fdpp.errors import InvalidRequestError, ModelLoadError
 

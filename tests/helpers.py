@@ -6,7 +6,7 @@ import os
 import torch
 
 
-def write_tiny_llama(path: str, **overrides) -> "object":
+def write_tiny_llama(path: str, **overrides) -> object:
     """Save a tiny random LlamaForCausalLM (fp32, safetensors) to ``path``; returns the HF model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -46,7 +46,8 @@ def _llm(args: argparse.Namespace, max_len: int):
 
 
 def run_latency(args: argparse.Namespace) -> int:
-    from fdpp.benchmark import copy_bandwidth, run_latency as bench
+    from fdpp.benchmark import copy_bandwidth
+    from fdpp.benchmark import run_latency as bench
 
     args.max_num_seqs = max(args.max_num_seqs, max(args.batch_size))
     llm = _llm(args, max(args.input_len) + args.output_len + 8)

@@ -6,7 +6,8 @@ into another forward pass.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 _current: Any = None
 

@@ -33,7 +33,7 @@ class SamplingBatch:
     num_logprobs: int = -1  # -1: none requested
 
     @classmethod
-    def greedy(cls) -> "SamplingBatch":
+    def greedy(cls) -> SamplingBatch:
         """Plain argmax for every row: no parameter tensors at all (the common decode fast path)."""
         return cls(None, None, None, None, True, 0, False, False)
 

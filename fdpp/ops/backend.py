@@ -6,8 +6,8 @@ elsewhere. Tests force Triton on the CPU (under ``TRITON_INTERPRET=1``) with ``u
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import torch
 

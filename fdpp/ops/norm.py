@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # Tests set this to run the Triton kernel on the CPU under TRITON_INTERPRET=1.
 _FORCE_TRITON = False
 

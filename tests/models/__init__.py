@@ -82,7 +82,7 @@ def check_against_hf(
 
 
 @contextlib.contextmanager
-def triton_backends(linear: str) -> "contextlib.AbstractContextManager[None]":
+def triton_backends(linear: str) -> contextlib.AbstractContextManager[None]:
     """Force the Triton attention kernels and one GEMM implementation (interpreted on the CPU).
     Enter it after building the LLM: LLM() sets the process-wide backends from its own arguments."""
     from fdpp.ops.backend import use_backends
