@@ -71,6 +71,42 @@ def plot(data: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_normalized(data: dict, path: str) -> bool:
+    """Bars of decode throughput normalised to fdpp (= 1) per (batch, input) with peers, as in the paper."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hf = {(r["model"], r["mode"], r["batch_size"], r["input_len"]): r for r in data.get("transformers", [])
+          if "error" not in r}
+    rows = [r for r in data.get("fdpp", []) if not r.get("eager")
+            and any((r["model"], m, r["batch_size"], r["input_len"]) in hf for m in ("eager", "static"))]
+    if not rows:
+        return False
+    labels = [f"{r['model']}\nbs{r['batch_size']} in{r['input_len']}" for r in rows]
+    series = {"fdpp": [1.0] * len(rows)}
+    for mode in ("static", "eager"):
+        series[f"transformers {mode}"] = [
+            hf[(r["model"], mode, r["batch_size"], r["input_len"])]["decode_tokens_per_s"] / r["decode_tokens_per_s"]
+            if (r["model"], mode, r["batch_size"], r["input_len"]) in hf else 0.0
+            for r in rows
+        ]
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    width = 0.8 / len(series)
+    for i, (name, vals) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(rows))], vals, width, label=name)
+    ax.set_xticks([x + width for x in range(len(rows))])
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("decode throughput / fdpp")
+    ax.set_title(f"Decode throughput normalised to fdpp, fp16, {data['gpu']}")
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
 def main() -> None:
     src = sys.argv[1]
     with open(src) as f:
@@ -83,6 +119,8 @@ def main() -> None:
     try:
         plot(data, base + ".png")
         print("wrote", base + ".png")
+        if plot_normalized(data, base + "_normalized.png"):
+            print("wrote", base + "_normalized.png")
     except ImportError:
         print("matplotlib not installed: no plot")
 
