@@ -131,7 +131,7 @@ class AsyncEngine:
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # engine request id -> (group, index)
         self._thread: threading.Thread | None = None
-        self._active = threading.Event()  # the loop runs (or is claimed and about to)
+        self._active = threading.Event()  # the loop thread runs
         self._stopping = threading.Event()
         self._idle_poll_s = idle_poll_s
         self.error: BaseException | None = None  # set if the loop crashed
@@ -148,20 +148,6 @@ class AsyncEngine:
         self._active.set()
         self._thread = threading.Thread(target=self._run, name="fdpp-engine", daemon=True)
         self._thread.start()
-
-    def claim(self) -> None:
-        """Accept requests now (they queue) for a loop that the caller will run with ``run_forever``."""
-        self._stopping.clear()
-        self._active.set()
-
-    def run_forever(self) -> None:
-        """Run the loop in the calling thread until ``request_stop`` (e.g. from a signal handler).
-
-        ``fdpp serve`` runs it on the main thread, the thread that loaded the model: on the CPU, torch's
-        OpenMP pool serves that thread about twice as fast as a thread started later."""
-        self._thread = threading.current_thread()
-        self._active.set()
-        self._run()
 
     @property
     def is_running(self) -> bool:
