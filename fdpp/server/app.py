@@ -561,40 +561,41 @@ def _chat_logprobs(st: ServerState, token_ids: list[int], entries: list[dict[int
 # ---- driving a request group -----------------------------------------------------------------------
 @dataclass
 class _Tracker:
-    """Per-request metrics: TTFT, inter-token latency, token counters, finish reasons."""
+    """Per-request metrics: TTFT (arrival to the request's first token), inter-token latency (per
+    sequence: a request with n choices or several prompts has several), token counters, finish reasons."""
 
     st: ServerState
     arrival: float
     counts: dict[tuple[int, int], int] = field(default_factory=dict)
+    last: dict[tuple[int, int], float] = field(default_factory=dict)
     first: bool = True
-    last_time: float = 0.0
     finished: set = field(default_factory=set)
 
     def update(self, idx: int, out: RequestOutput) -> None:
         m = self.st.metrics
         name = m.model_name
         now = time.time()
-        new = 0
+        total_new = 0
         for c in out.outputs:
             key = (idx, c.index)
             n_prev = self.counts.get(key, 0)
-            n_now = len(c.token_ids)
-            if n_now > n_prev:
-                new += n_now - n_prev
-                self.counts[key] = n_now
+            new = len(c.token_ids) - n_prev
+            if new > 0:
+                total_new += new
+                self.counts[key] = n_prev + new
+                if key in self.last:
+                    gap = (now - self.last[key]) / new
+                    for _ in range(new):
+                        m.itl.labels(name).observe(gap)
+                self.last[key] = now
             if c.finish_reason is not None and key not in self.finished:
                 self.finished.add(key)
                 m.request_success.labels(name, c.finish_reason).inc()
-        if new:
-            m.generation_tokens.labels(name).inc(new)
+        if total_new:
+            m.generation_tokens.labels(name).inc(total_new)
             if self.first:
                 self.first = False
                 m.ttft.labels(name).observe(now - self.arrival)
-            else:
-                gap = (now - self.last_time) / new
-                for _ in range(new):
-                    m.itl.labels(name).observe(gap)
-            self.last_time = now
 
     def done(self) -> None:
         self.st.metrics.e2e.labels(self.st.metrics.model_name).observe(time.time() - self.arrival)
