@@ -1,0 +1,6 @@
+"""python -m fdpp.cli: the fdpp command line."""
+import sys
+
+from fdpp.cli import main
+
+sys.exit(main())
