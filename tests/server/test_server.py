@@ -345,6 +345,9 @@ def test_disconnect_non_streaming(server):
 
 
 def test_metrics(server):
+    assert httpx.post(f"{server.base_url}/v1/completions", json={"prompt": ""}).status_code == 400
+    ok = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": PROMPT, "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200
     text = httpx.get(server.base_url + "/metrics").text
     for name in ["fdpp:http_requests_total", "fdpp:prompt_tokens_total", "fdpp:generation_tokens_total",
                  "fdpp:time_to_first_token_seconds_bucket", "fdpp:inter_token_latency_seconds_bucket",
