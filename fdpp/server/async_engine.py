@@ -126,7 +126,7 @@ class RequestGroup:
 class AsyncEngine:
     """Runs ``engine`` (an ``LLMEngine``) in a background thread; see the module docstring."""
 
-    def __init__(self, engine: Any, idle_poll_s: float = 0.05) -> None:
+    def __init__(self, engine: Any, idle_poll_s: float = 0.5) -> None:
         self.engine = engine
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # engine request id -> (group, index)
