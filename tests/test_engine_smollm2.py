@@ -144,3 +144,16 @@ def test_bad_inputs_give_clear_errors(llm):
     with pytest.raises(CacheTooSmallError):
         LLM(dtype="float32", device="cpu", show_progress=False, kv_cache_memory=1000)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_sequence_outgrowing_the_cache_ends_as_length():
+    # 4 blocks of 8 tokens: a request may start (prompt fits) but cannot grow past 32 tokens
+    small = LLM(dtype="float32", device="cpu", show_progress=False, block_size=8, num_blocks=4)
+    out = small.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
+                         use_tqdm=False)[0]
+    c = out.outputs[0]
+    assert c.finish_reason == "length"
+    # 32 tokens had KV slots; the 33rd was sampled from them and needs no slot
+    assert len(out.prompt_token_ids) + len(c.token_ids) == 33
+    small.engine.check_integrity()
+    assert small.engine.stats()["num_free_blocks"] == 4 and not small.engine.has_unfinished_requests()

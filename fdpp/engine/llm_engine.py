@@ -197,10 +197,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.waiting:
-                head = self.scheduler.waiting[0]
-                raise FdppError(
-                    f"request {head.request_id!r} cannot be scheduled: it needs more KV blocks than exist"
-                )
+                return self._truncate_oversized(self.scheduler.waiting[0])
             return []
         now = time.time()
         for seq in batch.seqs:
@@ -273,6 +270,22 @@ class LLMEngine:
             if detok is not None:
                 req.texts[i] += detok.flush()  # bytes of a character cut off by the end
             self._finish(seq, *reason)
+
+    def _truncate_oversized(self, seq: Sequence) -> list[RequestOutput]:
+        """A sequence that grew past the whole KV cache cannot be scheduled again: end it as "length"."""
+        bm = self.block_manager
+        if bm.blocks_for(seq.num_tokens) <= bm.num_blocks:
+            raise FdppError(f"request {seq.request_id!r} cannot be scheduled although it fits the cache")
+        self.scheduler.waiting.remove(seq)
+        req = self.requests[seq.request_id]
+        i = req.seqs.index(seq)
+        if req.detoks[i] is not None:
+            req.texts[i] += req.detoks[i].flush()
+        self._finish(seq, "length", None)
+        out = self._make_output(req)
+        if out.finished:
+            del self.requests[req.request_id]
+        return [out]
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None) -> None:
         seq.finish_reason = reason
