@@ -55,10 +55,14 @@ from fdpp.server.protocol import (
     CompletionStreamChoice,
     CompletionStreamResponse,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorInfo,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     TopLogprob,
     UsageInfo,
     random_id,
@@ -72,7 +76,8 @@ MAX_LOGPROBS = 20
 MAX_PROMPTS = 256
 _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
 
-_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version")
+_ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
+              "/tokenize", "/detokenize")
 
 
 # ---- errors ----------------------------------------------------------------------------------------
@@ -502,7 +507,7 @@ async def _completion_prompts(st: ServerState, prompt: Any) -> list[tuple[str | 
     return out
 
 
-def _chat_conversation(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+def _chat_conversation(req: Any) -> list[dict[str, Any]]:
     if not req.messages:
         raise _bad("messages must not be empty", param="messages", code="empty_messages")
     conv = []
@@ -566,6 +571,7 @@ class _Tracker:
 
     st: ServerState
     arrival: float
+    num_seqs: int = 1
     counts: dict[tuple[int, int], int] = field(default_factory=dict)
     last: dict[tuple[int, int], float] = field(default_factory=dict)
     first: bool = True
@@ -600,6 +606,13 @@ class _Tracker:
     def done(self) -> None:
         self.st.metrics.e2e.labels(self.st.metrics.model_name).observe(time.time() - self.arrival)
 
+    def close(self) -> None:
+        """Count the sequences that never finished (client gone, shutdown) as aborted; idempotent."""
+        aborted = self.num_seqs - len(self.finished)
+        if aborted > 0:
+            self.st.metrics.request_success.labels(self.st.metrics.model_name, "abort").inc(aborted)
+            self.finished.update(("abort", i) for i in range(aborted))
+
 
 async def _wait_disconnect(request: Request) -> None:
     while True:
@@ -616,6 +629,7 @@ async def _collect(group: Any, tracker: _Tracker, num_prompts: int) -> list[Requ
             final[idx] = out
     finally:
         group.close()
+        tracker.close()
     tracker.done()
     return [final[i] for i in range(num_prompts)]
 
@@ -773,6 +787,39 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
     async def ping() -> Response:
         return await health()
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        req: TokenizeRequest = await _parse(request, TokenizeRequest)
+        _check_model(st, req.model)
+        if st.tokenizer is None:
+            raise _bad("this model has no tokenizer", code="no_tokenizer")
+        if (req.prompt is None) == (req.messages is None):
+            raise _bad("give exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            from fdpp.tokenizer import apply_chat_template
+
+            try:
+                ids = apply_chat_template(st.tokenizer, _chat_conversation(req),
+                                          add_generation_prompt=req.add_generation_prompt is not False)
+            except InvalidRequestError as e:
+                raise _bad(str(e), param="messages", code="invalid_messages") from None
+        else:
+            _check_text(req.prompt, "prompt")
+            if req.add_special_tokens is False:
+                ids = list(st.tokenizer.encode(req.prompt, add_special_tokens=False))
+            else:
+                ids = await _encode(st, req.prompt)
+        return JSONResponse(TokenizeResponse(count=len(ids), max_model_len=st.max_model_len, tokens=ids).model_dump())
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        req: DetokenizeRequest = await _parse(request, DetokenizeRequest)
+        _check_model(st, req.model)
+        if st.tokenizer is None:
+            raise _bad("this model has no tokenizer", code="no_tokenizer")
+        _check_ids(st, req.tokens, "tokens")
+        return JSONResponse(DetokenizeResponse(prompt=st.tokenizer.decode(req.tokens)).model_dump())
+
     @app.get("/metrics")
     async def metrics() -> Response:
         stats = fb = None
@@ -810,7 +857,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
         for _, ids, _ in subs:
             st.metrics.prompt_tokens.labels(st.model_name).inc(len(ids))
         group = aeng.submit(subs)
-        tracker = _Tracker(st, arrival)
+        tracker = _Tracker(st, arrival, num_seqs=len(subs) * n)
         created = int(arrival)
         prompt_texts = [t if t is not None else (st.tokenizer.decode(ids) if st.tokenizer is not None else "")
                         for t, ids in prompts] if req.echo else None
@@ -864,7 +911,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                     group.close()
                 yield "data: [DONE]\n\n"
 
-            return _sse_response(gen(), group)
+            return _sse_response(gen(), group, tracker)
 
         outs = await _collect_or_disconnect(request, group, tracker, len(subs))
         if outs is None:
@@ -926,7 +973,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
         rid = random_id("chatcmpl")
         st.metrics.prompt_tokens.labels(st.model_name).inc(len(ids))
         group = aeng.submit([(rid, ids, sp)])
-        tracker = _Tracker(st, arrival)
+        tracker = _Tracker(st, arrival, num_seqs=n)
         created = int(arrival)
         holdback = max((len(s) for s in sp.stops), default=1) - 1
 
@@ -978,7 +1025,7 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
                     group.close()
                 yield "data: [DONE]\n\n"
 
-            return _sse_response(gen(), group)
+            return _sse_response(gen(), group, tracker)
 
         outs = await _collect_or_disconnect(request, group, tracker, 1)
         if outs is None:
@@ -1002,20 +1049,22 @@ class _SSEResponse(StreamingResponse):
     """A text/event-stream response that aborts its engine requests however it ends (also when the
     client leaves before the first chunk, when the body generator has not started and so cannot)."""
 
-    def __init__(self, gen: AsyncIterator[str], group: Any) -> None:
+    def __init__(self, gen: AsyncIterator[str], group: Any, tracker: _Tracker) -> None:
         super().__init__(gen, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._group = group
+        self._tracker = tracker
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._group.close()
+            self._tracker.close()
 
 
-def _sse_response(gen: AsyncIterator[str], group: Any) -> StreamingResponse:
-    return _SSEResponse(gen, group)
+def _sse_response(gen: AsyncIterator[str], group: Any, tracker: _Tracker) -> StreamingResponse:
+    return _SSEResponse(gen, group, tracker)
 
 
 def _default_model_name(engine: Any) -> str:

@@ -57,6 +57,19 @@ def test_models_and_health(server):
     assert httpx.get(server.base_url + "/health").status_code == 200
 
 
+def test_tokenize_detokenize(server):
+    tok = server.llm.get_tokenizer()
+    r = httpx.post(server.base_url + "/tokenize", json={"prompt": PROMPT}).json()
+    assert r["tokens"] == list(tok.encode(PROMPT)) and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == server.state.max_model_len
+    assert httpx.post(server.base_url + "/detokenize", json={"tokens": r["tokens"]}).json()["prompt"].endswith(PROMPT)
+    chat = httpx.post(server.base_url + "/tokenize", json={"messages": CHAT}).json()
+    assert chat["tokens"] == server.llm.apply_chat_template(CHAT)
+    _check_error(httpx.post(server.base_url + "/detokenize", json={"tokens": [-1]}), 400, "tokens")
+    _check_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "x", "messages": CHAT}), 400)
+    _check_error(httpx.post(server.base_url + "/tokenize", json={"prompt": "x", "model": "nope"}), 404, "model")
+
+
 def test_completion_greedy_matches_generate(server):
     ref = _greedy(server, [PROMPT], 12)[0]
     client = _client(server)
@@ -332,6 +345,9 @@ def test_disconnect_mid_stream_frees_blocks(server):
     # far fewer tokens were generated than the 10 x 400 asked for
     metrics = httpx.get(server.base_url + "/metrics").text
     assert "fdpp:kv_cache_usage_perc" in metrics
+    aborted = [float(line.rpartition(" ")[2]) for line in metrics.splitlines()
+               if line.startswith("fdpp:request_success_total") and 'finished_reason="abort"' in line]
+    assert aborted and aborted[0] >= 10
     assert httpx.get(server.base_url + "/health").status_code == 200
 
 
