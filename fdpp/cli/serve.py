@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                    help="if set, /v1 endpoints require 'Authorization: Bearer <key>' (default: no key)")
     g.add_argument("--timeout-graceful-shutdown", type=float, default=5.0,
                    help="seconds to wait for open connections to close on shutdown (default 5)")
+    g.add_argument("--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+                   help="Jinja chat template for /v1/chat/completions (a file path, or the template itself) "
+                   "instead of the model's own")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level of the server and of uvicorn's access log (default info)")
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
@@ -46,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = llm_from_args(args)
+    if args.chat_template:
+        _set_chat_template(llm, args.chat_template)
     app = build_app(llm, served_model_names=args.served_model_name, max_body_bytes=args.max_body_bytes,
                     max_n=args.max_n, api_key=args.api_key)
     aeng = app.state.fdpp.async_engine
@@ -63,3 +68,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"fdpp serve: {names} on http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", file=sys.stderr)
     server.run()
     return 0
+
+
+def _set_chat_template(llm, value: str) -> None:
+    import os
+
+    from fdpp.errors import FdppError
+
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise FdppError("--chat-template: this model has no tokenizer")
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    elif "{" not in value:
+        raise FdppError(f"--chat-template: {value!r} is neither a file nor a Jinja template")
+    tok.chat_template = value  # set before the engine thread starts
