@@ -22,7 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpp.kernels.gemv import _epilogue_store, check_linear_args, launch_splitk_epilogue, num_sms
+from fdpp.kernels.gemv import (
+    _epilogue_store,
+    check_linear_args,
+    launch_splitk_epilogue,
+    linear_launch_args,
+    num_sms,
+)
 
 
 @triton.jit
@@ -168,29 +174,14 @@ def flat_gemm(
     # NOTE: Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage of ~1e10 in triton 3.9), so
     # under TRITON_INTERPRET the bf16 tiles are upcast to fp32 before the dot. Never taken on a GPU.
     upcast_dot = _INTERPRETING and x.dtype == torch.bfloat16
+    args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
+                                     kb_per_split, use_ws)
     flat_gemm_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else out,
-        residual if residual is not None else out,
-        out,
-        ws,
-        M,
-        kernel_n,
-        K,
-        n_out if is_gated else 0,
-        x.stride(0),
-        weight.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        out.stride(0),
-        kb_per_split,
+        *args,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        HAS_BIAS=bias is not None and not use_ws,
-        HAS_RESIDUAL=residual is not None and not use_ws,
-        IS_GATED=is_gated and not use_ws,
-        USE_WORKSPACE=use_ws,
+        **flags,
         IEEE_FP32=x.dtype == torch.float32 or upcast_dot,
         UPCAST_DOT=upcast_dot,
         num_warps=int(cfg.get("num_warps", 4)),

@@ -331,6 +331,31 @@ def num_sms(device: torch.device) -> int:
     return n
 
 
+def linear_launch_args(x, weight, bias, residual, out, ws, kernel_n: int, n_gate: int, kb_per_split: int,
+                       use_ws: bool) -> tuple[tuple, dict]:
+    """Positional arguments and epilogue flags shared by the GEMV and flat-GEMM kernels (same signature).
+
+    Missing bias / residual pointers are replaced by ``out`` (never read: their flag is off); with a
+    split-K workspace the epilogue runs in the second pass, so the kernel's own epilogue flags are off.
+    """
+    M, K = x.shape
+    args = (
+        x, weight,
+        bias if bias is not None else out,
+        residual if residual is not None else out,
+        out, ws, M, kernel_n, K, n_gate,
+        x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+        kb_per_split,
+    )
+    flags = dict(
+        HAS_BIAS=bias is not None and not use_ws,
+        HAS_RESIDUAL=residual is not None and not use_ws,
+        IS_GATED=n_gate > 0 and not use_ws,
+        USE_WORKSPACE=use_ws,
+    )
+    return args, flags
+
+
 def launch_splitk_epilogue(
     ws: torch.Tensor,
     num_splits: int,
@@ -425,29 +450,14 @@ def gemv(
     ws = torch.empty((num_splits, M, n_ws), device=x.device, dtype=torch.float32) if use_ws else out
     kernel_n = n_ws if use_ws else n_out
     grid = (triton.cdiv(kernel_n, block_n) * triton.cdiv(M, block_m), num_splits)
+    args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
+                                     kb_per_split, use_ws)
     gemv_kernel[grid](
-        x,
-        weight,
-        bias if bias is not None else out,
-        residual if residual is not None else out,
-        out,
-        ws,
-        M,
-        kernel_n,
-        K,
-        n_out if is_gated else 0,
-        x.stride(0),
-        weight.stride(0),
-        residual.stride(0) if residual is not None else 0,
-        out.stride(0),
-        kb_per_split,
+        *args,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
-        HAS_BIAS=bias is not None and not use_ws,
-        HAS_RESIDUAL=residual is not None and not use_ws,
-        IS_GATED=is_gated and not use_ws,
-        USE_WORKSPACE=use_ws,
+        **flags,
         PREFETCH=bool(cfg.get("PREFETCH", True)),
         num_warps=int(cfg.get("num_warps", 4)),
         num_stages=int(cfg.get("num_stages", 2)),
