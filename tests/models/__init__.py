@@ -132,3 +132,20 @@ def rewrite_checkpoint(path: str, edit) -> None:
     file = os.path.join(path, "model.safetensors")
     tensors = edit(dict(load_file(file)))
     save_file({k: v.contiguous() for k, v in tensors.items()}, file)
+
+
+def check_preset_model(mc, preset: str, expected_params: int):
+    """Build ``mc``'s model on the meta device: its parameter count is the published one and its linear
+    shapes are those the dataflow tuner profiles for ``preset``. Returns the model class."""
+    from fdpp.dataflow.shapes import preset_shapes
+    from fdpp.layers.embedding import LMHead
+    from fdpp.layers.linear import Linear
+    from fdpp.models.registry import get_model_class
+
+    cls = get_model_class(mc)
+    with torch.device("meta"):
+        model = cls(mc)
+    assert sum(p.numel() for p in model.parameters()) == expected_params
+    ours = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, (Linear, LMHead))}
+    assert ours == set(preset_shapes(preset).values())
+    return cls
