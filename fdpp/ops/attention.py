@@ -239,6 +239,8 @@ def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         sliding_window: int | None = None,
                         compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Plain-PyTorch paged attention (gather K/V through the block table, softmax in compute_dtype)."""
+    if not meta.is_prefill and _score_observer is None:
+        return _decode_reference_batched(q, k_cache, v_cache, meta, scale, sliding_window, compute_dtype)
     num_heads = q.shape[1]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
