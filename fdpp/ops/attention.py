@@ -228,6 +228,9 @@ def _decode_reference_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         visible &= pos[None, :] > ctx[:, None] - 1 - sliding_window
     scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
+    # NOTE: slots past a sequence's end were gathered too and may hold anything (NaN included):
+    # zero them, since 0 * NaN would poison the weighted sum.
+    v = v.masked_fill(~visible[:, :, None, None], 0.0)
     out = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(num_seqs, num_heads, head_dim)
     # a sequence with no context (graph padding) has all -inf scores: give it zeros, not NaN
     out = torch.where((ctx > 0)[:, None, None], out, torch.zeros((), dtype=out.dtype))

@@ -61,3 +61,25 @@ def test_attention_op_dispatch_stats_and_observer():
     assert stats["rows_checked"] == 16 and stats["rows_fallback"] >= 8
     attn_ops.reset_fallback_stats()
     assert attn_ops.fallback_stats()["rows_checked"] == 0
+
+
+def test_reference_decode_ignores_garbage_past_each_sequence():
+    """The batched reference decode gathers whole blocks: slots past a sequence's end (here NaN)
+    must not leak into its output."""
+    import torch
+
+    from fdpp.ops import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    k_cache = torch.randn(6, 8, 3, 64, generator=g)
+    v_cache = torch.randn(6, 8, 3, 64, generator=g)
+    k_cache[0, 6:] = float("nan")
+    v_cache[0, 6:] = float("nan")
+    q = torch.randn(2, 9, 64, generator=g)
+    meta = A.AttentionMetadata(is_prefill=False, context_lens=torch.tensor([6, 13], dtype=torch.int32),
+                               block_tables=torch.tensor([[0, 0], [2, 3]], dtype=torch.int32))
+    out = A.attention_reference(q, k_cache, v_cache, meta, scale=0.125)
+    assert torch.isfinite(out).all()
+    with A.observe_scores(lambda *a: None):  # the per-sequence path, which gathers only valid tokens
+        ref = A.attention_reference(q, k_cache, v_cache, meta, scale=0.125)
+    assert torch.allclose(out, ref, atol=1e-5)
