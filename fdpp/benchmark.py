@@ -80,26 +80,24 @@ def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, outp
     eng = llm.engine
     vocab = eng.model_config.vocab_size
     rng = random.Random(0)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, output_kind="final_only")
 
     def one_run() -> tuple[float, list[float], float]:
-        for _ in range(batch_size):
-            eng.add_request(None, [rng.randrange(vocab) for _ in range(input_len)], params)
+        rids = [eng.add_request(None, [rng.randrange(vocab) for _ in range(input_len)], params)
+                for _ in range(batch_size)]
         sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         steps: list[float] = []
         prefill = None
-        produced = 0
         while eng.has_unfinished_requests():
             ts = time.perf_counter()
-            outs = eng.step()
+            eng.step()
             te = time.perf_counter()
-            produced_now = sum(1 for o in outs for c in o.outputs if c.token_ids)
             if prefill is None:
-                if produced_now >= batch_size or (outs and produced + len(outs) >= batch_size):
+                # every request has its first token (or is already done)
+                if all(r not in eng.requests or eng.requests[r].metrics.first_token_time for r in rids):
                     prefill = te - t0
-                produced += len(outs)
             else:
                 steps.append(te - ts)
         return prefill or 0.0, steps, time.perf_counter() - t0
@@ -148,7 +146,8 @@ def run_throughput(llm: Any, num_prompts: int, input_range: tuple[int, int], out
     llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     t0 = time.perf_counter()
     for ids, n_out in reqs:
-        eng.add_request(None, ids, SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True))
+        eng.add_request(None, ids, SamplingParams(temperature=0, max_tokens=n_out, ignore_eos=True,
+                                                  output_kind="final_only"))
     out_tokens = 0
     while eng.has_unfinished_requests():
         for o in eng.step():

@@ -1,6 +1,7 @@
 """The offline API, in vLLM's conventions: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -58,7 +59,9 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt (strings or token-id lists); outputs come back in prompt order."""
         prompts = _as_prompt_list(prompts)
-        params = _as_param_list(sampling_params, len(prompts))
+        # NOTE: only final outputs are needed here: the engine skips building per-step outputs
+        params = [dataclasses.replace(sp, output_kind="final_only")
+                  for sp in _as_param_list(sampling_params, len(prompts))]
         ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
         return self._run(ids, use_tqdm)
 

@@ -14,6 +14,7 @@ class SamplingParams:
     theirs. Penalties follow vLLM/OpenAI: repetition_penalty divides positive logits of tokens seen in
     the prompt or output (multiplies negative ones); presence/frequency penalties subtract from logits of
     tokens generated so far. ``logprobs=k`` returns the sampled token's log-probability and the top k.
+    ``output_kind="final_only"`` makes the engine report a request only when it finishes.
     """
 
     n: int = 1
@@ -33,6 +34,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # "cumulative": step() reports the request every time it advances (streaming);
+    # "final_only": only once it has finished (batch generation: less host work per step).
+    output_kind: str = "cumulative"
     stops: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,8 @@ class SamplingParams:
             raise bad(f"min_tokens must be >= 0, got {self.min_tokens}")
         if self.logprobs is not None and self.logprobs < 0:
             raise bad(f"logprobs must be >= 0, got {self.logprobs}")
+        if self.output_kind not in ("cumulative", "final_only"):
+            raise bad(f"output_kind must be 'cumulative' or 'final_only', got {self.output_kind!r}")
         if any(not s for s in self.stops):
             raise bad("stop strings must be non-empty")
 

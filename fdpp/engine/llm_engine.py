@@ -233,8 +233,10 @@ class LLMEngine:
                 touched[req.request_id] = req
         outputs = []
         for req in touched.values():
-            outputs.append(self._make_output(req))
-            if all(s.is_finished for s in req.seqs):
+            finished = all(s.is_finished for s in req.seqs)
+            if finished or req.params.output_kind == "cumulative":
+                outputs.append(self._make_output(req))
+            if finished:
                 req.metrics.finished_time = time.time()
                 del self.requests[req.request_id]
         return outputs

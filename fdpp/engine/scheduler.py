@@ -91,21 +91,24 @@ class Scheduler:
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         seqs: list[Sequence] = []
-        queue = list(self.running)
+        queue = deque(self.running)
+        bm = self.bm
         while queue:
-            seq = queue.pop(0)
-            need = self.bm.blocks_needed(seq, seq.num_tokens)
-            while not self.bm.can_allocate(need):
-                if queue:
+            seq = queue.popleft()
+            need = bm.blocks_needed(seq, seq.num_tokens)  # 0 or 1: one new token per step
+            if need:
+                while not bm.can_allocate(need):
+                    if not queue:
+                        self._preempt(seq)
+                        break
                     self._preempt(queue.pop())  # the latest admitted goes first
                 else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.bm.allocate(seq, seq.num_tokens)
-                seqs.append(seq)
-                if len(seqs) >= self.max_num_seqs:
-                    break
+                    bm.allocate(seq, seq.num_tokens)
+                if seq.status != SequenceStatus.RUNNING:
+                    continue
+            seqs.append(seq)
+            if len(seqs) >= self.max_num_seqs:
+                break
         return ScheduledBatch(seqs, [1] * len(seqs), False) if seqs else None
 
     def _preempt(self, seq: Sequence) -> None:
