@@ -871,45 +871,38 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
             async def gen() -> AsyncIterator[str]:
                 states: dict[int, _ChoiceState] = {}
                 final: dict[int, RequestOutput] = {}
-                try:
-                    async for idx, out in group:
-                        tracker.update(idx, out)
-                        final[idx] = out
-                        choices = []
-                        for c in out.outputs:
-                            ci = idx * n + c.index
-                            cs = states.setdefault(ci, _ChoiceState())
-                            if cs.finished:
-                                continue
-                            delta, new_ids, start, fin = _stream_deltas(c, cs, holdback)
-                            prefix = prompt_texts[idx] if prompt_texts is not None and not cs.started else ""
-                            lp = None
-                            if k is not None and new_ids:
-                                lp = _completion_logprobs(st, new_ids, (c.logprobs or [])[start:], k, cs.sent_chars)
-                            cs.sent_tokens = len(c.token_ids)
-                            if not delta and not prefix and not fin and lp is None:
-                                continue
-                            cs.started = True
-                            cs.sent_chars += len(delta)
-                            cs.finished = fin
-                            delta = prefix + delta
-                            choices.append(CompletionStreamChoice(
-                                index=ci, text=delta, logprobs=lp, finish_reason=c.finish_reason,
-                                stop_reason=c.stop_reason))
-                        if choices:
-                            usage = _usage(prompt_lens, list(final.values())) if continuous else None
-                            yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices,
-                                                                usage=usage))
-                    tracker.done()
-                    if include_usage:
-                        yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=[],
-                                                            usage=_usage(prompt_lens, [final[i] for i in range(len(subs))])))
-                except Exception as e:  # noqa: BLE001 - reported in-band, the stream has started
-                    _, body = _exc_to_error(e)
-                    yield _sse(body)
-                finally:
-                    group.close()
-                yield "data: [DONE]\n\n"
+                async for idx, out in group:
+                    tracker.update(idx, out)
+                    final[idx] = out
+                    choices = []
+                    for c in out.outputs:
+                        ci = idx * n + c.index
+                        cs = states.setdefault(ci, _ChoiceState())
+                        if cs.finished:
+                            continue
+                        delta, new_ids, start, fin = _stream_deltas(c, cs, holdback)
+                        prefix = prompt_texts[idx] if prompt_texts is not None and not cs.started else ""
+                        lp = None
+                        if k is not None and new_ids:
+                            lp = _completion_logprobs(st, new_ids, (c.logprobs or [])[start:], k, cs.sent_chars)
+                        cs.sent_tokens = len(c.token_ids)
+                        if not delta and not prefix and not fin and lp is None:
+                            continue
+                        cs.started = True
+                        cs.sent_chars += len(delta)
+                        cs.finished = fin
+                        delta = prefix + delta
+                        choices.append(CompletionStreamChoice(
+                            index=ci, text=delta, logprobs=lp, finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason))
+                    if choices:
+                        usage = _usage(prompt_lens, list(final.values())) if continuous else None
+                        yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=choices,
+                                                            usage=usage))
+                tracker.done()
+                if include_usage:
+                    yield _sse(CompletionStreamResponse(id=rid, created=created, model=model, choices=[],
+                                                        usage=_usage(prompt_lens, [final[i] for i in range(len(subs))])))
 
             return _sse_response(gen(), group, tracker)
 
@@ -984,46 +977,39 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
             async def gen() -> AsyncIterator[str]:
                 states = {i: _ChoiceState() for i in range(n)}
                 last: RequestOutput | None = None
-                try:
-                    # the role first, as OpenAI does
-                    yield _sse(ChatCompletionStreamResponse(
-                        id=rid, created=created, model=model,
-                        choices=[ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                                 for i in range(n)]))
-                    async for idx, out in group:
-                        tracker.update(idx, out)
-                        last = out
-                        choices = []
-                        for c in out.outputs:
-                            cs = states[c.index]
-                            if cs.finished:
-                                continue
-                            delta, new_ids, start, fin = _stream_deltas(c, cs, holdback)
-                            lp = None
-                            if k is not None and new_ids:
-                                lp = _chat_logprobs(st, new_ids, (c.logprobs or [])[start:], k)
-                            cs.sent_tokens = len(c.token_ids)
-                            if not delta and not fin and lp is None:
-                                continue
-                            cs.sent_chars += len(delta)
-                            cs.finished = fin
-                            choices.append(ChatCompletionStreamChoice(
-                                index=c.index, delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
-                                logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
-                        if choices:
-                            usage = _usage([len(ids)], [out]) if continuous else None
-                            yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model,
-                                                                    choices=choices, usage=usage))
-                    tracker.done()
-                    if include_usage and last is not None:
-                        yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[],
-                                                                usage=_usage([len(ids)], [last])))
-                except Exception as e:  # noqa: BLE001 - reported in-band, the stream has started
-                    _, body = _exc_to_error(e)
-                    yield _sse(body)
-                finally:
-                    group.close()
-                yield "data: [DONE]\n\n"
+                # the role first, as OpenAI does
+                yield _sse(ChatCompletionStreamResponse(
+                    id=rid, created=created, model=model,
+                    choices=[ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                             for i in range(n)]))
+                async for idx, out in group:
+                    tracker.update(idx, out)
+                    last = out
+                    choices = []
+                    for c in out.outputs:
+                        cs = states[c.index]
+                        if cs.finished:
+                            continue
+                        delta, new_ids, start, fin = _stream_deltas(c, cs, holdback)
+                        lp = None
+                        if k is not None and new_ids:
+                            lp = _chat_logprobs(st, new_ids, (c.logprobs or [])[start:], k)
+                        cs.sent_tokens = len(c.token_ids)
+                        if not delta and not fin and lp is None:
+                            continue
+                        cs.sent_chars += len(delta)
+                        cs.finished = fin
+                        choices.append(ChatCompletionStreamChoice(
+                            index=c.index, delta=DeltaMessage(content=delta) if delta else DeltaMessage(),
+                            logprobs=lp, finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+                    if choices:
+                        usage = _usage([len(ids)], [out]) if continuous else None
+                        yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model,
+                                                                choices=choices, usage=usage))
+                tracker.done()
+                if include_usage and last is not None:
+                    yield _sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[],
+                                                            usage=_usage([len(ids)], [last])))
 
             return _sse_response(gen(), group, tracker)
 
@@ -1064,7 +1050,21 @@ class _SSEResponse(StreamingResponse):
 
 
 def _sse_response(gen: AsyncIterator[str], group: Any, tracker: _Tracker) -> StreamingResponse:
-    return _SSEResponse(gen, group, tracker)
+    return _SSEResponse(_guarded_stream(gen, group), group, tracker)
+
+
+async def _guarded_stream(events: AsyncIterator[str], group: Any) -> AsyncIterator[str]:
+    """Every stream ends the same way: an error is reported in-band (the status line has already gone
+    out), the request group is closed, and ``data: [DONE]`` is sent."""
+    try:
+        async for chunk in events:
+            yield chunk
+    except Exception as e:  # noqa: BLE001 - reported in-band, the stream has started
+        _, body = _exc_to_error(e)
+        yield _sse(body)
+    finally:
+        group.close()
+    yield "data: [DONE]\n\n"
 
 
 def _default_model_name(engine: Any) -> str:
