@@ -467,6 +467,24 @@ def gemv(
     return out
 
 
+def linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+) -> torch.Tensor:
+    """What every linear kernel here computes, in plain PyTorch and in x's dtype: x @ weight.T (+ bias),
+    then ``act`` ("silu_and_mul": silu(gate) * up of a fused [gate; up] weight), then + residual."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    if act == "silu_and_mul":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is not None:
+        y = y + residual
+    return y
+
+
 def gemv_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -475,13 +493,9 @@ def gemv_reference(
     residual: torch.Tensor | None = None,
     act: str | None = None,
 ) -> torch.Tensor:
-    """Plain-PyTorch float64 reference of every linear kernel here (returns float64)."""
-    y = x.double() @ weight.double().T
-    if bias is not None:
-        y = y + bias.double()
-    if act == "silu_and_mul":
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    if residual is not None:
-        y = y + residual.double()
-    return y
+    """``linear_reference`` in float64 (returns float64): the yardstick of the kernel tests."""
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.double()
+
+    return linear_reference(x.double(), weight.double(), f64(bias), f64(residual), act)

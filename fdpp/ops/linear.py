@@ -12,22 +12,12 @@ Backends (``fdpp.ops.backend.linear_backend``):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fdpp.dataflow.table import choose_impl
+from fdpp.kernels.gemv import linear_reference
 from fdpp.ops.backend import linear_backend
 
 ACTS = (None, "silu_and_mul")
-
-
-def _torch_linear(x, weight, bias, residual, act):
-    y = F.linear(x, weight, bias)
-    if act == "silu_and_mul":
-        gate, up = y.chunk(2, dim=-1)
-        y = F.silu(gate) * up
-    if residual is not None:
-        y = y + residual
-    return y
 
 
 def linear(
@@ -64,7 +54,7 @@ def linear(
 
     backend = linear_backend(x.device)
     if backend in ("reference", "cublas"):
-        return _torch_linear(x, weight, bias, residual, act)
+        return linear_reference(x, weight, bias, residual, act)
 
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -89,7 +79,7 @@ def linear(
 
         y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config)
     elif impl == "cublas":
-        y = _torch_linear(x2, weight, bias, res2, act)
+        y = linear_reference(x2, weight, bias, res2, act)
     else:
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
     return y.reshape(*lead, n_out)
