@@ -41,13 +41,12 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        from fdpp.models.loading import load_model_and_tokenizer
+        from fdpp.engine.loading import load_model_and_tokenizer
 
-        loaded = load_model_and_tokenizer(config, self.device)
+        loaded, self.tokenizer = load_model_and_tokenizer(config, self.device)
         self.model_config: ModelConfig = loaded.model_config
         self.model = loaded.model
         self.dtype = loaded.dtype
-        self.tokenizer = loaded.tokenizer
         self.model_key = loaded.model_key
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -64,7 +63,7 @@ class LLMEngine:
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,
         )
-        from fdpp.models.loading import apply_calibration
+        from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fdpp.config import ModelConfig
-from fdpp.engine.context import forward_context
 from fdpp.engine.scheduler import ScheduledBatch
 from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError
+from fdpp.layers.context import forward_context
 from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
 from fdpp.ops.attention import AttentionMetadata
 
