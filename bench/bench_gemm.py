@@ -204,7 +204,8 @@ def main() -> int:
 
     from fdpp.dataflow.table import DispatchTable, choose_impl, gpu_slug, use_dispatch_table
     from fdpp.dataflow.tuner import GraphTimer, build_table, candidate_configs, make_runner
-    from fdpp.kernels.gemv import gemv_reference, num_sms
+    from fdpp.kernels.device import num_sms
+    from fdpp.kernels.gemv import gemv_reference
     from fdpp.ops.backend import use_backends
     from fdpp.ops.linear import linear
 

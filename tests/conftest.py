@@ -18,3 +18,26 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random-weight Llama checkpoint (vocab 128, 2 layers, context 256), written once per session."""
+    from tests.helpers import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    write_tiny_llama(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    """One engine on the tiny checkpoint (CPU, float32) shared by every test that only adds requests.
+
+    Tests that use it must leave it empty (every request finished or aborted)."""
+    from fdpp import LLM
+
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off",
+              num_blocks=64, block_size=16)
+    yield llm
+    llm.close()
