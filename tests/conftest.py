@@ -41,3 +41,18 @@ def tiny_llm(tiny_llama_dir):
               num_blocks=64, block_size=16)
     yield llm
     llm.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2-135M-Instruct on the CPU, loaded once for the whole session (loading takes
+    seconds: the GGUF header, 272 tensors, the tokenizer). Tests must leave it without requests."""
+    from fdpp import LLM
+    from fdpp.errors import ModelLoadError
+
+    try:
+        llm = LLM(dtype="float32", device="cpu", show_progress=False)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    yield llm
+    llm.close()

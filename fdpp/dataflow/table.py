@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fdpp.utils import DTYPE_NAMES, cache_dir, dtype_name
+from fdpp.utils import cache_dir, dtype_name
 
 FORMAT = "fdpp-dataflow/1"
 IMPLS = ("gemv", "flat", "cublas")
@@ -156,7 +156,7 @@ class DispatchTable:
 
     def lookup(self, dtype: torch.dtype | str, n: int, k: int, m: int) -> Choice | None:
         """(impl, config) for this shape and M, or None when the shape has no entry."""
-        entry = self.entries.get((DTYPE_NAMES.get(dtype) or dtype_name(dtype), n, k))
+        entry = self.entries.get((dtype_name(dtype), n, k))
         return entry.choose(m) if entry is not None else None
 
     def to_dict(self) -> dict:

@@ -16,6 +16,7 @@ from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError, FdppError, InvalidRequestError
 from fdpp.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fdpp.sampling_params import SamplingParams
+from fdpp.utils import phase
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class LLMEngine:
                 free, total = torch.cuda.mem_get_info(self.device)
                 used = total - free
                 # Activations of the largest step, measured by a profiling pass.
-                peak = self._profile_activation_bytes()
+                with phase("Measuring activation memory", self.config.show_progress):
+                    peak = self._profile_activation_bytes()
                 budget = int(total * cc.gpu_memory_utilization - used - peak)
             else:
                 budget = _CPU_KV_BUDGET

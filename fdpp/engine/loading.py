@@ -14,6 +14,7 @@ from torch import nn
 
 from fdpp.config import EngineConfig
 from fdpp.models.loading import LoadedModel, load_model
+from fdpp.utils import phase
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,10 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> tupl
         return loaded, None
     from fdpp.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(src) if _has_tokenizer(src) else None
+    tokenizer = None
+    if _has_tokenizer(src):
+        with phase("Loading the tokenizer", config.show_progress):
+            tokenizer = load_tokenizer(src)
     if tokenizer is None:
         logger.warning("%s has no tokenizer files: prompts must be token ids and outputs have no text", src.path)
     return loaded, tokenizer
@@ -57,7 +61,9 @@ def apply_calibration(engine: Any, mode: str) -> Any:
     if mode == "auto":
         result = cal.load_or_none(engine.model_key)
         if result is None:
-            result = calibrate_engine(engine)
+            with phase("Calibrating the unified max value (first use of this model; cached after)",
+                       engine.config.show_progress):
+                result = calibrate_engine(engine)
     else:
         result = cal.CalibrationResult.load(mode)
     set_phi(engine.model, result)

@@ -4,6 +4,7 @@ Model-level only: the tokenizer and calibration are the engine's business (``fdp
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -13,9 +14,10 @@ import torch
 from torch import nn
 
 from fdpp.config import EngineConfig, ModelConfig, resolve_dtype
+from fdpp.errors import ModelLoadError
 from fdpp.models.loader import build_model
-from fdpp.models.presets import get_preset
-from fdpp.utils import dtype_name
+from fdpp.models.presets import PRESETS, get_preset
+from fdpp.utils import dtype_name, phase
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,8 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     the checkpoint's weights streamed in."""
     name = config.model
     preset = get_preset(name) if isinstance(name, str) and not os.path.exists(name) else None
+    if preset is None and isinstance(name, str) and _is_bare_name(name):
+        raise _unknown_model(name)
     if preset is not None or config.random_weights:
         if preset is None:
             from fdpp.models.hf_loader import load_model_config, resolve_model
@@ -47,7 +51,10 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     from fdpp.models.hf_loader import iter_model_tensors, load_model_config, resolve_model
 
     src = resolve_model(name)
-    hf_dict = load_model_config(src)
+    # a GGUF header with a large vocabulary takes seconds to parse (once: the weights and the
+    # tokenizer reuse the open reader)
+    with phase(f"Reading {src.name}", config.show_progress and src.kind == "gguf"):
+        hf_dict = load_model_config(src)
     mc = _extend_context(ModelConfig.from_hf_dict(hf_dict), config.max_model_len)
     dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
     weights = iter_model_tensors(src, dtype, config=hf_dict)
@@ -62,6 +69,23 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     key += "-" + dtype_name(dtype)  # the safe window of phi depends on the dtype
     model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress)
     return LoadedModel(mc, model, dtype, key, src)
+
+
+def _is_bare_name(name: str) -> bool:
+    """A word (no path separator, no file suffix) that is not an existing path: meant as a preset."""
+    path = os.path.expanduser(name)
+    return not os.path.exists(path) and os.sep not in name and "/" not in name and not name.endswith(".gguf")
+
+
+def _unknown_model(name: str) -> ModelLoadError:
+    names = sorted(PRESETS)
+    close = difflib.get_close_matches(name.lower(), names, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ModelLoadError(
+        f"model {name!r} is neither an existing path nor a preset name.{hint} Presets (random weights, "
+        f"real shapes): {', '.join(names)}. For real weights give a Hugging Face folder or a .gguf file; "
+        "with no model the embedded SmolLM2-135M-Instruct is used"
+    )
 
 
 def _extend_context(mc: ModelConfig, max_model_len: int | None) -> ModelConfig:
