@@ -18,13 +18,12 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
 from fdpp.server import chat, completions, endpoints
 from fdpp.server import metrics as metrics_routes
 from fdpp.server.async_engine import AsyncEngine
-from fdpp.server.errors import APIError, exc_to_error, install_error_handlers
+from fdpp.server.errors import APIError, install_error_handlers
 from fdpp.server.guard import Guard
 from fdpp.server.metrics import ServerMetrics
 from fdpp.server.state import ServerState, default_model_name
@@ -37,11 +36,13 @@ __all__ = ["APIError", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_N", "ServerState",
 
 def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N,
-              api_key: str | None = None, async_engine: AsyncEngine | None = None) -> FastAPI:
+              api_key: str | None = None, async_engine: AsyncEngine | None = None,
+              engine_stop_timeout: float = 30.0) -> FastAPI:
     """A FastAPI app serving ``llm`` (an ``fdpp.LLM`` or ``LLMEngine``).
 
     The engine loop starts in a background thread with the app (lifespan start-up) and stops at
-    shutdown, aborting what is in flight. ``app.state.fdpp`` is the ``ServerState`` (``.async_engine``).
+    shutdown, aborting what is in flight; shutdown waits at most ``engine_stop_timeout`` seconds for the
+    step that is running. ``app.state.fdpp`` is the ``ServerState`` (``.async_engine``).
 
     Why a background thread and not the main one (the thread that loaded the model): on a small CPU
     box torch's OpenMP pool is about 2x faster for the thread that created it while nothing else runs,
@@ -64,16 +65,11 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
         try:
             yield
         finally:
-            await asyncio.to_thread(aeng.shutdown)
+            await asyncio.to_thread(aeng.shutdown, engine_stop_timeout)
 
     app = FastAPI(title="fdpp OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.fdpp = st
     install_error_handlers(app)
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, e: Exception) -> JSONResponse:
-        status, body = exc_to_error(e)
-        return JSONResponse(body, status_code=status)
 
     for module in (endpoints, metrics_routes, completions, chat):
         app.include_router(module.router)

@@ -51,12 +51,18 @@ from fdpp.server.validation import (
 
 router = APIRouter()
 
+# OpenAI's roles ("function" is its deprecated form of "tool"); any other is refused, not rendered.
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
 
 def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> tuple[int, int | None]:
     """The checks that need no prompt; returns n and the number of top logprobs (None: no logprobs)."""
     n = check_common(st, req)
     check_max_tokens(req.max_tokens, "max_tokens")
     check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
+    if req.tool_choice is not None and not req.tools:
+        raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice",
+                          code="invalid_value")
     if req.tools:
         raise bad_request("tools / function calling is not supported", param="tools", code="unsupported_parameter")
     if req.response_format is not None and req.response_format.type != "text":
@@ -89,7 +95,9 @@ def chat_conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         else:
             content = m.content or ""
         check_text(content, f"messages[{i}].content")
-        check_text(m.role, f"messages[{i}].role")
+        if m.role not in CHAT_ROLES:
+            raise bad_request(f"messages[{i}].role: unknown role {m.role[:40]!r}; use one of {', '.join(CHAT_ROLES)}",
+                              param="messages", code="invalid_value")
         msg: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             msg["name"] = m.name

@@ -83,7 +83,8 @@ async def completion_prompts(st: ServerState, prompt: Any) -> list[tuple[str | N
     else:
         items = list(prompt)
     if len(items) > MAX_PROMPTS:
-        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt")
+        raise bad_request(f"at most {MAX_PROMPTS} prompts per request, got {len(items)}", param="prompt",
+                          code="too_many_prompts")
     out: list[tuple[str | None, list[int]]] = []
     for i, p in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{i}]"

@@ -1,15 +1,26 @@
 """The pure ASGI middleware in front of the app: the request body size limit (413 before the app
-reads it), the API key, and counting every response by endpoint and status for /metrics."""
+reads it), the API key, counting every response by endpoint and status for /metrics, and the
+catch-all that turns an exception no handler took into one logged error response."""
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from typing import Any
 
-from fdpp.server.errors import error_response
+from fdpp.server.errors import error_response, response_for_exception
 from fdpp.server.state import ServerState
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/version",
              "/tokenize", "/detokenize")
+# Open with an API key set: probes and scrapers, which send no body and no prompt text.
+OPEN_ENDPOINTS = frozenset({"/health", "/ping", "/version", "/metrics"})
+
+
+def has_api_key(headers: list[tuple[bytes, bytes]], api_key: str) -> bool:
+    """``Authorization: Bearer <api_key>``; the scheme is case-insensitive (RFC 7235)."""
+    auth = dict(headers).get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, token = auth.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
 class Guard:
@@ -26,7 +37,7 @@ class Guard:
         path = scope.get("path", "")
         endpoint = path if path in ENDPOINTS else "other"
         method = scope.get("method", "GET")
-        status_box = [500]
+        status_box = [0]  # 0: no response started
 
         async def counting_send(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -35,18 +46,20 @@ class Guard:
 
         try:
             await self._handle(scope, receive, counting_send)
+        except Exception as e:  # noqa: BLE001 - no handler took it: answer here, log once
+            if status_box[0]:
+                raise  # too late for a response: the server closes the connection
+            await response_for_exception(e, path)(scope, receive, counting_send)
         finally:
-            self.state.metrics.requests.labels(endpoint, method, str(status_box[0])).inc()
+            self.state.metrics.requests.labels(endpoint, method, str(status_box[0] or 500)).inc()
 
     async def _handle(self, scope: dict, receive: Callable, send: Callable) -> None:
         st = self.state
-        if st.api_key and scope.get("path", "").startswith("/v1"):
-            headers = dict(scope.get("headers") or [])
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            if auth != f"Bearer {st.api_key}":
-                resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                      code="invalid_api_key")
-                return await resp(scope, receive, send)
+        if st.api_key and scope.get("path", "") not in OPEN_ENDPOINTS \
+                and not has_api_key(scope.get("headers") or [], st.api_key):
+            resp = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+            return await resp(scope, receive, send)
         if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         limit = st.max_body_bytes

@@ -26,7 +26,12 @@ _SEED_MIN, _SEED_MAX = -(2**63), 2**63 - 1 - 1024
 
 
 async def parse_body(request: Request, model_cls: type[BaseModel]) -> Any:
-    """The request body as ``model_cls``; a 400 naming the field for anything that is not."""
+    """The request body as ``model_cls``; a 400 naming the field for anything that is not (a 415 for
+    a body that does not say it is JSON)."""
+    ctype = request.headers.get("content-type")
+    if ctype is not None and not is_json_content_type(ctype):
+        raise APIError(415, f"Content-Type must be application/json, got {ctype.split(';')[0].strip()!r}; send "
+                       "the body as JSON with 'Content-Type: application/json'", code="unsupported_media_type")
     body = await request.body()
     try:
         text = body.decode("utf-8")
@@ -57,6 +62,12 @@ async def parse_body(request: Request, model_cls: type[BaseModel]) -> Any:
             msg = f"{loc}: this field is required"
         code = "invalid_type" if err.get("type") != "missing" else "missing_field"
         raise bad_request(msg, param=loc or None, code=code) from None
+
+
+def is_json_content_type(ctype: str) -> bool:
+    """``application/json`` or a ``+json`` type, any parameters (a missing header is taken as JSON)."""
+    media = ctype.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
 def _is_union_tag(x: Any) -> bool:
@@ -167,9 +178,9 @@ def sampling_params(st: ServerState, req: Any, max_tokens: int, logprobs: int | 
     top_p = 1.0 if req.top_p is None else req.top_p
     check_range(top_p, 0.0, 1.0, "top_p", lo_open=True)
     top_k = -1 if req.top_k is None or req.top_k == 0 else req.top_k
-    if top_k < -1:
-        raise bad_request(f"top_k must be -1 or 0 (off) or >= 1, got {req.top_k}", param="top_k",
-                          code="invalid_value")
+    if not -1 <= top_k <= st.vocab_size:
+        raise bad_request(f"top_k must be -1 or 0 (off) or in [1, {st.vocab_size}] (the vocabulary), got "
+                          f"{req.top_k}", param="top_k", code="invalid_value")
     min_p = 0.0 if req.min_p is None else req.min_p
     check_range(min_p, 0.0, 1.0, "min_p")
     pp = req.presence_penalty or 0.0
