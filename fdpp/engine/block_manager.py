@@ -64,6 +64,7 @@ class BlockManager:
         # Prefix-cache counters in tokens (vLLM's prefix_cache_queries / prefix_cache_hits).
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
+        self.num_evicted_blocks = 0
 
     # ---- counts -----------------------------------------------------------------------------------
     @property
@@ -107,6 +108,7 @@ class BlockManager:
             block, _ = self.evictable.popitem(last=False)  # least recently used
             del self.cached[self.block_hashes[block]]
             self.block_hashes[block] = None
+            self.num_evicted_blocks += 1
         assert self.ref_counts[block] == 0
         self.ref_counts[block] = 1
         return block
