@@ -61,6 +61,7 @@ from fdpp.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     TokenizeRequest,
     TokenizeResponse,
     TopLogprob,
@@ -148,6 +149,12 @@ class ServerMetrics:
         self.fallback_rows = Gauge("fdpp:attention_rows_fallback",
                                    "attention rows recomputed by the synchronized fallback", lbl, registry=r)
         self.engine_up = Gauge("fdpp:engine_up", "1 while the engine loop runs", lbl, registry=r)
+        # prefix cache, in tokens as vLLM's (exposed as ..._total); incremented by the engine's deltas
+        self.prefix_queries = Counter("fdpp:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter("fdpp:prefix_cache_hits", "prompt tokens found in the prefix cache", lbl,
+                                   registry=r)
+        self._prefix_seen = (0, 0)
 
     def set_engine(self, stats: dict[str, Any] | None, fb: dict[str, Any] | None, up: bool) -> None:
         m = self.model_name
@@ -159,6 +166,10 @@ class ServerMetrics:
             self.free_blocks.labels(m).set(stats.get("num_free_blocks", 0))
             self.total_blocks.labels(m).set(stats.get("num_total_blocks", 0))
             self.preemptions.labels(m).set(stats.get("num_preemptions", 0))
+            q, h = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+            self.prefix_queries.labels(m).inc(max(0, q - self._prefix_seen[0]))
+            self.prefix_hits.labels(m).inc(max(0, h - self._prefix_seen[1]))
+            self._prefix_seen = (q, h)
         if fb:
             self.fallback_rate.labels(m).set(fb.get("rate", 0.0))
             self.fallback_checked.labels(m).set(fb.get("rows_checked", 0))
@@ -659,7 +670,9 @@ async def _collect_or_disconnect(request: Request, group: Any, tracker: _Tracker
 def _usage(prompt_lens: list[int], outs: list[RequestOutput]) -> UsageInfo:
     p = sum(prompt_lens)
     c = sum(len(o.token_ids) for r in outs for o in r.outputs)
-    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    cached = [r.num_cached_tokens for r in outs if r.num_cached_tokens is not None]
+    details = PromptTokensDetails(cached_tokens=sum(cached)) if cached else None
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
 
 def _sse(obj: BaseModel | dict) -> str:

@@ -140,3 +140,24 @@ def test_cli_flag_turns_prefix_caching_off():
     assert p.parse_args([]).enable_prefix_caching is True
     args = p.parse_args(["--no-enable-prefix-caching", "--max-num-batched-tokens", "256"])
     assert args.enable_prefix_caching is False and args.max_num_batched_tokens == 256
+
+
+def test_server_reports_cached_tokens_and_prefix_metrics(llama_path):
+    httpx = pytest.importorskip("httpx")
+    from tests.server.conftest import serve_in_thread
+
+    llm = load_llm(llama_path, block_size=4)
+    prompt = list(range(3, 26))  # 23 tokens: 5 full blocks can be reused
+    with serve_in_thread(llm) as srv:
+        usages = []
+        for _ in range(2):
+            r = httpx.post(srv.base_url + "/v1/completions", json={"prompt": prompt, "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200, r.text
+            usages.append(r.json()["usage"])
+        assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 20]
+        samples = {}
+        for line in httpx.get(srv.base_url + "/metrics").text.splitlines():
+            if line.startswith("fdpp:prefix_cache") and "_total" in line:
+                key, _, value = line.rpartition(" ")
+                samples[key.split("{")[0]] = float(value)
+        assert samples == {"fdpp:prefix_cache_queries_total": 46.0, "fdpp:prefix_cache_hits_total": 20.0}
