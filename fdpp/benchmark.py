@@ -155,6 +155,7 @@ def run_throughput(llm: Any, num_prompts: int, input_range: tuple[int, int], out
             if o.finished:
                 out_tokens += len(o.outputs[0].token_ids)
     dt = time.perf_counter() - t0
+    stats = eng.stats()
     return {
         "device": device_name(eng.device),
         "num_prompts": num_prompts,
@@ -166,4 +167,9 @@ def run_throughput(llm: Any, num_prompts: int, input_range: tuple[int, int], out
         "output_tokens_per_s": out_tokens / dt,
         "requests_per_s": num_prompts / dt,
         "preemptions": eng.scheduler.num_preemptions,
+        # prefix cache over the whole run (the warm-up request included), in prompt tokens
+        "prefix_caching": stats["prefix_caching"],
+        "prefix_cache_queries": stats["prefix_cache_queries"],
+        "prefix_cache_hits": stats["prefix_cache_hits"],
+        "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"],
     }

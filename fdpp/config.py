@@ -152,7 +152,10 @@ class EngineConfig:
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 8192
+    # Token budget of one step (decode tokens + prompt chunks). None: 512 on the CPU (a step stays
+    # short, so running streams and the server stay responsive), 2048 on a GPU.
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool = True  # reuse the K/V of cached prompt prefixes (vLLM's name)
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0

@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
+    # Prompt tokens whose K/V came from the prefix cache (OpenAI usage.prompt_tokens_details.cached_tokens)
+    num_cached_tokens: int | None = None
     prompt_logprobs: None = None
     extra: dict = field(default_factory=dict)
     # Set when a sequence of this request ended with finish_reason "error": what went wrong. The

@@ -43,6 +43,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory fdpp may use (weights + activations + KV cache)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of repeated prompt prefixes (on by default; "
+                   "--no-enable-prefix-caching turns it off)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step: decode tokens plus prompt chunks (default: 512 on CPU, "
+                   "2048 on GPU; smaller keeps running streams smoother while long prompts arrive)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "triton-sync"],
                    help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
@@ -105,6 +111,8 @@ def llm_from_args(args: argparse.Namespace) -> Any:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
         calibration=args.calibration,

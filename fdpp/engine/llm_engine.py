@@ -21,6 +21,9 @@ from fdpp.utils import phase
 logger = logging.getLogger(__name__)
 
 _CPU_KV_BUDGET = 1 << 30  # 1 GiB of KV cache by default on the CPU
+# Default step token budget (EngineConfig.max_num_batched_tokens). On the CPU a 512-token step takes
+# ~1 s with SmolLM2-135M, so running streams, /metrics and shutdown wait at most that long.
+_DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 
 
 @dataclass
@@ -53,13 +56,13 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         self.eos_token_ids = _eos_ids(mc, self.tokenizer)
         block_size = config.cache.block_size
+        self.max_num_batched_tokens = config.max_num_batched_tokens or _DEFAULT_BATCHED_TOKENS.get(
+            self.device.type, 2048)
+        if self.max_num_batched_tokens < 1:
+            raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         num_blocks = self._num_blocks(block_size)
-        self.block_manager = BlockManager(num_blocks, block_size)
-        self.scheduler = Scheduler(
-            self.block_manager,
-            config.max_num_seqs,
-            max(config.max_num_batched_tokens, 1),
-        )
+        self.block_manager = BlockManager(num_blocks, block_size, enable_caching=config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
         self.runner = ModelRunner(
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,
@@ -94,7 +97,7 @@ class LLMEngine:
 
     def _profile_activation_bytes(self) -> int:
         """Run the largest prefill once with a throw-away cache; return its peak activation memory."""
-        n = min(self.config.max_num_batched_tokens, self.max_model_len)
+        n = min(self.max_num_batched_tokens, self.max_model_len)
         bs = self.config.cache.block_size
         blocks = -(-n // bs)
         torch.cuda.synchronize(self.device)
@@ -171,8 +174,7 @@ class LLMEngine:
         # everything that can fail comes before the request is queued: a raise leaves the engine as it was
         req.detoks = [self._detokenizer(ids, params) for _ in seqs]
         req.texts = ["" for _ in seqs]
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.scheduler.add(seqs[0], forks=seqs[1:])  # n > 1: the prompt is computed once, then shared
         self.requests[request_id] = req
         return request_id
 
@@ -252,7 +254,9 @@ class LLMEngine:
                 return [], [(batch.seqs[0], batch_error)]
             results, failed = [], []
             for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                solo = ScheduledBatch([seq], [n], batch.is_prefill)
+                forks = {seq.seq_id: batch.forks[seq.seq_id]} if seq.seq_id in batch.forks else {}
+                is_prefill = n != 1 or seq.num_computed_tokens != seq.num_tokens - 1
+                solo = ScheduledBatch([seq], [n], is_prefill, forks=forks)  # copies were made already
                 try:
                     results.append((solo, self.runner.execute(solo)))
                 except Exception as e:  # noqa: BLE001 - attributed to this sequence
@@ -391,6 +395,7 @@ class LLMEngine:
             finished=all(s.is_finished for s in req.seqs),
             metrics=req.metrics,
             error=req.error,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
         )
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
@@ -428,7 +433,19 @@ class LLMEngine:
             "kv_usage": bm.num_used_blocks / bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_bytes_per_token": kv_bytes_per_token(self.model_config, self.dtype),
+            # prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits)
+            "prefix_caching": bm.enable_caching,
+            "prefix_cache_queries": bm.num_queried_tokens,
+            "prefix_cache_hits": bm.num_hit_tokens,
+            "prefix_cache_hit_rate": bm.num_hit_tokens / bm.num_queried_tokens if bm.num_queried_tokens else 0.0,
+            "num_cached_blocks": bm.num_cached_blocks,
+            "num_prefill_tokens": self.scheduler.num_prefill_tokens,  # prompt tokens computed (not reused)
         }
+
+    def reset_prefix_cache(self) -> int:
+        """Drop every cached block that no running request holds (e.g. a cold-cache benchmark).
+        Returns how many blocks were dropped."""
+        return self.block_manager.reset_cache()
 
 
 def _nth_seed(seed: int | None, i: int) -> int | None:

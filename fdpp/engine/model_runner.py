@@ -73,8 +73,24 @@ class ModelRunner:
         bs = self.block_size
         return [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
 
+    @staticmethod
+    def num_decode_rows(batch: ScheduledBatch) -> int:
+        """Leading rows that compute one token on top of all the others' K/V (decode rows; a final
+        one-token prompt chunk is one too): they run through the decode attention kernel."""
+        nd = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            if n != 1 or seq.num_computed_tokens != seq.num_tokens - 1:
+                break
+            nd += 1
+        return nd
+
     def prepare(self, batch: ScheduledBatch):
-        """Token ids, positions, attention metadata, and the rows whose logits are sampled."""
+        """Token ids, positions, attention metadata, and the rows whose logits are sampled.
+
+        A mixed step (decode rows first, then prefill chunks) gets metadata for each part, so that
+        attention runs the decode rows through the split-KV decode kernel and only the chunks
+        through the prefill kernel (both read earlier tokens from the paged cache).
+        """
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -93,15 +109,34 @@ class ModelRunner:
             if end == seq.num_tokens:  # prompt complete (or decode): sample the next token
                 sample_rows.append(cu[-1] - 1)
                 sample_seqs.append(seq)
+                for child in batch.forks.get(seq.seq_id, ()):  # n > 1: the same logits row
+                    sample_rows.append(cu[-1] - 1)
+                    sample_seqs.append(child)
+        nd = self.num_decode_rows(batch)
+        block_tables = self._block_table_tensor(batch.seqs)
+        ctx = self._to_device(context_lens, torch.int32)
         meta = AttentionMetadata(
-            is_prefill=batch.is_prefill,
+            is_prefill=nd < len(batch),
             cu_seqlens_q=self._to_device(cu, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
-            context_lens=self._to_device(context_lens, torch.int32),
-            block_tables=self._block_table_tensor(batch.seqs),
+            context_lens=ctx,
+            block_tables=block_tables,
             slot_mapping=self._to_device(slots, torch.int64),
             max_context_len=max(context_lens),
         )
+        if 0 < nd < len(batch):
+            meta.decode_part = AttentionMetadata(
+                is_prefill=False, context_lens=ctx[:nd], block_tables=block_tables[:nd],
+                max_context_len=max(context_lens[:nd]),
+            )
+            meta.prefill_part = AttentionMetadata(
+                is_prefill=True,
+                cu_seqlens_q=self._to_device([c - nd for c in cu[nd:]], torch.int32),
+                max_seqlen_q=max(batch.num_new_tokens[nd:]),
+                context_lens=ctx[nd:],
+                block_tables=block_tables[nd:],
+                max_context_len=max(context_lens[nd:]),
+            )
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)
         return ids, pos, meta, sample_rows, sample_seqs
@@ -185,10 +220,28 @@ class ModelRunner:
 
     # ---- forward --------------------------------------------------------------------------------
     @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole KV blocks ``src -> dst`` in every layer (copy-on-write of shared blocks)."""
+        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
+
+    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
-        if not batch.is_prefill and self.graphs and len(batch) <= self.graph_batch_sizes[-1]:
+        if batch.copies:
+            self.copy_blocks(batch.copies)
+        if (self.graphs and len(batch) <= self.graph_batch_sizes[-1]
+                and self.num_decode_rows(batch) == len(batch)):
             logits = self._replay(batch)
-            return batch.seqs, sample(logits, self.sampling_batch(batch.seqs))
+            seqs = batch.seqs
+            if batch.forks:  # a one-token final prompt chunk of an n > 1 request: its samples too
+                rows, seqs = [], []
+                for row, seq in enumerate(batch.seqs):
+                    for s in (seq, *batch.forks.get(seq.seq_id, ())):
+                        rows.append(row)
+                        seqs.append(s)
+                logits = logits[torch.tensor(rows, device=self.device)]
+            return seqs, sample(logits, self.sampling_batch(seqs))
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
         with forward_context(meta):
             hidden = self.model(ids, pos)

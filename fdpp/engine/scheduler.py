@@ -1,15 +1,22 @@
 """Continuous batching: which sequences run in the next step, and with how many tokens.
 
-Plain Python over block counts; it never touches tensors. A step is either a prefill step (new
-prompts, possibly a chunk of a long prompt) or a decode step (one token for each running sequence).
-Prefill goes first, so new requests join the batch between decode steps. When the KV cache cannot
-grow, the most recently admitted sequence is preempted: its blocks are freed and it goes back to
-the front of the queue, to be recomputed (prompt plus what it has generated), so nothing is lost.
+Plain Python over block counts; it never touches tensors. Each step packs, up to a token budget
+(``max_num_batched_tokens``): first one decode token for every running sequence, then chunks of the
+waiting prompts with what is left. A long prompt is thus computed a chunk per step while the running
+streams keep producing a token every step (mixed prefill + decode steps). A waiting prompt first
+takes its longest cached prefix from the block manager and computes only the rest.
+
+When the KV cache cannot grow, the most recently admitted sequence is preempted: its blocks are
+freed (their computed full blocks stay in the prefix cache) and it goes back to the front of the
+queue, to be recomputed (prompt plus what it has generated), so nothing is lost.
+
+n > 1: only the first sample of a request is prefilled; the others wait on it (``pending_forks``)
+and, in the step that completes its prompt, share its blocks and sample from its logits.
 """
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fdpp.engine.block_manager import BlockManager
 from fdpp.engine.sequence import Sequence, SequenceStatus
@@ -17,9 +24,19 @@ from fdpp.engine.sequence import Sequence, SequenceStatus
 
 @dataclass
 class ScheduledBatch:
+    """One step. Decode rows (one token each) come first, then prefill chunks.
+
+    is_prefill: some row computes prompt (or recomputed) tokens; a mixed step also has decode rows.
+    copies: ``(src, dst)`` KV blocks to copy before the forward pass (copy-on-write of shared blocks).
+    forks: seq_id of a sequence whose prompt completes in this step -> the samples that share its
+        blocks and are sampled from the same logits row (n > 1).
+    """
+
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens each sequence computes in this step
     is_prefill: bool
+    copies: list[tuple[int, int]] = field(default_factory=list)
+    forks: dict[int, list[Sequence]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -27,6 +44,8 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -35,8 +54,15 @@ class Scheduler:
         # Prompt fully computed; decoding.
         self.running: deque[Sequence] = deque()
         self.num_preemptions = 0
+        # Tokens computed by prefill rows (prompts and recomputation after preemption): with the
+        # prefix cache and shared n > 1 prompts, this is what was not reused.
+        self.num_prefill_tokens = 0
+        self._last: ScheduledBatch | None = None
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, forks: list[Sequence] | tuple[Sequence, ...] = ()) -> None:
+        """Queue ``seq``; ``forks`` are the request's other samples (same prompt, n > 1), which
+        share ``seq``'s prompt blocks once it is computed instead of computing it again."""
+        seq.pending_forks = list(forks)
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -45,6 +71,9 @@ class Scheduler:
     def abort(self, request_id: str) -> list[Sequence]:
         """Remove every sequence of ``request_id``; their blocks are freed. Returns them."""
         removed = [s for s in (*self.waiting, *self.running) if s.request_id == request_id]
+        for seq in list(removed):
+            removed.extend(seq.pending_forks)
+            seq.pending_forks = []
         for seq in removed:
             self.bm.free(seq)
             seq.status = SequenceStatus.FINISHED
@@ -54,62 +83,125 @@ class Scheduler:
         return removed
 
     def finish(self, seq: Sequence) -> None:
-        """Called by the engine once ``seq`` has produced its last token."""
+        """Called by the engine once ``seq`` has produced its last token (or failed)."""
         seq.status = SequenceStatus.FINISHED
         self.bm.free(seq)
         try:
             self.running.remove(seq)
         except ValueError:
             pass
+        if seq.pending_forks:
+            # It ended before its prompt was computed: the next sample takes its place in the queue.
+            heir, *rest = seq.pending_forks
+            seq.pending_forks = []
+            heir.pending_forks = rest
+            self._requeue(heir)
 
     def schedule(self) -> ScheduledBatch | None:
-        batch = self._schedule_prefill()
-        if batch is not None:
-            return batch
-        return self._schedule_decode()
-
-    def _schedule_prefill(self) -> ScheduledBatch | None:
-        budget = self.max_num_batched_tokens
+        self._commit_last()
         seqs: list[Sequence] = []
         counts: list[int] = []
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            chunk = min(seq.num_uncomputed_tokens, budget)
-            need = self.bm.blocks_needed(seq, seq.num_computed_tokens + chunk)
-            if not self.bm.can_allocate(need):
-                break
-            self.bm.allocate(seq, seq.num_computed_tokens + chunk)
-            seqs.append(seq)
-            counts.append(chunk)
-            budget -= chunk
-            if chunk < seq.num_uncomputed_tokens:
-                break  # a chunk of a long prompt: it stays at the head of the queue
-            self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
-        return ScheduledBatch(seqs, counts, True) if seqs else None
+        copies: list[tuple[int, int]] = []
+        preempted = self._schedule_decode(seqs, counts, copies)
+        num_decode = len(seqs)
+        forks: dict[int, list[Sequence]] = {}
+        # NOTE: after a preemption, admit nothing new this step: the blocks just freed would be
+        # taken again at once and the same sequences preempted at the next step.
+        if not preempted:
+            budget = self.max_num_batched_tokens - len(seqs)
+            self._schedule_prefill(budget, seqs, counts, copies, forks)
+        if not seqs:
+            return None
+        batch = ScheduledBatch(seqs, counts, len(seqs) > num_decode, copies, forks)
+        self._last = batch
+        return batch
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        seqs: list[Sequence] = []
+    def _commit_last(self) -> None:
+        """After a step: offer the blocks it computed to the prefix cache, and requeue samples forked
+        in a step that failed (they got no token: their prompt was never computed)."""
+        last, self._last = self._last, None
+        if last is None:
+            return
+        for seq in last.seqs:
+            self.bm.cache_blocks(seq)
+        for children in last.forks.values():
+            for child in children:
+                if child.status == SequenceStatus.RUNNING and child.num_computed_tokens >= child.num_tokens:
+                    self.bm.free(child)
+                    child.num_computed_tokens = 0
+                    child.status = SequenceStatus.WAITING
+                    self.running.remove(child)
+                    self._requeue(child)
+
+    def _schedule_decode(self, seqs: list[Sequence], counts: list[int], copies: list[tuple[int, int]]) -> bool:
+        """One token for each running sequence, preempting the latest admitted ones when the cache is
+        full. Returns whether anything was preempted."""
+        preempted = False
         queue = deque(self.running)
         bm = self.bm
         while queue:
             seq = queue.popleft()
-            need = bm.blocks_needed(seq, seq.num_tokens)  # 0 or 1: one new token per step
+            need = bm.blocks_needed(seq, seq.num_tokens)  # 0, or 1 (a new block or a copy-on-write)
             if need:
                 while not bm.can_allocate(need):
+                    preempted = True
                     if not queue:
                         self._preempt(seq)
                         break
                     self._preempt(queue.pop())  # the latest admitted goes first
                 else:
-                    bm.allocate(seq, seq.num_tokens)
+                    copies.extend(bm.allocate(seq, seq.num_tokens))
                 if seq.status != SequenceStatus.RUNNING:
                     continue
             seqs.append(seq)
+            counts.append(1)
             if len(seqs) >= self.max_num_seqs:
                 break
-        return ScheduledBatch(seqs, [1] * len(seqs), False) if seqs else None
+        return preempted
+
+    def _schedule_prefill(self, budget: int, seqs: list[Sequence], counts: list[int],
+                          copies: list[tuple[int, int]], forks: dict[int, list[Sequence]]) -> None:
+        bm = self.bm
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            # n > 1 samples are admitted together (an empty batch takes any group, so n > max_num_seqs
+            # still runs: the decode rows beyond max_num_seqs wait for the first ones to finish)
+            if self.running and len(self.running) + 1 + len(seq.pending_forks) > self.max_num_seqs:
+                break
+            fresh = not seq.block_table
+            hits = bm.lookup(seq) if fresh else []
+            start = len(hits) * bm.block_size if fresh else seq.num_computed_tokens
+            chunk = min(seq.num_tokens - start, budget)
+            end = start + chunk
+            need = bm.blocks_to_admit(hits, end) if fresh else bm.blocks_needed(seq, end)
+            if not bm.can_allocate(need):
+                break
+            if fresh:
+                bm.admit(seq, hits)
+            copies.extend(bm.allocate(seq, end))
+            seqs.append(seq)
+            counts.append(chunk)
+            budget -= chunk
+            self.num_prefill_tokens += chunk
+            if end < seq.num_tokens:
+                break  # a chunk of a long prompt: it stays at the head of the queue
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.pending_forks:
+                forks[seq.seq_id] = self._fork(seq)
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """Start the parent's pending samples on its blocks; they are sampled from its logits row in
+        the step that completes its prompt, so they count that prompt as computed."""
+        children, parent.pending_forks = parent.pending_forks, []
+        for child in children:
+            self.bm.fork(parent, child)
+            child.num_computed_tokens = parent.num_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        return children
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
@@ -118,7 +210,10 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.running.remove(seq)
-        # Keep a chunked prefill in progress at the head: it holds blocks.
+        self._requeue(seq)
+
+    def _requeue(self, seq: Sequence) -> None:
+        """Put ``seq`` at the front of the queue, behind a chunked prefill in progress (it holds blocks)."""
         head = self.waiting[0] if self.waiting else None
         if head is not None and head.block_table:
             self.waiting.insert(1, seq)

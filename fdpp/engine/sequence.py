@@ -40,6 +40,16 @@ class Sequence:
         self.cumulative_logprob = 0.0
         # generated-token counts for presence/frequency penalties
         self.output_counts: dict[int, int] = {}
+        # Prefix caching (BlockManager): the chained hash of each full block of token_ids, computed
+        # as blocks fill; ``cache_extra_key`` is mixed into the chain's seed, for anything besides
+        # the tokens that changes the KV (a LoRA adapter, a per-tenant cache salt).
+        self.block_hashes: list[bytes] = []
+        self.cache_extra_key: tuple = ()
+        # Prompt tokens found in the prefix cache at the first admission (RequestOutput.num_cached_tokens).
+        self.num_cached_tokens: int | None = None
+        # n > 1: the request's other samples. They wait here, without blocks, until this sequence's
+        # prompt is computed; then they share its blocks (Scheduler.fork_pending).
+        self.pending_forks: list[Sequence] = []
 
     @property
     def num_tokens(self) -> int:

@@ -44,7 +44,7 @@ def safe_window(dtype: torch.dtype) -> tuple[float, float]:
 class AttentionMetadata:
     """Per-step attention inputs, built once per step by the model runner (see docs/ARCHITECTURE.md).
 
-    is_prefill: all sequences of the step are prefill (else all decode: one query per sequence).
+    is_prefill: some sequence of the step is a prefill chunk (else all decode: one query per sequence).
     cu_seqlens_q: `[num_seqs + 1]` int32 packed query offsets (prefill; may be None in decode).
     max_seqlen_q: largest q_len of the step (prefill).
     context_lens: `[num_seqs]` int32, KV tokens per sequence INCLUDING the new ones.
@@ -59,6 +59,10 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
     max_context_len: int = 0
+    # A mixed step (decode rows first, then prefill chunks): the metadata of each part. Attention
+    # runs each part through its own kernel; the fields above describe the whole step (cache writes).
+    decode_part: AttentionMetadata | None = None
+    prefill_part: AttentionMetadata | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -169,6 +173,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     phi: the layer's calibrated unified max (None: synchronized softmax). The result never depends on
     phi, only the speed does (out-of-window rows are recomputed exactly).
     """
+    if meta.decode_part is not None and meta.prefill_part is not None:
+        # NOTE: a mixed step runs its decode rows through the split-KV decode kernel (full speed for
+        # one query per sequence) and its chunks through the prefill kernel, instead of one prefill
+        # launch where each one-token row would occupy a whole query tile.
+        nd = meta.decode_part.num_seqs
+        kw = dict(scale=scale, layer_idx=layer_idx, phi=phi, sliding_window=sliding_window)
+        return torch.cat([attention(q[:nd], k_cache, v_cache, meta.decode_part, **kw),
+                          attention(q[nd:], k_cache, v_cache, meta.prefill_part, **kw)])
     backend = attention_backend(q.device)
     if backend == "reference":
         return attention_reference(q, k_cache, v_cache, meta, scale=scale, layer_idx=layer_idx,

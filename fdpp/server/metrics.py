@@ -62,6 +62,12 @@ class ServerMetrics:
         self.fallback_rows = Gauge("fdpp:attention_rows_fallback",
                                    "attention rows recomputed by the synchronized fallback", lbl, registry=r)
         self.engine_up = Gauge("fdpp:engine_up", "1 while the engine loop runs", lbl, registry=r)
+        # prefix cache, in tokens as vLLM's (exposed as ..._total); incremented by the engine's deltas
+        self.prefix_queries = Counter("fdpp:prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                      lbl, registry=r)
+        self.prefix_hits = Counter("fdpp:prefix_cache_hits", "prompt tokens found in the prefix cache", lbl,
+                                   registry=r)
+        self._prefix_seen = (0, 0)
 
     def set_engine(self, stats: dict[str, Any] | None, fb: dict[str, Any] | None, up: bool) -> None:
         m = self.model_name
@@ -73,6 +79,10 @@ class ServerMetrics:
             self.free_blocks.labels(m).set(stats.get("num_free_blocks", 0))
             self.total_blocks.labels(m).set(stats.get("num_total_blocks", 0))
             self.preemptions.labels(m).set(stats.get("num_preemptions", 0))
+            q, h = stats.get("prefix_cache_queries", 0), stats.get("prefix_cache_hits", 0)
+            self.prefix_queries.labels(m).inc(max(0, q - self._prefix_seen[0]))
+            self.prefix_hits.labels(m).inc(max(0, h - self._prefix_seen[1]))
+            self._prefix_seen = (q, h)
         if fb:
             self.fallback_rate.labels(m).set(fb.get("rate", 0.0))
             self.fallback_checked.labels(m).set(fb.get("rows_checked", 0))

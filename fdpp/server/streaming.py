@@ -24,7 +24,7 @@ from fdpp.outputs import CompletionOutput, RequestOutput
 from fdpp.sampling_params import SamplingParams
 from fdpp.server.errors import APIError, exc_to_error
 from fdpp.server.metrics import RequestTracker
-from fdpp.server.protocol import UsageInfo
+from fdpp.server.protocol import PromptTokensDetails, UsageInfo
 
 
 # ---- one choice's progress -------------------------------------------------------------------------
@@ -137,7 +137,9 @@ def sse(obj: BaseModel | dict) -> str:
 def usage_of(prompt_lens: list[int], outs: list[RequestOutput]) -> UsageInfo:
     p = sum(prompt_lens)
     c = sum(len(o.token_ids) for r in outs for o in r.outputs)
-    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+    cached = [r.num_cached_tokens for r in outs if r.num_cached_tokens is not None]
+    details = PromptTokensDetails(cached_tokens=sum(cached)) if cached else None
+    return UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
 
 class _SSEResponse(StreamingResponse):

@@ -31,7 +31,8 @@ def test_prefill_then_decode_and_join_between_steps():
     b = _seq("b", 3)
     s.add(b)  # joins between steps
     b3 = s.schedule()
-    assert b3.is_prefill and b3.seqs == [b]
+    # a mixed step: a's decode token first, then b's prompt
+    assert b3.is_prefill and b3.seqs == [a, b] and b3.num_new_tokens == [1, 3]
     _step(s, b3)
     b4 = s.schedule()
     assert not b4.is_prefill and set(x.request_id for x in b4.seqs) == {"a", "b"}
