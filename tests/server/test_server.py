@@ -421,7 +421,9 @@ def test_full_kv_cache_queues_requests(tiny_dir):
         results = asyncio.run(main())
         for finish, usage, tokens in results:
             assert finish == "length"
+            cached = usage.pop("prompt_tokens_details")["cached_tokens"]
             assert usage == {"prompt_tokens": 20, "completion_tokens": 30, "total_tokens": 50}
+            assert 0 <= cached < 20  # at least the last prompt token is computed
             assert len(tokens) == 30
         # a request that could never fit the cache is refused up front, not failed mid-flight
         r = httpx.post(srv.base_url + "/v1/completions", headers=headers,
