@@ -166,9 +166,9 @@ class LLMEngine:
             p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seqs.append(Sequence(request_id, ids, p, now))
         req = _Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
-        for seq in seqs:
-            req.detoks.append(self._detokenizer(ids, params))
-            req.texts.append("")
+        # everything that can fail comes before the request is queued: a raise leaves the engine as it was
+        req.detoks = [self._detokenizer(ids, params) for _ in seqs]
+        req.texts = ["" for _ in seqs]
         self.scheduler.add(seqs[0], forks=seqs[1:])  # n > 1: the prompt is computed once, then shared
         self.requests[request_id] = req
         return request_id
