@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from fdpp.kernels import attention_decode as dec
 from fdpp.kernels.attention_prefill import paged_prefill_attention
+from fdpp.kernels.device import num_sms
 from fdpp.ops.attention import safe_window
 
 DTYPE = torch.float16
@@ -163,7 +164,7 @@ def decode_grid(args, results, tuned: dict):
                 try:
                     case = PagedDecodeCase(batch, kv_len, num_heads, num_kv_heads, copies)
                     kw = tuned.get("decode_kwargs", {})
-                    row["splits"] = dec.choose_num_splits(batch, num_kv_heads, kv_len, dec.num_sms_of(case.q.device))
+                    row["splits"] = dec.choose_num_splits(batch, num_kv_heads, kv_len, num_sms(case.q.device))
                     row["fdpp_unified_us"] = case.timer(PHI, **kw)
                     row["fdpp_unified_nofallback_us"] = case.timer(PHI, fallback=False, **kw)
                     row["fdpp_sync_us"] = case.timer(None, **kw)
@@ -207,7 +208,7 @@ def decode_tune(args, results):
     if SMOKE:
         cfg_points, cfgs, split_points = [(1, 256, 4, 4), (64, 64, 4, 4)], cfgs[:2], [(1, 256, 4, 1)]
     log = dict(cfg={}, splits={})
-    sms = 132 if SMOKE else dec.num_sms_of(torch.device("cuda"))
+    sms = 132 if SMOKE else num_sms(torch.device("cuda"))
     chosen = {}
     for regime, target in (("split", dec.DECODE_CONFIG_SPLIT), ("batch", dec.DECODE_CONFIG_BATCH)):
         points = [p for p in cfg_points if (p[0] * p[3] >= sms) == (regime == "batch")]

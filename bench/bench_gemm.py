@@ -193,7 +193,16 @@ def main() -> int:
                     help="do not tune the LM-head shapes into the table (they are never in the evaluation)")
     ap.add_argument("--time-budget", type=float, default=540.0,
                     help="seconds; later steps are skipped when the run gets close to it")
+    ap.add_argument("--render", default=None, metavar="JSON",
+                    help="no benchmark: recompute the targets of this stored result and rewrite it and its .md")
+    ap.add_argument("--copy-tbps", type=float, default=None,
+                    help="with --render: judge bandwidth against this copy bandwidth (TB/s) instead of the run's")
+    ap.add_argument("--copy-source", default=None, help="with --render: where --copy-tbps comes from")
+    ap.add_argument("--note", default=None, help="with --render: a note added to the report")
     args = ap.parse_args()
+    if args.render:
+        rerender(Path(args.render), args.copy_tbps, args.copy_source, args.note)
+        return 0
     t_start = time.time()
 
     out_dir = Path(args.results_dir or os.environ.get("OUT") or Path(__file__).parent / "results")
@@ -204,7 +213,8 @@ def main() -> int:
 
     from fdpp.dataflow.table import DispatchTable, choose_impl, gpu_slug, use_dispatch_table
     from fdpp.dataflow.tuner import GraphTimer, build_table, candidate_configs, make_runner
-    from fdpp.kernels.gemv import gemv_reference, num_sms
+    from fdpp.kernels.device import num_sms
+    from fdpp.kernels.gemv import gemv_reference
     from fdpp.ops.backend import use_backends
     from fdpp.ops.linear import linear
 
@@ -417,16 +427,28 @@ def main() -> int:
     return 0
 
 
-def summarize(result, table, out_dir: Path) -> None:
-    rows = result.get("rows", [])
-    if not rows:
-        return
+# Goals of this benchmark (issue 1 of the project): decode GEMMs at M <= 16 beat cuBLAS by >= 8% on the
+# geometric mean; M = 1 of large weights streams at >= 90% of the copy bandwidth; the dispatched choice
+# is never more than 3% behind the best single implementation; the heuristic dataflow beats every
+# static choice over M = 1..64.
+GEOMEAN_GOAL = 1.08
+M1_BANDWIDTH_GOAL = 0.90
+DISPATCH_GOAL = 0.97
+
+
+def compute_targets(result: dict) -> tuple[list[dict], dict]:
+    """``(targets, details)`` from a result's rows and its copy bandwidth.
+
+    targets: ``[{"name": "gemm.<what>", "value", "goal", "met"}]`` (every bench JSON carries this list);
+    details: what each verdict rests on (per-shape fractions, the worst points, static totals)."""
+    rows = result["rows"]
     bw = result["copy_tbps"]
     small = [r for r in rows if r["m"] <= 16]
     geo = math.exp(statistics.fmean(math.log(r["speedup_vs_cublas"]) for r in small)) if small else float("nan")
     m1_rows = [r for r in rows if r["m"] == 1 and r["weight_mb"] >= 64]
-    bw_ok = all(r["dispatch_tbps"] >= 0.9 * bw for r in m1_rows)
+    fractions = {r["shape"]: r["dispatch_tbps"] / bw for r in m1_rows}
     worst = min(rows, key=lambda r: r["best_single_us"] / r["dispatch_us"])
+    worst_ratio = worst["best_single_us"] / worst["dispatch_us"]
     # Choice quality: the chosen implementation's own timing in the same row against the best one, so
     # that the noise between two timings of the identical kernel does not count as a wrong choice.
     worst_choice = min(rows, key=lambda r: r["best_single_us"] / r.get(f"{r['dispatch_impl']}_us", r["dispatch_us"]))
@@ -440,61 +462,124 @@ def summarize(result, table, out_dir: Path) -> None:
         missing = [r for r in rows if r["m"] <= 64 and f"{impl}_us" not in r]
         static[impl] = {"static_total_us": tot_s, "heuristic_total_us": tot_h,
                         "gain": tot_s / tot_h if tot_h else float("nan"), "points_missing": len(missing)}
-    targets = {
-        "geomean_speedup_vs_cublas_m_le_16": geo,
-        "t1_geomean_ok": geo >= 1.08,
-        "m1_bandwidth_fraction": {r["shape"]: r["dispatch_tbps"] / bw for r in m1_rows},
-        "t1_bandwidth_ok": bw_ok,
-        "worst_dispatch_vs_best_single": {"shape": worst["shape"], "m": worst["m"],
-                                          "ratio": worst["best_single_us"] / worst["dispatch_us"]},
-        "t2_ok": worst["best_single_us"] / worst["dispatch_us"] >= 0.97,
+    min_fraction = min(fractions.values(), default=float("nan"))
+    targets = [
+        {"name": "gemm.geomean_speedup_vs_cublas_m_le_16", "value": geo, "goal": f">= {GEOMEAN_GOAL}",
+         "met": geo >= GEOMEAN_GOAL},
+        {"name": "gemm.m1_bandwidth_fraction_of_copy_min", "value": min_fraction,
+         "goal": f">= {M1_BANDWIDTH_GOAL} of the copy bandwidth ({bw:.2f} TB/s) for every M = 1 shape "
+                 "with >= 64 MB of weights",
+         "met": bool(fractions) and min_fraction >= M1_BANDWIDTH_GOAL},
+        {"name": "gemm.worst_dispatch_vs_best_single", "value": worst_ratio, "goal": f">= {DISPATCH_GOAL}",
+         "met": worst_ratio >= DISPATCH_GOAL},
+    ] + [
+        {"name": f"gemm.heuristic_vs_static_{impl}_m_le_64", "value": v["gain"], "goal": "> 1.0 (total time)",
+         "met": v["gain"] > 1.0}
+        for impl, v in static.items()
+    ]
+    details = {
+        "copy_tbps": bw,
+        "m1_bandwidth_fraction": fractions,
+        "worst_dispatch_vs_best_single": {"shape": worst["shape"], "m": worst["m"], "ratio": worst_ratio},
         "worst_choice_vs_best_single": {
             "shape": worst_choice["shape"], "m": worst_choice["m"],
             "ratio": worst_choice["best_single_us"]
             / worst_choice.get(f"{worst_choice['dispatch_impl']}_us", worst_choice["dispatch_us"])},
         "static_vs_heuristic_m_le_64": static,
-        "t3_ok": all(v["gain"] > 1.0 for v in static.values()),
     }
-    result["targets"] = targets
-    log(json.dumps(targets, indent=1))
+    return targets, details
 
+
+def render_markdown(result: dict, table) -> str:
+    """The report of ``result`` (with its targets computed) as Markdown; ``table`` gives the inflection
+    points (None: that section is left out)."""
+    t = {x["name"]: x for x in result["targets"]}
+    d = result["target_details"]
+    bw = result["copy_tbps"]
+
+    def verdict(name: str) -> str:
+        return "met" if t[name]["met"] else "MISSED"
+
+    worst = d["worst_dispatch_vs_best_single"]
+    fractions = d["m1_bandwidth_fraction"]
+    static = d["static_vs_heuristic_m_le_64"]
+    copy_line = (f"copy bandwidth (2 GB D2D, read+write) **{bw:.2f} TB/s**"
+                 + (f" ({result['copy_source']})" if result.get("copy_source") else ""))
     lines = [f"# Decode GEMM benchmark: {result['gpu']}, {result['dtype']}, {result['date']}", "",
              (f"torch {result['torch']}, triton {result['triton']}; CUDA-graph replay, weights rotated through "
-             f">= 400 MB; copy bandwidth (2 GB D2D, read+write) **{bw:.2f} TB/s**."), "",
+              f">= 400 MB; {copy_line}."), "",
              "## Targets", "",
-             (f"- M <= 16 geomean speedup of the dispatched choice vs cuBLAS: **{geo:.3f}x** "
-             f"({'met' if targets['t1_geomean_ok'] else 'MISSED'}, target 1.08x)"),
-             "- M = 1 bandwidth, weights >= 64 MB: "
-             + ", ".join(f"{s.split(',')[0]} {f * 100:.0f}%" for s, f in targets["m1_bandwidth_fraction"].items())
-             + f" of copy bandwidth ({'met' if bw_ok else 'MISSED'}, target 90%)",
-             (f"- worst dispatched / best single implementation: {targets['worst_dispatch_vs_best_single']['ratio']:.3f} "
-             f"at {worst['shape'].split(',')[0]} M={worst['m']} ({'met' if targets['t2_ok'] else 'MISSED'}, target 0.97)"),
-             "- heuristic vs static dataflow over M = 1..64 (total time, all shapes): "
-             + ", ".join(f"all-{i} {v['gain']:.3f}x" for i, v in static.items())
-             + f" ({'met' if targets['t3_ok'] else 'MISSED'})", "",
-             "## Per shape and M (us; TB/s and TFLOP/s of the dispatched choice)", "",
-             "| shape | N x K | M | cuBLAS | GEMV | flat | dispatched (impl) | TB/s | TFLOP/s | vs cuBLAS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             (f"- M <= 16 geomean speedup of the dispatched choice vs cuBLAS: "
+              f"**{t['gemm.geomean_speedup_vs_cublas_m_le_16']['value']:.3f}x** "
+              f"({verdict('gemm.geomean_speedup_vs_cublas_m_le_16')}, target {GEOMEAN_GOAL}x)"),
+             ("- M = 1 bandwidth, weights >= 64 MB: "
+              + ", ".join(f"{s.split(',')[0]} {f * 100:.0f}%" for s, f in fractions.items())
+              + f" of copy bandwidth; worst {min(fractions.values(), default=float('nan')) * 100:.0f}% "
+              f"({verdict('gemm.m1_bandwidth_fraction_of_copy_min')}, target {M1_BANDWIDTH_GOAL * 100:.0f}%)"),
+             (f"- worst dispatched / best single implementation: {worst['ratio']:.3f} "
+              f"at {worst['shape'].split(',')[0]} M={worst['m']} "
+              f"({verdict('gemm.worst_dispatch_vs_best_single')}, target {DISPATCH_GOAL})"),
+             ("- heuristic vs static dataflow over M = 1..64 (total time, all shapes): "
+              + ", ".join(f"all-{i} {v['gain']:.3f}x" for i, v in static.items())
+              + " (" + ("met" if all(t[f"gemm.heuristic_vs_static_{i}_m_le_64"]["met"] for i in static)
+                        else "MISSED") + ")"), ""]
+    if result.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in result["notes"]] + [""]
+    lines += ["## Per shape and M (us; TB/s and TFLOP/s of the dispatched choice)", "",
+              "| shape | N x K | M | cuBLAS | GEMV | flat | dispatched (impl) | TB/s | TFLOP/s | vs cuBLAS |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v):
         return f"{v:.2f}" if isinstance(v, float) and math.isfinite(v) else "-"
 
-    for r in rows:
+    for r in result["rows"]:
         lines.append(f"| {r['shape'].split(',')[0]} | {r['n']}x{r['k']} | {r['m']} | {f(r['cublas_us'])} | "
                      f"{f(r.get('gemv_us'))} | {f(r.get('flat_us'))} | {f(r['dispatch_us'])} ({r['dispatch_impl']}) | "
                      f"{r['dispatch_tbps']:.2f} | {r['dispatch_tflops']:.1f} | {r['speedup_vs_cublas']:.3f}x |")
-    lines += ["", "## Inflection points (from the table)", "", "| shape | N x K | M1 | M2 | ranges |", "|---|---|---|---|---|"]
-    for name, (n, k) in result["shapes"].items():
-        e = table.get(result["dtype"], n, k)
-        if e is not None:
-            lines.append(f"| {name} | {n}x{k} | {e.m1} | {e.m2} | "
-                         + ", ".join(f"{r.m_min}-{r.m_max} {r.impl}" for r in e.ranges) + " |")
+    if table is not None:
+        lines += ["", "## Inflection points (from the table)", "", "| shape | N x K | M1 | M2 | ranges |",
+                  "|---|---|---|---|---|"]
+        for name, (n, k) in result["shapes"].items():
+            e = table.get(result["dtype"], n, k)
+            if e is not None:
+                lines.append(f"| {name} | {n}x{k} | {e.m1} | {e.m2} | "
+                             + ", ".join(f"{r.m_min}-{r.m_max} {r.impl}" for r in e.ranges) + " |")
     if result.get("fused_gate_up"):
         lines += ["", "## Fused gate_up + SiLU*up (22016x4096)", "", "| M | dispatched fused | cuBLAS + torch |",
                   "|---|---|---|"]
         for r in result["fused_gate_up"]:
             lines.append(f"| {r['m']} | {r['dispatch_fused_us']:.2f} | {r['cublas_plus_torch_us']:.2f} |")
-    (out_dir / "bench_gemm.md").write_text("\n".join(lines) + "\n")
+    if result.get("analysis"):  # written by a person after the run, kept in the JSON
+        lines += ["", "## Analysis (written after the run; numbers above are the script's own output)", "",
+                  result["analysis"]]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(result, table, out_dir: Path) -> None:
+    if not result.get("rows"):
+        return
+    result["targets"], result["target_details"] = compute_targets(result)
+    log(json.dumps(result["targets"], indent=1))
+    (out_dir / "bench_gemm.md").write_text(render_markdown(result, table))
+
+
+def rerender(json_path: Path, copy_tbps: float | None = None, copy_source: str | None = None,
+             note: str | None = None) -> None:
+    """Recompute the targets of a stored result and write its JSON and Markdown (same stem, .md) again,
+    optionally against another copy bandwidth (the run's own measurement is kept under
+    ``copy_tbps_measured``). Needs no GPU: the inflection points come from the shipped table of that GPU."""
+    from fdpp.dataflow.table import load_table_for_gpu
+
+    result = json.loads(json_path.read_text())
+    if copy_tbps is not None:
+        result.setdefault("copy_tbps_measured", result["copy_tbps"])
+        result["copy_tbps"] = copy_tbps
+        result["copy_source"] = copy_source
+    if note and note not in result.setdefault("notes", []):
+        result["notes"].append(note)
+    result["targets"], result["target_details"] = compute_targets(result)
+    json_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    json_path.with_suffix(".md").write_text(render_markdown(result, load_table_for_gpu(result["gpu"])))
 
 
 def plot(result, table, path: Path) -> None:

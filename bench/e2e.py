@@ -18,6 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from fdpp.utils import dtype_name  # noqa: E402
+
 OUT_DIR = os.environ.get("OUT", "bench/results")
 
 
@@ -51,7 +53,7 @@ def check_correctness(out: dict) -> None:
             prompt0 = torch.randint(0, 1024, (300,), generator=torch.Generator().manual_seed(1)).tolist()
             ref32 = hf32(torch.tensor([prompt0], device="cuda")).logits[0].double()
         hf = LlamaForCausalLM.from_pretrained(d, dtype=dtype).to("cuda").eval()
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         for graphs in (False, True):
             llm = LLM(d, dtype=name, device="cuda", show_progress=False, enforce_eager=not graphs,
                       max_num_seqs=8, calibration="off")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from fdpp.sampling_params import SamplingParams
+from fdpp.utils import dtype_name
 
 
 def device_name(device: torch.device) -> str:
@@ -114,7 +115,7 @@ def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, outp
     return LatencyResult(
         model=model_name,
         device=device_name(eng.device),
-        dtype=str(eng.dtype).removeprefix("torch."),
+        dtype=dtype_name(eng.dtype),
         batch_size=batch_size,
         input_len=input_len,
         output_len=output_len,

@@ -25,6 +25,7 @@ import torch
 
 from fdpp.ops.attention import observe_scores, safe_window
 from fdpp.ops.backend import use_backends
+from fdpp.utils import cache_dir, dtype_name
 
 CALIBRATION_VERSION = 1
 # Histogram of scores and row maxima: fixed bins over [-HIST_RANGE, HIST_RANGE), BIN_WIDTH nats wide.
@@ -228,11 +229,6 @@ class CalibrationResult:
 # Cache
 # ------------------------------------------------------------------------------------------------
 
-def cache_dir() -> str:
-    base = os.environ.get("FDPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fdpp")
-    return os.path.join(base, "calibration")
-
-
 def make_model_key(model: str, config: dict | str | None = None, dtype: torch.dtype | str | None = None) -> str:
     """A file-name-safe key: the model's name plus a hash of its path/name, config and dtype."""
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(os.path.normpath(str(model))) or "model")[:64]
@@ -243,7 +239,7 @@ def make_model_key(model: str, config: dict | str | None = None, dtype: torch.dt
 
 def cache_path(model_key: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_key)
-    return os.path.join(cache_dir(), f"{safe}.json")
+    return os.path.join(cache_dir("calibration"), f"{safe}.json")
 
 
 def load_or_none(model_key: str) -> CalibrationResult | None:
@@ -260,10 +256,6 @@ def load_or_none(model_key: str) -> CalibrationResult | None:
 # ------------------------------------------------------------------------------------------------
 # Calibrate
 # ------------------------------------------------------------------------------------------------
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 def _as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
@@ -310,7 +302,7 @@ def decide(collectors: Sequence[_LayerCollector], *, dtype, model_key: str, num_
         mode = "unified"
         reason = "per-model phi is as good as per-layer" if use_model_phi else "per-layer phi is better"
     return CalibrationResult(
-        model_key=model_key, dtype=_dtype_name(dtype), mode=mode, window=tuple(window),
+        model_key=model_key, dtype=dtype_name(dtype), mode=mode, window=tuple(window),
         phi_per_layer=layer_phis, model_phi=model_phi, use_model_phi=use_model_phi,
         predicted_fallback_rate=rate, num_tokens=num_tokens, score_range=score_range, reason=reason,
         layers=layers)

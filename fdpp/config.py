@@ -163,7 +163,6 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
     linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON
-    load_format: str = "auto"
     random_weights: bool = False  # build from config with random weights (benchmarks)
     show_progress: bool = True
 

@@ -18,4 +18,9 @@ class CacheTooSmallError(FdppError):
 
 
 class InvalidRequestError(FdppError, ValueError):
-    """A request (prompt, sampling parameters) is invalid."""
+    """A request (prompt, sampling parameters) is invalid. ``param`` names the offending parameter
+    when one is to blame (the server reports it as OpenAI's ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

@@ -62,7 +62,15 @@ class LLM:
         # NOTE: only final outputs are needed here: the engine skips building per-step outputs
         params = [dataclasses.replace(sp, output_kind="final_only")
                   for sp in _as_param_list(sampling_params, len(prompts))]
-        ids = [self.engine.add_request(None, p, sp) for p, sp in zip(prompts, params)]
+        ids: list[str] = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.add_request(None, p, sp))
+        except BaseException:
+            # one bad prompt rejects the whole call: take back what was queued, so nothing runs later
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm)
 
     def chat(

@@ -12,7 +12,7 @@ class CompletionOutput:
     cumulative_logprob: float | None = None
     # One dict per generated token: {token_id: logprob} holding the sampled token and the top-k.
     logprobs: list[dict[int, float]] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
 
     def finished(self) -> bool:
@@ -40,6 +40,9 @@ class RequestOutput:
     num_cached_tokens: int | None = None
     prompt_logprobs: None = None
     extra: dict = field(default_factory=dict)
+    # Set when a sequence of this request ended with finish_reason "error": what went wrong. The
+    # request failed alone; the engine and the other requests carried on.
+    error: str | None = None
 
     def __repr__(self) -> str:  # short: the default dumps every token id
         o = self.outputs[0] if self.outputs else None

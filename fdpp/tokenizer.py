@@ -40,9 +40,10 @@ def load_tokenizer(source, *, trust_remote_code: bool = False):
     are resolved with ``resolve_model``).
 
     * HF folder: ``transformers.AutoTokenizer.from_pretrained(folder)`` (local files only).
-    * GGUF: transformers' GGUF tokenizer conversion (``from_pretrained(dir, gguf_file=name)``); if
-      that fails, a byte-level BPE tokenizer built from the GGUF vocabulary and merges with
-      ``tokenizers``. The GGUF ``tokenizer.chat_template`` is set on the tokenizer either way.
+    * GGUF with a byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``: SmolLM2, Llama 3,
+      Qwen2, ...): built with ``tokenizers`` from the vocabulary and merges of the already-open file.
+      Other vocabularies: transformers' GGUF conversion (``from_pretrained(dir, gguf_file=name)``).
+      The GGUF ``tokenizer.chat_template`` is set on the tokenizer either way.
 
     Raises ``ModelLoadError`` naming the folder/file when no tokenizer can be built.
     """
@@ -77,23 +78,34 @@ def tokenizer_from_gguf(gguf_file: str):
             f"GGUF file {gguf_file!r} carries no tokenizer (no tokenizer.ggml.* metadata); use a GGUF "
             "converted with its tokenizer, or a Hugging Face folder"
         )
-    tok = None
-    try:
-        from transformers import AutoTokenizer
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tok = AutoTokenizer.from_pretrained(
-                os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file), local_files_only=True
-            )
-    except Exception as e:  # unsupported tokenizer type in transformers, old version, ...
-        logger.warning("transformers could not build the GGUF tokenizer (%s: %s); building it from the "
-                       "GGUF vocabulary", type(e).__name__, e)
+    if meta.get("tokenizer.ggml.model") == "gpt2":
+        # NOTE: byte-level BPE is built from the reader already open (the model's weights come from it
+        # too): transformers' GGUF path would parse the whole file a second time (seconds for a large
+        # vocabulary) to produce the same tokenizer (tests/test_tokenizer.py compares the two).
         tok = _bpe_tokenizer_from_gguf(reader, meta, gguf_file)
+    else:
+        tok = _transformers_gguf_tokenizer(gguf_file)
     template = meta.get("tokenizer.chat_template")
     if template and not getattr(tok, "chat_template", None):
         tok.chat_template = template
     return tok
+
+
+def _transformers_gguf_tokenizer(gguf_file: str):
+    """transformers' GGUF tokenizer conversion (SentencePiece-style and other non-BPE vocabularies)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoTokenizer.from_pretrained(
+                os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file), local_files_only=True
+            )
+    except Exception as e:  # unsupported tokenizer type in transformers, old version, ...
+        raise ModelLoadError(
+            f"transformers could not build the tokenizer of GGUF file {gguf_file!r} ({type(e).__name__}: {e}); "
+            "upgrade transformers or use a Hugging Face folder"
+        ) from e
 
 
 def _bpe_tokenizer_from_gguf(reader, meta: dict[str, Any], gguf_file: str):
@@ -107,8 +119,8 @@ def _bpe_tokenizer_from_gguf(reader, meta: dict[str, Any], gguf_file: str):
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
         raise ModelLoadError(
-            f"GGUF file {gguf_file!r} has a {kind!r} tokenizer that transformers could not convert, and fdpp's "
-            "own fallback only handles byte-level BPE ('gpt2'); upgrade transformers or use a Hugging Face folder"
+            f"GGUF file {gguf_file!r} has a {kind!r} tokenizer; fdpp's own builder handles byte-level BPE "
+            "('gpt2') only"
         )
     full = read_gguf_metadata(reader, include_vocab=True)
     tokens: list[str] = full["tokenizer.ggml.tokens"]

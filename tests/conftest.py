@@ -18,3 +18,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random-weight Llama checkpoint (vocab 128, 2 layers, context 256), written once per session."""
+    from tests.helpers import write_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    write_tiny_llama(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_llama_dir):
+    """One engine on the tiny checkpoint (CPU, float32) shared by every test that only adds requests.
+
+    Tests that use it must leave it empty (every request finished or aborted)."""
+    from fdpp import LLM
+
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off",
+              num_blocks=64, block_size=16)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm():
+    """The embedded SmolLM2-135M-Instruct on the CPU, loaded once for the whole session (loading takes
+    seconds: the GGUF header, 272 tensors, the tokenizer). Tests must leave it without requests."""
+    from fdpp import LLM
+    from fdpp.errors import ModelLoadError
+
+    try:
+        llm = LLM(dtype="float32", device="cpu", show_progress=False)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    yield llm
+    llm.close()

@@ -13,6 +13,7 @@ from fdpp.models.hf_loader import resolve_model
 from fdpp.tokenizer import (
     IncrementalDetokenizer,
     _bpe_tokenizer_from_gguf,
+    _transformers_gguf_tokenizer,
     apply_chat_template,
     load_tokenizer,
     render_chat_template,
@@ -40,9 +41,9 @@ def tok(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def fallback_tok(gguf_path):
-    reader = open_gguf(gguf_path)
-    return _bpe_tokenizer_from_gguf(reader, read_gguf_metadata(reader), gguf_path)
+def hf_tok(gguf_path):
+    """transformers' own GGUF conversion: the yardstick for fdpp's single-parse builder."""
+    return _transformers_gguf_tokenizer(gguf_path)
 
 
 def test_gguf_tokenizer_round_trip(tok):
@@ -54,11 +55,24 @@ def test_gguf_tokenizer_round_trip(tok):
     assert tok.eos_token == "<|im_end|>" and tok.convert_tokens_to_ids("<|im_end|>") == 2
 
 
-def test_fallback_bpe_tokenizer_matches_transformers(tok, fallback_tok):
-    for text in TEXTS:
-        ids = tok.encode(text, add_special_tokens=False)
-        assert fallback_tok.encode(text, add_special_tokens=False) == ids
-        assert fallback_tok.decode(ids) == text
+def test_gguf_tokenizer_matches_transformers_conversion(tok, hf_tok):
+    """fdpp builds the GGUF's BPE tokenizer from the open file; transformers re-parses the file for
+    the same result: encodings, decodings (with and without special tokens) and special tokens agree."""
+    import random
+
+    for text in TEXTS + ["<|endoftext|>hi <|im_end|> ", "a" * 50]:
+        for special in (False, True):
+            assert tok.encode(text, add_special_tokens=special) == hf_tok.encode(text, add_special_tokens=special)
+        assert tok.decode(hf_tok.encode(text, add_special_tokens=False)) == text
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = rng.sample(range(len(hf_tok)), 20)
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf_tok.decode(ids, skip_special_tokens=skip)
+    for attr in ("bos_token", "eos_token", "pad_token", "unk_token", "all_special_ids"):
+        assert getattr(tok, attr) == getattr(hf_tok, attr), attr
+    assert tok.added_tokens_decoder == hf_tok.added_tokens_decoder
+    assert tok.chat_template == hf_tok.chat_template
 
 
 def test_chat_template_smollm2_format(tok, gguf_path):
@@ -76,10 +90,12 @@ def test_chat_template_smollm2_format(tok, gguf_path):
     )
 
 
-def test_chat_template_fallback_and_bad_messages(tok, fallback_tok):
-    assert not fallback_tok.chat_template
+def test_chat_template_fallback_and_bad_messages(tok, gguf_path):
+    reader = open_gguf(gguf_path)
+    no_template_tok = _bpe_tokenizer_from_gguf(reader, read_gguf_metadata(reader), gguf_path)
+    assert not no_template_tok.chat_template
     with pytest.warns(UserWarning, match="no chat template"):
-        text = render_chat_template(fallback_tok, [{"role": "user", "content": "hi"}])
+        text = render_chat_template(no_template_tok, [{"role": "user", "content": "hi"}])
     assert text == "user: hi\nassistant: "
     for bad in ([], "hello", [{"content": "no role"}], [("user", "hi")]):
         with pytest.raises(InvalidRequestError):

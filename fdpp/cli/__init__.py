@@ -17,7 +17,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from fdpp.cli.common import Parser
+
+    parser = Parser(
         prog="fdpp",
         description="fdpp: fast LLM inference (FlashDecoding++ in Triton). With no --model, the embedded "
         "SmolLM2-135M-Instruct is used. Run 'fdpp COMMAND --help' for a command's flags.",
@@ -25,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fdpp import __version__
 
     parser.add_argument("--version", action="version", version=f"fdpp {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, module in COMMANDS.items():
         try:
             mod = importlib.import_module(module)

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     lat.add_argument("--batch-size", type=int, nargs="+", default=[1], help="batch size(s)")
     lat.add_argument("--input-len", type=int, nargs="+", default=[128], help="prompt length(s) in tokens")
     lat.add_argument("--output-len", type=int, default=128, help="tokens to generate")
-    lat.add_argument("--json", default=None, help="write the results to this JSON file")
+    lat.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
     add_model_args(lat)
     lat.set_defaults(func=run_latency)
     thr = bsub.add_parser("throughput", help="many requests with random lengths: output tokens/s",
@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                      help="prompt length range")
     thr.add_argument("--output-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"),
                      help="output length range")
-    thr.add_argument("--json", default=None, help="write the result to this JSON file")
+    thr.add_argument("--json", default=None, metavar="FILE", help="also write the result to this JSON file")
     add_model_args(thr)
     thr.set_defaults(func=run_throughput)
 
@@ -43,6 +43,13 @@ def _llm(args: argparse.Namespace, max_len: int):
     if args.max_model_len is None:
         args.max_model_len = max_len
     return llm_from_args(args)
+
+
+def _fmt_gbs(gbs: float | None) -> str:
+    """Achieved GB/s with 3 significant digits: hundreds on a GPU, fractions on a CPU."""
+    if not gbs:
+        return "-"
+    return f"{gbs:.0f}" if gbs >= 100 else f"{gbs:.3g}"
 
 
 def run_latency(args: argparse.Namespace) -> int:
@@ -58,8 +65,8 @@ def run_latency(args: argparse.Namespace) -> int:
         for n_in in args.input_len:
             r = bench(llm, args.model or "smollm2-135m", bs, n_in, args.output_len, copy_bw=bw)
             results.append(r.as_dict())
-            pct = f"{r.pct_of_copy_bw:.1f}" if r.pct_of_copy_bw else "-"
-            gbs = f"{r.achieved_bw_gbs:.0f}" if r.achieved_bw_gbs else "-"
+            pct = f"{r.pct_of_copy_bw:.1f}" if r.pct_of_copy_bw else "-"  # no copy bandwidth off CUDA
+            gbs = _fmt_gbs(r.achieved_bw_gbs)
             print(f"{bs:>5} {n_in:>6} {r.prefill_ms:>9.2f} {r.decode_step_ms:>8.3f} "
                   f"{r.decode_tokens_per_s * 1:>9.1f} {gbs:>8} {pct:>7}", flush=True)
     if args.json:
@@ -73,7 +80,11 @@ def run_throughput(args: argparse.Namespace) -> int:
 
     llm = _llm(args, args.input_len[1] + args.output_len[1] + 8)
     r = bench(llm, args.num_prompts, tuple(args.input_len), tuple(args.output_len), seed=args.seed)
-    print(json.dumps(r, indent=1))
+    print(f"{'requests':>8} {'input':>9} {'output':>9} {'elapsed s':>9} {'out tok/s':>9} {'req/s':>7} "
+          f"{'preempt':>7}")
+    print(f"{r['num_prompts']:>8} {r['total_input_tokens']:>9} {r['total_output_tokens']:>9} "
+          f"{r['elapsed_s']:>9.2f} {r['output_tokens_per_s']:>9.1f} {r['requests_per_s']:>7.2f} "
+          f"{r['preemptions']:>7}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)

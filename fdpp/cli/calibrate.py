@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fdpp.cli.common import llm_from_args
-    from fdpp.models.loading import calibrate_engine, set_phi
+    from fdpp.engine.loading import calibrate_engine, set_phi
 
     args.calibration = "off"  # calibrating: do not load (or make) a cached one first
     llm = llm_from_args(args)

@@ -1,8 +1,30 @@
-"""Flags shared by the commands that load a model or sample."""
+"""Flags shared by the commands that load a model or sample, and the help formatter of every command."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
+
+from fdpp.errors import InvalidRequestError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless the help already states it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Every fdpp parser and sub-parser (sub-parsers are made with the parent's class) shows defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -34,7 +56,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration", default="auto",
                    help="unified-max calibration: auto (cached, made on first use), off, or a JSON path")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: $FDPP_NUM_THREADS, else $OMP_NUM_THREADS, else the "
+                   "cores not busy now: usable cores minus the 1-minute load average)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or status lines")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -53,8 +78,32 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
+def set_cpu_threads(args: argparse.Namespace) -> int | None:
+    """Pick PyTorch's intra-op thread count (see --threads); returns it, or None when OMP_NUM_THREADS
+    already decides. NOTE: torch's default (every core) is a poor choice on a shared machine: with two
+    busy cores, generation fell from 5.3 to 0.6 tokens/s."""
+    import torch
+
+    from fdpp.utils import free_cpu_cores
+
+    n = args.threads
+    if n is None and os.environ.get("FDPP_NUM_THREADS"):
+        n = int(os.environ["FDPP_NUM_THREADS"])
+    if n is None and os.environ.get("OMP_NUM_THREADS"):
+        return None
+    n = n if n is not None else free_cpu_cores()
+    if n < 1:
+        raise InvalidRequestError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
+
 def llm_from_args(args: argparse.Namespace) -> Any:
-    from fdpp.llm import LLM
+    from fdpp.utils import phase
+
+    with phase("Loading PyTorch", not args.quiet):  # the first import of torch and triton takes seconds
+        from fdpp.llm import LLM
+    set_cpu_threads(args)
 
     kwargs: dict[str, Any] = dict(
         max_num_seqs=args.max_num_seqs,
@@ -75,9 +124,24 @@ def llm_from_args(args: argparse.Namespace) -> Any:
     return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs)
 
 
+# SamplingParams field -> the flag that sets it, for error messages in the CLI's words
+_FLAGS = {"seed": "--seed-sampling", "stop": "--stop"}
+
+
 def sampling_from_args(args: argparse.Namespace) -> Any:
+    """The sampling flags as SamplingParams; raises InvalidRequestError naming the flag. Call it before
+    loading the model, so a typo costs no load time."""
     from fdpp.sampling_params import SamplingParams
 
+    try:
+        return _sampling_params(SamplingParams, args)
+    except InvalidRequestError as e:
+        flag = _FLAGS.get(e.param or "", "--" + (e.param or "").replace("_", "-"))
+        msg = str(e).removeprefix("SamplingParams: ").removeprefix(e.param or "").strip()
+        raise InvalidRequestError(f"{flag} {msg}", param=e.param) from None
+
+
+def _sampling_params(SamplingParams: Any, args: argparse.Namespace) -> Any:
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from fdpp.utils import cache_dir, dtype_name
+
 FORMAT = "fdpp-dataflow/1"
 IMPLS = ("gemv", "flat", "cublas")
 SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
@@ -38,17 +40,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
 RULE_M1 = 1  # gemv for M <= RULE_M1
 RULE_M2 = 64  # flat for RULE_M1 < M <= RULE_M2, cuBLAS above
 
-_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 Choice = tuple  # (impl: str, config: dict | None)
-
-
-def dtype_name(dtype: torch.dtype | str) -> str:
-    """"float16" for torch.float16 (and for "float16" / "fp16" / "half")."""
-    if isinstance(dtype, torch.dtype):
-        return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32"}
-    return aliases.get(dtype, dtype)
 
 
 def rule_choice(m: int) -> Choice:
@@ -163,7 +156,7 @@ class DispatchTable:
 
     def lookup(self, dtype: torch.dtype | str, n: int, k: int, m: int) -> Choice | None:
         """(impl, config) for this shape and M, or None when the shape has no entry."""
-        entry = self.entries.get((_DTYPE_NAMES.get(dtype) or dtype_name(dtype), n, k))
+        entry = self.entries.get((dtype_name(dtype), n, k))
         return entry.choose(m) if entry is not None else None
 
     def to_dict(self) -> dict:
@@ -213,8 +206,7 @@ def gpu_slug(gpu_name: str) -> str:
 
 def user_table_dir() -> Path:
     """Where ``fdpp tune`` writes tables by default ($FDPP_CACHE_DIR or ~/.cache/fdpp, then dataflow/)."""
-    base = os.environ.get("FDPP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "fdpp")
-    return Path(base) / "dataflow"
+    return Path(cache_dir("dataflow"))
 
 
 def table_paths(gpu_name: str) -> list[Path]:

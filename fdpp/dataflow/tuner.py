@@ -351,7 +351,7 @@ def tune_model(
 
     The GEMV is profiled only up to ``gemv_max_m`` (on Hopper it wins at M = 1 only; the benchmark
     profiles it to 64 for the static all-GEMV comparison)."""
-    from fdpp.kernels.gemv import num_sms
+    from fdpp.kernels.device import num_sms
 
     device = torch.device(device)
     sms = num_sms(device)

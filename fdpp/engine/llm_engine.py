@@ -11,11 +11,12 @@ import torch
 from fdpp.config import EngineConfig, ModelConfig, resolve_device
 from fdpp.engine.block_manager import BlockManager
 from fdpp.engine.model_runner import ModelRunner, kv_bytes_per_token, num_blocks_for_budget
-from fdpp.engine.scheduler import Scheduler
+from fdpp.engine.scheduler import ScheduledBatch, Scheduler
 from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError, FdppError, InvalidRequestError
 from fdpp.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fdpp.sampling_params import SamplingParams
+from fdpp.utils import phase
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class _Request:
     metrics: RequestMetrics
     detoks: list[Any] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
+    error: str | None = None  # why a sequence of this request ended with finish_reason "error"
 
 
 class LLMEngine:
@@ -43,13 +45,12 @@ class LLMEngine:
         self.config = config
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        from fdpp.models.loading import load_model_and_tokenizer
+        from fdpp.engine.loading import load_model_and_tokenizer
 
-        loaded = load_model_and_tokenizer(config, self.device)
+        loaded, self.tokenizer = load_model_and_tokenizer(config, self.device)
         self.model_config: ModelConfig = loaded.model_config
         self.model = loaded.model
         self.dtype = loaded.dtype
-        self.tokenizer = loaded.tokenizer
         self.model_key = loaded.model_key
         mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
@@ -66,7 +67,7 @@ class LLMEngine:
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,
         )
-        from fdpp.models.loading import apply_calibration
+        from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -87,7 +88,8 @@ class LLMEngine:
                 free, total = torch.cuda.mem_get_info(self.device)
                 used = total - free
                 # Activations of the largest step, measured by a profiling pass.
-                peak = self._profile_activation_bytes()
+                with phase("Measuring activation memory", self.config.show_progress):
+                    peak = self._profile_activation_bytes()
                 budget = int(total * cc.gpu_memory_utilization - used - peak)
             else:
                 budget = _CPU_KV_BUDGET
@@ -95,8 +97,6 @@ class LLMEngine:
 
     def _profile_activation_bytes(self) -> int:
         """Run the largest prefill once with a throw-away cache; return its peak activation memory."""
-        from fdpp.engine.scheduler import ScheduledBatch
-
         n = min(self.max_num_batched_tokens, self.max_model_len)
         bs = self.config.cache.block_size
         blocks = -(-n // bs)
@@ -160,10 +160,15 @@ class LLMEngine:
                 f"the prompt has {len(ids)} tokens but the KV cache holds only {capacity}; "
                 "give the cache more memory or shorten the prompt"
             )
+        if params.logprobs is not None and params.logprobs > self.model_config.vocab_size:
+            raise InvalidRequestError(
+                f"logprobs={params.logprobs} exceeds the vocabulary size ({self.model_config.vocab_size})",
+                param="logprobs",
+            )
         now = arrival_time or time.time()
         seqs = []
         for i in range(params.n):
-            p = params if params.n == 1 else replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            p = params if params.n == 1 else replace(params, n=1, seed=_nth_seed(params.seed, i))
             seqs.append(Sequence(request_id, ids, p, now))
         req = _Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
         # everything that can fail comes before the request is queued: a raise leaves the engine as it was
@@ -197,6 +202,14 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return the outputs of the requests it advanced.
+
+        A failure that can be traced to one request (its sampling parameters cannot become tensors,
+        detokenizing or a stop check raised) ends that request alone with finish_reason "error" (the
+        message is on ``RequestOutput.error``) and frees its blocks; the other requests go on. Only a
+        failure that no single request explains (every sequence of the batch fails even when run
+        alone) is raised, and the caller aborts the batch.
+        """
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.waiting:
@@ -207,33 +220,14 @@ class LLMEngine:
             m = self.requests[seq.request_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
-        sampled_seqs, out = self.runner.execute(batch)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
+        results, failed = self._execute(batch)
+        for sub, _ in results:
+            for seq, n in zip(sub.seqs, sub.num_new_tokens):
+                seq.num_computed_tokens += n
         touched: dict[str, _Request] = {}
-        if out is not None:
-            ids = out.token_ids.tolist()
-            lps = out.logprobs.tolist() if out.logprobs is not None else None
-            top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            now = time.time()
-            for row, (seq, tok) in enumerate(zip(sampled_seqs, ids)):
-                req = self.requests[seq.request_id]
-                seq.append_token(tok)
-                if lps is not None:
-                    seq.cumulative_logprob += lps[row]
-                    if seq.logprobs is not None:
-                        entry = {tok: lps[row]}
-                        k = seq.params.logprobs or 0
-                        if top_ids is not None and k > 0:
-                            for t, lp in zip(top_ids[row][:k], top_lp[row][:k]):
-                                entry.setdefault(t, lp)
-                        seq.logprobs.append(entry)
-                if req.metrics.first_token_time is None:
-                    req.metrics.first_token_time = now
-                req.metrics.last_token_time = now
-                self._update_text_and_check_stop(req, seq, tok)
-                touched[req.request_id] = req
+        failed += self._append_samples(results, touched)
+        for seq, error in failed:
+            touched[seq.request_id] = self._fail(seq, error)
         outputs = []
         for req in touched.values():
             finished = all(s.is_finished for s in req.seqs)
@@ -243,6 +237,86 @@ class LLMEngine:
                 req.metrics.finished_time = time.time()
                 del self.requests[req.request_id]
         return outputs
+
+    def _execute(self, batch: ScheduledBatch) -> tuple[list, list[tuple[Sequence, BaseException]]]:
+        """Run ``batch``; return ``[(sub_batch, (sampled_seqs, sampler_output))]`` for what ran and
+        ``[(seq, error)]`` for the sequences that failed.
+
+        If the batch raises, each sequence is run alone (writing the same KV slots again, which is
+        harmless): the ones that fail alone are to blame and end alone. If every sequence of a larger
+        batch fails alone too, the failure is not attributable to a request and propagates (the
+        caller aborts the batch). A batch of one sequence that fails is that sequence's failure."""
+        try:
+            return [(batch, self.runner.execute(batch))], []
+        except Exception as batch_error:
+            if len(batch) == 1:
+                self._log_failure(batch.seqs[0], batch_error)
+                return [], [(batch.seqs[0], batch_error)]
+            results, failed = [], []
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                forks = {seq.seq_id: batch.forks[seq.seq_id]} if seq.seq_id in batch.forks else {}
+                is_prefill = n != 1 or seq.num_computed_tokens != seq.num_tokens - 1
+                solo = ScheduledBatch([seq], [n], is_prefill, forks=forks)  # copies were made already
+                try:
+                    results.append((solo, self.runner.execute(solo)))
+                except Exception as e:  # noqa: BLE001 - attributed to this sequence
+                    failed.append((seq, e))
+            if not results:
+                raise batch_error
+            for seq, e in failed:
+                self._log_failure(seq, e)
+            return results, failed
+
+    @staticmethod
+    def _log_failure(seq: Sequence, error: BaseException) -> None:
+        logger.warning("request %s failed and is ended alone (the others go on): %s: %s",
+                       seq.request_id, type(error).__name__, error)
+
+    def _append_samples(self, results: list, touched: dict[str, _Request]) -> list[tuple[Sequence, BaseException]]:
+        """Append each sampled token (logprobs, text, stop checks) and note its request in ``touched``;
+        return the sequences whose processing raised."""
+        failed = []
+        now = time.time()
+        for _, (sampled_seqs, out) in results:
+            if out is None:
+                continue
+            ids = out.token_ids.tolist()
+            lps = out.logprobs.tolist() if out.logprobs is not None else None
+            top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
+            for row, (seq, tok) in enumerate(zip(sampled_seqs, ids)):
+                req = self.requests[seq.request_id]
+                touched[req.request_id] = req
+                try:
+                    seq.append_token(tok)
+                    if lps is not None:
+                        seq.cumulative_logprob += lps[row]
+                        if seq.logprobs is not None:
+                            entry = {tok: lps[row]}
+                            k = seq.params.logprobs or 0
+                            if top_ids is not None and k > 0:
+                                for t, lp in zip(top_ids[row][:k], top_lp[row][:k]):
+                                    entry.setdefault(t, lp)
+                            seq.logprobs.append(entry)
+                    if req.metrics.first_token_time is None:
+                        req.metrics.first_token_time = now
+                    req.metrics.last_token_time = now
+                    self._update_text_and_check_stop(req, seq, tok)
+                except Exception as e:  # noqa: BLE001 - this request's own post-processing failed
+                    self._log_failure(seq, e)
+                    failed.append((seq, e))
+        return failed
+
+    def _fail(self, seq: Sequence, error: BaseException) -> _Request:
+        """End ``seq`` with finish_reason "error" (blocks freed); the request records the message."""
+        req = self.requests[seq.request_id]
+        if req.error is None:
+            req.error = f"{type(error).__name__}: {error}"
+        if not seq.is_finished:
+            if seq in self.scheduler.waiting:  # a chunked prefill in progress
+                self.scheduler.waiting.remove(seq)
+            self._finish(seq, "error", None)
+        return req
 
     def _update_text_and_check_stop(self, req: _Request, seq: Sequence, tok: int) -> None:
         i = req.seqs.index(seq)
@@ -320,14 +394,13 @@ class LLMEngine:
             outputs=outs,
             finished=all(s.is_finished for s in req.seqs),
             metrics=req.metrics,
+            error=req.error,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
         )
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len(token_ids), vocab] at every position of one prompt, by one prefill through the
         paged cache (blocks are taken for the call and given back). For checks and calibration."""
-        from fdpp.engine.scheduler import ScheduledBatch
-
         n = len(token_ids)
         if not 0 < n <= self.max_model_len:
             raise InvalidRequestError(f"prompt_logits: {n} tokens; give 1..{self.max_model_len}")
@@ -373,6 +446,13 @@ class LLMEngine:
         """Drop every cached block that no running request holds (e.g. a cold-cache benchmark).
         Returns how many blocks were dropped."""
         return self.block_manager.reset_cache()
+
+
+def _nth_seed(seed: int | None, i: int) -> int | None:
+    """The seed of the i-th completion of a request (n > 1): seed + i, wrapped into int64."""
+    if seed is None:
+        return None
+    return (seed + i + 2**63) % 2**64 - 2**63
 
 
 def _eos_ids(mc: ModelConfig, tokenizer: Any) -> tuple[int, ...]:

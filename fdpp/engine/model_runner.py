@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from fdpp.config import ModelConfig
-from fdpp.engine.context import forward_context
 from fdpp.engine.scheduler import ScheduledBatch
 from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError
+from fdpp.layers.context import forward_context
 from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
 from fdpp.ops.attention import AttentionMetadata
 
@@ -154,7 +154,8 @@ class ModelRunner:
                (p.min_tokens == 0 or p.ignore_eos) for p in params):
             return SamplingBatch.greedy()
         temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else V for p in params], dtype=torch.int64, device=dev)
+        # NOTE: clamped to the vocabulary on the host, so any top_k the params allow fits int64
+        top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], dtype=torch.int64, device=dev)
         enabled_k = [p.top_k for p in params if 0 < p.top_k < V and not p.is_greedy]
         b = SamplingBatch(
             temperatures=temps,
@@ -165,7 +166,7 @@ class ModelRunner:
             max_top_k=max(enabled_k, default=0),
             use_top_p=any(p.top_p < 1.0 and not p.is_greedy for p in params),
             use_min_p=any(p.min_p > 0.0 and not p.is_greedy for p in params),
-            num_logprobs=max((p.logprobs for p in params if p.logprobs is not None), default=-1),
+            num_logprobs=min(max((p.logprobs for p in params if p.logprobs is not None), default=-1), V),
         )
         if any(p.has_penalties for p in params):
             b.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)

@@ -26,11 +26,12 @@ zeroed). A separate reduce kernel (`fused_reduce=False`) does the same merge in 
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fdpp.kernels.device import num_sms, upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
 
@@ -252,13 +253,7 @@ def paged_decode_reduce_kernel(
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there (CPU tests)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 _workspace: dict[tuple, torch.Tensor] = {}
-_num_sms: dict[int, int] = {}
 
 # Split heuristic (choose_num_splits), picked by `bench/bench_attention.py --tune` on an H200 over 20
 # candidates: fill ~2 programs per SM, never less than 128 tokens per split. Overridable per call.
@@ -285,15 +280,6 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     want = -(-target * num_sms // groups)
     by_len = max(1, max_context_len // min_tokens)
     return int(max(1, min(want, by_len, cap)))
-
-
-def num_sms_of(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # interpreter: behave like an H100 so the split logic is exercised
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _num_sms:
-        _num_sms[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _num_sms[idx]
 
 
 def split_counters(device: torch.device, numel: int) -> torch.Tensor:
@@ -397,7 +383,7 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    cfg = _default_config(head_dim, group, q.dtype, num_seqs * num_kv_heads >= num_sms_of(q.device))
+    cfg = _default_config(head_dim, group, q.dtype, num_seqs * num_kv_heads >= num_sms(q.device))
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
@@ -418,7 +404,7 @@ def paged_decode_attention(
         return out
     eff_len = max_context_len if sliding_window is None else min(max_context_len, sliding_window)
     if num_splits is None:
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, eff_len, num_sms_of(device))
+        num_splits = choose_num_splits(num_seqs, num_kv_heads, eff_len, num_sms(device))
     num_splits = max(1, int(num_splits))
     if stats is None:
         stats = torch.zeros(2, dtype=torch.int64, device=device)
@@ -452,7 +438,7 @@ def paged_decode_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
             UNIFIED=unified, IS_FALLBACK=is_fallback, SINGLE_SPLIT=single,
             FUSED_REDUCE=fused_reduce, USE_DOT=use_dot, HAS_SLIDING=sliding_window is not None,
-            DOT_PRECISION=dot_precision, UPCAST_DOT=_upcast_dot(q.dtype),
+            DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_bf16_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
         if not single and not fused_reduce:

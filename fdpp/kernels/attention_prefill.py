@@ -19,11 +19,12 @@ synchronized (online-softmax) kernel recomputes only flagged tiles: its other pr
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fdpp.kernels.device import upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
 
@@ -161,11 +162,6 @@ def paged_prefill_kernel(
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _upcast_dot(dtype: torch.dtype) -> bool:
-    """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits: upcast there (CPU tests)."""
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _default_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     if not on_gpu:
         return {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
@@ -262,7 +258,7 @@ def paged_prefill_attention(
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
             UNIFIED=unified, IS_FALLBACK=is_fallback, HAS_SLIDING=sliding_window is not None,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=_upcast_dot(q.dtype),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_bf16_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
 

@@ -16,18 +16,16 @@ Configs come from the dataflow table (fdpp.dataflow); nothing is auto-tuned on t
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from fdpp.kernels.device import num_sms, upcast_bf16_dot
 from fdpp.kernels.gemv import (
     _epilogue_store,
     check_linear_args,
     launch_splitk_epilogue,
     linear_launch_args,
-    num_sms,
 )
 
 
@@ -111,7 +109,6 @@ def flat_gemm_kernel(
         )
 
 
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FLAT_MIN_BLOCK_M = 16  # smallest M side tl.dot accepts
 
 
@@ -173,7 +170,7 @@ def flat_gemm(
     grid = (triton.cdiv(kernel_n, block_n), triton.cdiv(M, block_m), num_splits)
     # NOTE: Triton's CPU interpreter computes bf16 tl.dot wrongly (garbage of ~1e10 in triton 3.9), so
     # under TRITON_INTERPRET the bf16 tiles are upcast to fp32 before the dot. Never taken on a GPU.
-    upcast_dot = _INTERPRETING and x.dtype == torch.bfloat16
+    upcast_dot = upcast_bf16_dot(x.dtype)
     args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
                                      kb_per_split, use_ws)
     flat_gemm_kernel[grid](

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fdpp.kernels.device import num_sms
+
 ACTS = (None, "silu_and_mul")
 
 
@@ -315,20 +317,6 @@ def check_linear_args(
         if residual.stride(1) != 1:
             raise ValueError(f"{op}: residual needs unit stride along its last dim; call .contiguous() first")
     return M, N, K, n_out
-
-
-_NUM_SMS: dict[int, int] = {}
-
-
-def num_sms(device: torch.device) -> int:
-    """Multiprocessor count of ``device`` (cached; 1 off CUDA, where the interpreter runs)."""
-    if device.type != "cuda":
-        return 1
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _NUM_SMS.get(idx)
-    if n is None:
-        n = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
 
 
 def linear_launch_args(x, weight, bias, residual, out, ws, kernel_n: int, n_gate: int, kb_per_split: int,

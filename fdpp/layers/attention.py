@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fdpp.engine.context import get_attention_metadata
+from fdpp.layers.context import get_attention_metadata
 from fdpp.ops import attention as attn_ops
 from fdpp.ops.rotary import rope_and_store_kv
 

@@ -73,5 +73,5 @@ class GateUpLinear(MergedLinear):
     def __init__(self, in_features: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size}, bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, act="silu_and_mul")

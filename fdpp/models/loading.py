@@ -1,7 +1,10 @@
-"""From a model argument (None, a preset name, a folder, a .gguf file) to a model and tokenizer."""
+"""From a model argument (None, a preset name, a folder, a .gguf file) to a built model with its weights.
+
+Model-level only: the tokenizer and calibration are the engine's business (``fdpp.engine.loading``)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import os
 from dataclasses import dataclass
@@ -11,8 +14,10 @@ import torch
 from torch import nn
 
 from fdpp.config import EngineConfig, ModelConfig, resolve_dtype
+from fdpp.errors import ModelLoadError
 from fdpp.models.loader import build_model
-from fdpp.models.presets import get_preset
+from fdpp.models.presets import PRESETS, get_preset
+from fdpp.utils import dtype_name, phase
 
 logger = logging.getLogger(__name__)
 
@@ -22,14 +27,17 @@ class LoadedModel:
     model_config: ModelConfig
     model: nn.Module
     dtype: torch.dtype
-    tokenizer: Any  # a transformers tokenizer, or None for random-weight presets
     model_key: str  # identifies the weights, for caches (calibration)
-    source: Any = None
+    source: Any = None  # the ModelSource read (None for random weights)
 
 
-def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> LoadedModel:
+def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
+    """Build ``config.model`` on ``device``: random weights for a preset (or ``random_weights``), else
+    the checkpoint's weights streamed in."""
     name = config.model
     preset = get_preset(name) if isinstance(name, str) and not os.path.exists(name) else None
+    if preset is None and isinstance(name, str) and _is_bare_name(name):
+        raise _unknown_model(name)
     if preset is not None or config.random_weights:
         if preset is None:
             from fdpp.models.hf_loader import load_model_config, resolve_model
@@ -38,13 +46,15 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
         mc = _extend_context(ModelConfig.from_hf_dict(preset), config.max_model_len)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
         model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False)
-        return LoadedModel(mc, model, dtype, None, f"{name}-random-{str(dtype).removeprefix('torch.')}")
+        return LoadedModel(mc, model, dtype, f"{name}-random-{dtype_name(dtype)}")
 
     from fdpp.models.hf_loader import iter_model_tensors, load_model_config, resolve_model
-    from fdpp.tokenizer import load_tokenizer
 
     src = resolve_model(name)
-    hf_dict = load_model_config(src)
+    # a GGUF header with a large vocabulary takes seconds to parse (once: the weights and the
+    # tokenizer reuse the open reader)
+    with phase(f"Reading {src.name}", config.show_progress and src.kind == "gguf"):
+        hf_dict = load_model_config(src)
     mc = _extend_context(ModelConfig.from_hf_dict(hf_dict), config.max_model_len)
     dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
     weights = iter_model_tensors(src, dtype, config=hf_dict)
@@ -56,15 +66,26 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> Load
     else:
         num = None
         key = "hf-" + os.path.abspath(src.path).strip("/").replace("/", "_")
-    key += "-" + str(dtype).removeprefix("torch.")  # the safe window of phi depends on the dtype
+    key += "-" + dtype_name(dtype)  # the safe window of phi depends on the dtype
     model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress)
-    tokenizer = load_tokenizer(src) if _has_tokenizer(src) else None
-    if tokenizer is None:
-        logger.warning("%s has no tokenizer files: prompts must be token ids and outputs have no text", src.path)
-    return LoadedModel(mc, model, dtype, tokenizer, key, src)
+    return LoadedModel(mc, model, dtype, key, src)
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+def _is_bare_name(name: str) -> bool:
+    """A word (no path separator, no file suffix) that is not an existing path: meant as a preset."""
+    path = os.path.expanduser(name)
+    return not os.path.exists(path) and os.sep not in name and "/" not in name and not name.endswith(".gguf")
+
+
+def _unknown_model(name: str) -> ModelLoadError:
+    names = sorted(PRESETS)
+    close = difflib.get_close_matches(name.lower(), names, n=2, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ModelLoadError(
+        f"model {name!r} is neither an existing path nor a preset name.{hint} Presets (random weights, "
+        f"real shapes): {', '.join(names)}. For real weights give a Hugging Face folder or a .gguf file; "
+        "with no model the embedded SmolLM2-135M-Instruct is used"
+    )
 
 
 def _extend_context(mc: ModelConfig, max_model_len: int | None) -> ModelConfig:
@@ -76,61 +97,3 @@ def _extend_context(mc: ModelConfig, max_model_len: int | None) -> ModelConfig:
         max_model_len, mc.max_position_embeddings,
     )
     return dataclasses.replace(mc, max_position_embeddings=max_model_len)
-
-
-def _has_tokenizer(src: Any) -> bool:
-    return src.kind == "gguf" or any(os.path.exists(os.path.join(src.path, f)) for f in _TOKENIZER_FILES)
-
-
-def apply_calibration(engine: Any, mode: str) -> Any:
-    """Set each attention layer's unified max value (phi) from a calibration file.
-
-    ``mode``: "off" (synchronized softmax everywhere), "auto" (use the cached calibration of this
-    model, calibrating on first use when attention runs the Triton kernels), or a path to a JSON file.
-    Returns the CalibrationResult in use, or None.
-    """
-    from fdpp.ops.backend import attention_backend
-
-    if mode == "off":
-        return None
-    if mode == "auto" and attention_backend(engine.device) != "triton":
-        return None  # only the Triton kernels use phi
-    from fdpp import calibration as cal
-
-    if mode == "auto":
-        result = cal.load_or_none(engine.model_key)
-        if result is None:
-            result = calibrate_engine(engine)
-    else:
-        result = cal.CalibrationResult.load(mode)
-    set_phi(engine.model, result)
-    return result
-
-
-def set_phi(model: nn.Module, result: Any) -> None:
-    for attn in model.attention_layers():
-        attn.phi = None if result is None else result.phi_for_layer(attn.layer_idx)
-
-
-def calibrate_engine(engine: Any, texts: list[str] | None = None, save: bool = True) -> Any:
-    """Run the built-in calibration text through the model and record per-layer score statistics."""
-    from fdpp import calibration as cal
-    from fdpp.ops.backend import use_backends
-
-    def run_model(token_ids: list[int]) -> None:
-        with use_backends(attention="reference"):
-            engine.prompt_logits(token_ids[: engine.max_model_len - 1])
-
-    if texts is None and engine.tokenizer is None:
-        # random-weight models have no tokenizer: calibrate on random token ids
-        gen = torch.Generator().manual_seed(0)
-        texts = [torch.randint(0, engine.model_config.vocab_size, (256,), generator=gen).tolist() for _ in range(2)]
-    return cal.calibrate(
-        run_model,
-        num_layers=engine.model_config.num_hidden_layers,
-        dtype=engine.dtype,
-        model_key=engine.model_key,
-        texts=texts,
-        tokenizer=engine.tokenizer,
-        save=save,
-    )

@@ -97,11 +97,16 @@ class RequestGroup:
                 if error is not None:
                     raise error
                 if not items:
+                    stopping = self.engine.is_stopping
                     try:
-                        await asyncio.wait_for(self._event.wait(), timeout=2.0)
+                        await asyncio.wait_for(self._event.wait(), timeout=0.1 if stopping else 2.0)
                     except asyncio.TimeoutError:
                         if self.engine.is_dead:
                             raise EngineDeadError(self.engine._dead_reason()) from None
+                        if self.engine.stop_is_overdue:
+                            # The loop aborts everything after its current step; a long step is not waited for.
+                            raise RequestAbortedError(
+                                "the server is shutting down; the request was aborted") from None
                     continue
                 for idx in sorted(items):
                     out = items[idx]
@@ -126,8 +131,10 @@ class RequestGroup:
 class AsyncEngine:
     """Runs ``engine`` (an ``LLMEngine``) in a background thread; see the module docstring."""
 
-    def __init__(self, engine: Any, idle_poll_s: float = 0.5) -> None:
+    def __init__(self, engine: Any, idle_poll_s: float = 0.5, stop_grace_s: float = 1.0) -> None:
         self.engine = engine
+        self.stop_grace_s = stop_grace_s  # after a stop request, how long readers wait for the current step
+        self._stop_time: float | None = None
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._groups: dict[str, tuple[RequestGroup, int]] = {}  # engine request id -> (group, index)
         self._thread: threading.Thread | None = None
@@ -145,6 +152,7 @@ class AsyncEngine:
         if self._active.is_set():
             return
         self._stopping.clear()
+        self._stop_time = None
         self._active.set()
         self._thread = threading.Thread(target=self._run, name="fdpp-engine", daemon=True)
         self._thread.start()
@@ -154,12 +162,25 @@ class AsyncEngine:
         return self._active.is_set() and not self._stopping.is_set()
 
     @property
+    def is_stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
+    def stop_is_overdue(self) -> bool:
+        """A stop was requested more than ``stop_grace_s`` ago (the loop is still in a step)."""
+        t = self._stop_time
+        return t is not None and time.monotonic() - t > self.stop_grace_s
+
+    @property
     def is_dead(self) -> bool:
         """The loop has exited (or was never started)."""
         return not self._active.is_set()
 
     def request_stop(self) -> None:
-        """Ask the loop to abort every in-flight request and stop; returns at once (signal-safe)."""
+        """Ask the loop to abort every in-flight request and stop; returns at once (signal-safe). The loop
+        stops after its current step; readers give up on their requests ``stop_grace_s`` from now."""
+        if self._stop_time is None:
+            self._stop_time = time.monotonic()
         self._stopping.set()
         self._cmds.put(("stop",))
 

@@ -97,7 +97,31 @@ def check_triton_against_hf(
     """Prefill logits and greedy tokens through the Triton attention kernels (prefill and paged
     decode) and Triton GEMMs: the flat GEMM for the prefill (M = prompt length), ``decode_linear``
     (the GEMV, or the flat GEMM) for the decode steps (M = 1), as the dataflow would choose them.
-    Kept tiny: the Triton interpreter is slow."""
+
+    Twice: with the synchronized softmax (no phi), then with the asynchronized (unified-max) softmax
+    and the phi that calibration picks for this model, asserting the unified kernels kept their rows
+    on the fast path (the fallback counters). Kept tiny: the Triton interpreter is slow."""
+    from fdpp.engine.loading import calibrate_engine, set_phi
+    from fdpp.ops.attention import fallback_stats, reset_fallback_stats
+
+    _check_triton_once(llm, hf_model, prompt, decode_linear, n_decode)
+    calib = calibrate_engine(llm.engine, texts=[random_prompt(64, llm.engine.model_config.vocab_size, seed=9)],
+                             save=False)
+    assert calib.mode != "synchronized", calib.summary()
+    set_phi(llm.engine.model, calib)
+    try:
+        reset_fallback_stats()
+        _check_triton_once(llm, hf_model, prompt, decode_linear, n_decode)
+        stats = fallback_stats()
+    finally:
+        set_phi(llm.engine.model, None)
+    # every layer ran the unified kernels (prefill and decode rows) and most rows needed no recompute
+    num_layers = llm.engine.model_config.num_hidden_layers
+    assert len(stats["per_layer"]) == num_layers and stats["rows_checked"] > 0, stats
+    assert stats["rate"] < 0.5, stats
+
+
+def _check_triton_once(llm: LLM, hf_model, prompt: list[int], decode_linear: str, n_decode: int) -> None:
     with triton_backends("flat"):
         err = rel_err(prefill_logits(llm, prompt), hf_logits(hf_model, prompt))
     assert err < LOGITS_TOL, f"triton prefill logits rel err {err:.2e}"

@@ -136,8 +136,7 @@ def test_opt_wide_scores_calibrate_synchronized(tmp_path):
     """The paper found OPT-6.7B's attention scores too wide for one unified max: a tiny OPT whose
     q/k weights make scores span hundreds of nats is calibrated to the synchronized softmax, while
     the same model with ordinary weights gets a unified max."""
-    pytest.importorskip("fdpp.calibration")
-    from fdpp.models.loading import calibrate_engine
+    from fdpp.engine.loading import calibrate_engine
 
     texts = [random_prompt(48, VOCAB, seed=s) for s in range(4)]  # token ids: the checkpoint has no tokenizer
     hf = write_tiny_opt(tmp_path / "narrow")

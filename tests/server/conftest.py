@@ -1,5 +1,5 @@
-"""One real server per test module: the embedded default model, loaded once, served by uvicorn in a
-background thread on 127.0.0.1 (a free port). Tests talk to it over HTTP (openai client, httpx) and may
+"""One real server per test session: the embedded default model, loaded once, served by uvicorn in a
+background thread on 127.0.0.1 (a free port), shared by every server test module. Tests talk to it over HTTP (openai client, httpx) and may
 run functions on the engine thread (``run_in_engine``) while no HTTP request is in flight."""
 from __future__ import annotations
 
@@ -75,9 +75,9 @@ def serve_in_thread(llm: Any, **app_kwargs: Any):
         assert not app.state.fdpp.async_engine.is_running
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server():
-    """The embedded default model (loaded once per module), served on 127.0.0.1."""
+    """The embedded default model (loaded once per session), served on 127.0.0.1."""
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from fdpp.llm import LLM
@@ -85,3 +85,20 @@ def server():
     llm = LLM(show_progress=False)
     with serve_in_thread(llm, max_body_bytes=1 << 20, max_n=8) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random-weight Llama checkpoint (no tokenizer: prompts are token ids), written once."""
+    from tests.helpers import write_tiny_llama
+
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    write_tiny_llama(path)
+    return path
+
+
+def tiny_llm(path: str, **kw: Any) -> Any:
+    """The tiny checkpoint at ``path`` loaded on the CPU (fast: well under a second)."""
+    from fdpp.llm import LLM
+
+    return LLM(model=path, device="cpu", dtype="float32", show_progress=False, calibration="off", **kw)
