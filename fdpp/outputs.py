@@ -36,7 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    prompt_logprobs: None = None
+    # with SamplingParams.prompt_logprobs: [None, {prompt token 1: logprob, top k...}, ...]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     extra: dict = field(default_factory=dict)
     # Set when a sequence of this request ended with finish_reason "error": what went wrong. The
     # request failed alone; the engine and the other requests carried on.

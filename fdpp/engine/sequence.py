@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from fdpp.sampling_params import SamplingParams
 
@@ -40,6 +41,10 @@ class Sequence:
         self.cumulative_logprob = 0.0
         # generated-token counts for presence/frequency penalties
         self.output_counts: dict[int, int] = {}
+        # structured output: the grammar matcher (fdpp.structured), advanced by every sampled token
+        self.grammar: Any = None
+        # [None, {prompt token 1 id: logprob, top k...}, ...] while prompt logprobs are asked for
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def num_tokens(self) -> int:
