@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 512 << 20
+# Longest run of whitespace between JSON tokens. NOTE: unbounded whitespace lets a model that has
+# closed a value too early spin on newlines until max_tokens (seen with SmolLM2 here, and reported
+# against vLLM and others); 8 still allows pretty-printing (a newline and an indent).
+JSON_MAX_WHITESPACE = 8
 
 # xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and sometimes a failed check).
 _CPP_PREFIX = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
@@ -148,13 +152,14 @@ class StructuredOutputBackend:
     def _compile_uncached(self, compiler: Any, params: StructuredOutputsParams) -> Any:
         kind = params.kind
         try:
-            if kind == "json":
-                schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
-                return compiler.compile_json_schema(schema, any_whitespace=not params.disable_any_whitespace)
-            if kind == "json_object":
+            if kind in ("json", "json_object"):
+                if kind == "json_object":
+                    schema = '{"type": "object"}'
+                else:
+                    schema = params.json if isinstance(params.json, str) else json.dumps(params.json)
                 if params.disable_any_whitespace:
-                    return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
-                return compiler.compile_json_schema('{"type": "object"}')
+                    return compiler.compile_json_schema(schema, any_whitespace=False)
+                return compiler.compile_json_schema(schema, max_whitespace_cnt=JSON_MAX_WHITESPACE)
             if kind == "regex":
                 return compiler.compile_regex(params.regex)
             if kind == "choice":
