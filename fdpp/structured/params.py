@@ -19,6 +19,7 @@ DEFAULT_COMPILE_TIMEOUT_S = 10.0
 DEFAULT_MAX_SPEC_BYTES = 256 * 1024
 # Logit bias values are clamped by OpenAI's documented range; we refuse values outside it instead.
 LOGIT_BIAS_LIMIT = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 4096  # the sampler applies each entry every step
 
 
 @dataclass
@@ -125,17 +126,21 @@ def validate_logit_bias(logit_bias: Any) -> dict[int, float] | None:
         return None
     if not isinstance(logit_bias, dict):
         raise InvalidRequestError(f"logit_bias must be a dict {{token_id: bias}}, got {type(logit_bias).__name__}", param="logit_bias")
+    if len(logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidRequestError(
+            f"logit_bias has {len(logit_bias)} entries; at most {MAX_LOGIT_BIAS_ENTRIES} are allowed", param="logit_bias")
     out: dict[int, float] = {}
     for key, value in logit_bias.items():
         try:
             tok = int(key)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidRequestError(f"logit_bias: the key {key!r} is not a token id (an integer)", param="logit_bias") from None
         if tok < 0:
             raise InvalidRequestError(f"logit_bias: token id {tok} is negative", param="logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise InvalidRequestError(f"logit_bias[{key}] must be a finite number, got {value!r}", param="logit_bias")
-        if not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-            raise InvalidRequestError(f"logit_bias[{key}] must be in [-100, 100], got {value}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidRequestError(f"logit_bias[{key}] must be a number, got {value!r:.40}", param="logit_bias")
+        if not (isinstance(value, int) or math.isfinite(value)) or not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
+            raise InvalidRequestError(f"logit_bias[{key}] must be in [-100, 100], got {value!r:.40}",
+                                      param="logit_bias")
         out[tok] = float(value)
     return out or None
