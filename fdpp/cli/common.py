@@ -47,7 +47,8 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 128) -> None
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
-def llm_from_args(args: argparse.Namespace) -> Any:
+def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
+    """The ``LLM`` the model arguments describe; ``engine_overrides`` are more EngineConfig fields."""
     from fdpp.llm import LLM
 
     kwargs: dict[str, Any] = dict(
@@ -64,7 +65,7 @@ def llm_from_args(args: argparse.Namespace) -> Any:
     )
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs)
+    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs, **engine_overrides)
 
 
 def sampling_from_args(args: argparse.Namespace) -> Any:
