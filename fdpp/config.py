@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from fdpp.structured.params import DEFAULT_COMPILE_TIMEOUT_S, DEFAULT_MAX_SPEC_BYTES
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -165,6 +167,9 @@ class EngineConfig:
     calibration: str = "auto"  # auto | off | path to a calibration JSON
     random_weights: bool = False  # build from config with random weights (benchmarks)
     show_progress: bool = True
+    # structured output limits: a constraint over them is refused (InvalidRequestError / HTTP 400)
+    structured_outputs_compile_timeout: float = DEFAULT_COMPILE_TIMEOUT_S  # seconds for one compilation
+    structured_outputs_max_bytes: int = DEFAULT_MAX_SPEC_BYTES  # size of one schema/regex/grammar text
 
 
 def resolve_device(device: str) -> torch.device:

@@ -38,7 +38,8 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     # Prompt tokens whose K/V came from the prefix cache (OpenAI usage.prompt_tokens_details.cached_tokens)
     num_cached_tokens: int | None = None
-    prompt_logprobs: None = None
+    # with SamplingParams.prompt_logprobs: [None, {prompt token 1: logprob, top k...}, ...]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     extra: dict = field(default_factory=dict)
     # Set when a sequence of this request ended with finish_reason "error": what went wrong. The
     # request failed alone; the engine and the other requests carried on.

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fdpp.errors import InvalidRequestError
+from fdpp.structured.params import StructuredOutputsParams, validate_logit_bias
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # Documented limits (the engine turns these fields into int64/float32 tensors or per-token work):
@@ -50,6 +51,11 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constrained decoding (JSON schema, regex, choice, grammar; see fdpp.structured), an additive
+    # {token id: bias} per step, and the top-k log-probabilities of every prompt token (vLLM's fields).
+    structured_outputs: StructuredOutputsParams | dict | None = None
+    logit_bias: dict[int, float] | None = None
+    prompt_logprobs: int | None = None
     # "cumulative": step() reports the request every time it advances (streaming);
     # "final_only": only once it has finished (batch generation: less host work per step).
     output_kind: str = "cumulative"
@@ -83,6 +89,11 @@ class SamplingParams:
             self.seed = _int("seed", self.seed, INT64_MIN, INT64_MAX)
         if self.logprobs is not None:
             self.logprobs = _int("logprobs", self.logprobs, 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS)
+        self.logit_bias = validate_logit_bias(self.logit_bias)
+        if self.structured_outputs is not None:
+            self.structured_outputs = StructuredOutputsParams.from_value(self.structured_outputs)
         if self.output_kind not in ("cumulative", "final_only"):
             raise _bad("output_kind", f"must be 'cumulative' or 'final_only', got {self.output_kind!r}")
 

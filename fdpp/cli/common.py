@@ -98,7 +98,8 @@ def set_cpu_threads(args: argparse.Namespace) -> int | None:
     return n
 
 
-def llm_from_args(args: argparse.Namespace) -> Any:
+def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
+    """The ``LLM`` the model arguments describe; ``engine_overrides`` are more EngineConfig fields."""
     from fdpp.utils import phase
 
     with phase("Loading PyTorch", not args.quiet):  # the first import of torch and triton takes seconds
@@ -121,7 +122,7 @@ def llm_from_args(args: argparse.Namespace) -> Any:
     )
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs)
+    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs, **engine_overrides)
 
 
 # SamplingParams field -> the flag that sets it, for error messages in the CLI's words

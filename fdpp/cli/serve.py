@@ -47,6 +47,19 @@ def add_parser(sub) -> None:
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="log level of the server and of uvicorn's access log (default info)")
     g.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
+    from fdpp.structured.params import DEFAULT_COMPILE_TIMEOUT_S, DEFAULT_MAX_SPEC_BYTES
+    from fdpp.tools import PARSERS
+
+    g = p.add_argument_group("structured output and tool calling")
+    g.add_argument("--tool-call-parser", default="auto", choices=["auto", *PARSERS],
+                   help="format of the model's tool calls (default auto: from the chat template, else the model "
+                   "family; templates without tools get a Hermes-style prompt and parser)")
+    g.add_argument("--structured-outputs-compile-timeout", type=float, default=DEFAULT_COMPILE_TIMEOUT_S,
+                   metavar="SECONDS", help="a JSON schema / regex / grammar that takes longer to compile is "
+                   f"refused with a 400 (default {DEFAULT_COMPILE_TIMEOUT_S:g})")
+    g.add_argument("--structured-outputs-max-bytes", type=int, default=DEFAULT_MAX_SPEC_BYTES, metavar="BYTES",
+                   help="a JSON schema / regex / grammar larger than this is refused with a 400 "
+                   f"(default {DEFAULT_MAX_SPEC_BYTES})")
     add_model_args(p)
     p.set_defaults(func=run)
 
@@ -65,11 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0:  # before the (slow) model load
         raise FdppError(f"--drain-timeout must be >= 0, got {args.drain_timeout}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = llm_from_args(args)
+    llm = llm_from_args(args, structured_outputs_compile_timeout=args.structured_outputs_compile_timeout,
+                        structured_outputs_max_bytes=args.structured_outputs_max_bytes)
     if args.chat_template:
         _set_chat_template(llm, args.chat_template)
     app = build_app(llm, served_model_names=args.served_model_name, max_body_bytes=args.max_body_bytes,
-                    max_n=args.max_n, api_key=args.api_key, engine_stop_timeout=_ABORT_GRACE_S)
+                    max_n=args.max_n, api_key=args.api_key, engine_stop_timeout=_ABORT_GRACE_S,
+                    tool_call_parser=args.tool_call_parser)
     aeng = app.state.fdpp.async_engine
     aeng.stop_grace_s = _ABORT_GRACE_S
     drain = args.drain_timeout

@@ -180,7 +180,8 @@ class BlockManager:
 
         At least the last token is left out, so that a step computes it and yields logits.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or seq.params.prompt_logprobs is not None:
+            # prompt logprobs need the logits of every prompt position: nothing may be skipped
             return []
         num_full = (seq.num_tokens - 1) // self.block_size
         hits = []

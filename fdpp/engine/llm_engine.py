@@ -67,6 +67,14 @@ class LLMEngine:
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,
         )
+        from fdpp.structured.backend import StructuredOutputBackend
+
+        self.structured = StructuredOutputBackend(
+            self.tokenizer, mc.vocab_size, self.eos_token_ids,
+            compile_timeout_s=config.structured_outputs_compile_timeout,
+            max_spec_bytes=config.structured_outputs_max_bytes,
+        )
+        self.runner.structured = self.structured
         from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
@@ -170,6 +178,7 @@ class LLMEngine:
         for i in range(params.n):
             p = params if params.n == 1 else replace(params, n=1, seed=_nth_seed(params.seed, i))
             seqs.append(Sequence(request_id, ids, p, now))
+        self._attach_constraints(params, seqs)
         req = _Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
         # everything that can fail comes before the request is queued: a raise leaves the engine as it was
         req.detoks = [self._detokenizer(ids, params) for _ in seqs]
@@ -177,6 +186,21 @@ class LLMEngine:
         self.scheduler.add(seqs[0], forks=seqs[1:])  # n > 1: the prompt is computed once, then shared
         self.requests[request_id] = req
         return request_id
+
+    def _attach_constraints(self, params: SamplingParams, seqs: list[Sequence]) -> None:
+        """Grammar matchers (compiling the constraint, cached), prompt-logprobs slots, and the
+        vocabulary check of logit_bias. Raises InvalidRequestError before anything is queued."""
+        vocab = self.model_config.vocab_size
+        for tok in params.logit_bias or {}:
+            if tok >= vocab:
+                raise InvalidRequestError(
+                    f"logit_bias: token id {tok} is outside the vocabulary (0..{vocab - 1})", param="logit_bias")
+        if params.structured_outputs is not None:
+            compiled = self.structured.compile(params.structured_outputs)
+            for seq in seqs:
+                seq.grammar = self.structured.new_matcher(compiled)
+        if params.prompt_logprobs is not None:
+            seqs[0].prompt_logprobs = [None]  # the completions of a request share the prompt
 
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
         if self.tokenizer is None:
@@ -319,6 +343,8 @@ class LLMEngine:
         return req
 
     def _update_text_and_check_stop(self, req: _Request, seq: Sequence, tok: int) -> None:
+        if seq.grammar is not None and not seq.grammar.accept_token(tok):
+            raise FdppError(f"request {seq.request_id!r}: the grammar rejected sampled token {tok}")
         i = req.seqs.index(seq)
         p = seq.params
         detok = req.detoks[i]
@@ -341,6 +367,8 @@ class LLMEngine:
             reason = ("stop", None)
         elif tok in (p.stop_token_ids or ()) and seq.num_output_tokens >= p.min_tokens:
             reason = ("stop", tok)
+        elif seq.grammar is not None and seq.grammar.is_terminated():  # its stop token, even with ignore_eos
+            reason = ("stop", None)
         elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             reason = ("length", None)
         elif seq.num_tokens >= self.max_model_len:
@@ -391,6 +419,7 @@ class LLMEngine:
             request_id=req.request_id,
             prompt=req.prompt,
             prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=req.seqs[0].prompt_logprobs,
             outputs=outs,
             finished=all(s.is_finished for s in req.seqs),
             metrics=req.metrics,

@@ -14,6 +14,7 @@ from fdpp.errors import CacheTooSmallError
 from fdpp.layers.context import forward_context
 from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
 from fdpp.ops.attention import AttentionMetadata
+from fdpp.structured.backend import StructuredOutputBackend
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._pin = device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Set by the engine: fills the grammar bitmask of constrained rows (fdpp.structured).
+        self.structured: StructuredOutputBackend | None = None
+        self._bitmask_host: torch.Tensor | None = None
         self._allocate_kv_cache()
 
     # ---- KV cache -------------------------------------------------------------------------------
@@ -146,7 +150,38 @@ class ModelRunner:
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
         return t.to(self.device, non_blocking=True) if self._pin else t
 
-    def sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def sampling_batch(self, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> SamplingBatch:
+        b = self._sampling_params_batch(seqs)
+        b.token_bitmask = bitmask
+        if any(s.params.logit_bias for s in seqs):
+            rows, ids, bias = [], [], []
+            for row, s in enumerate(seqs):
+                for tok, value in (s.params.logit_bias or {}).items():
+                    rows.append(row)
+                    ids.append(tok)
+                    bias.append(value)
+            b.logit_bias = (self._to_device(rows, torch.int64), self._to_device(ids, torch.int64),
+                            self._to_device(bias, torch.float32))
+        return b
+
+    def grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The token bitmask of a batch's rows on the device, or None if no row is constrained.
+
+        Called after the forward pass has been launched: on a GPU the host fills the mask while the
+        device runs the model (the forward does not need it; only the sampler does)."""
+        if self.structured is None or all(s.grammar is None for s in seqs):
+            return None
+        width = self.structured.bitmask_width
+        if self._bitmask_host is None or self._bitmask_host.shape[0] < len(seqs):
+            rows = max(len(seqs), 64)
+            self._bitmask_host = torch.empty(rows, width, dtype=torch.int32, pin_memory=self._pin)
+        host = self._bitmask_host[: len(seqs)]
+        # NOTE: the pinned buffer is reusable: the previous step's copy finished when its sampled
+        # tokens were read on the host.
+        self.structured.fill_bitmask([s.grammar for s in seqs], host)
+        return host.to(self.device, non_blocking=True) if self._pin else host.clone()
+
+    def _sampling_params_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         dev = self.device
         params = [s.params for s in seqs]
         V = self.vocab_size
@@ -181,8 +216,10 @@ class ModelRunner:
                 seen[row, torch.tensor(s.token_ids)] = True
             b.output_counts = counts.to(dev)
             b.seen_mask = seen.to(dev)
+        # NOTE: a grammar decides alone when a constrained sequence may stop (min_tokens is ignored).
         banned_rows = [
-            row for row, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos
+            row for row, s in enumerate(seqs)
+            if s.num_output_tokens < s.params.min_tokens and not s.params.ignore_eos and s.grammar is None
         ]
         if banned_rows:
             banned = torch.zeros(len(seqs), V, dtype=torch.bool)
@@ -241,14 +278,46 @@ class ModelRunner:
                         rows.append(row)
                         seqs.append(s)
                 logits = logits[torch.tensor(rows, device=self.device)]
-            return seqs, sample(logits, self.sampling_batch(seqs))
+            # the grammar bitmask is filled on the host while the replay runs (it overlaps it)
+            bitmask = self.grammar_bitmask(seqs)
+            return seqs, sample(logits, self.sampling_batch(seqs, bitmask))
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
         with forward_context(meta):
             hidden = self.model(ids, pos)
+        if batch.is_prefill and any(s.prompt_logprobs is not None for s in batch.seqs):
+            self._prompt_logprobs(batch, hidden)
         if not sample_seqs:
             return sample_seqs, None
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
-        return sample_seqs, sample(logits, self.sampling_batch(sample_seqs))
+        bitmask = self.grammar_bitmask(sample_seqs)
+        return sample_seqs, sample(logits, self.sampling_batch(sample_seqs, bitmask))
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
+        """Append to ``seq.prompt_logprobs`` the log-probabilities of the prompt tokens this prefill
+        chunk predicts: position p's logits score prompt token p + 1 (the first prompt token has no
+        entry but None). Each entry is {token id: logprob} for the prompt token and the top k."""
+        start_row = 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            first_pos = seq.num_computed_tokens  # positions first_pos .. first_pos + n - 1
+            if seq.prompt_logprobs is not None:
+                # the next target is prompt position len(prompt_logprobs); it is scored at one before
+                lo = max(first_pos, len(seq.prompt_logprobs) - 1)
+                hi = min(first_pos + n, seq.num_prompt_tokens - 1)
+                k = seq.params.prompt_logprobs or 0
+                for chunk in range(lo, hi, _PROMPT_LOGPROBS_CHUNK):
+                    end = min(chunk + _PROMPT_LOGPROBS_CHUNK, hi)
+                    h = hidden[start_row + chunk - first_pos: start_row + end - first_pos]
+                    logprobs = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)
+                    targets = torch.tensor(seq.token_ids[chunk + 1: end + 1], device=logprobs.device)
+                    lp = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+                    top_lp, top_ids = logprobs.topk(k, dim=-1) if k else (None, None)
+                    for i, tok in enumerate(seq.token_ids[chunk + 1: end + 1]):
+                        entry = {tok: lp[i]}
+                        if top_ids is not None:
+                            for t, v in zip(top_ids[i].tolist(), top_lp[i].tolist()):
+                                entry.setdefault(t, v)
+                        seq.prompt_logprobs.append(entry)
+            start_row += n
 
     @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
@@ -340,6 +409,9 @@ class ModelRunner:
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:bs]
+
+
+_PROMPT_LOGPROBS_CHUNK = 512  # prompt positions scored at once: bounds the [rows, vocab] logits
 
 
 def num_blocks_for_budget(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from fdpp.sampling_params import SamplingParams
 
@@ -50,6 +51,10 @@ class Sequence:
         # n > 1: the request's other samples. They wait here, without blocks, until this sequence's
         # prompt is computed; then they share its blocks (Scheduler.fork_pending).
         self.pending_forks: list[Sequence] = []
+        # structured output: the grammar matcher (fdpp.structured), advanced by every sampled token
+        self.grammar: Any = None
+        # [None, {prompt token 1 id: logprob, top k...}, ...] while prompt logprobs are asked for
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -31,6 +31,9 @@ class SamplingBatch:
     banned: torch.Tensor | None = None  # [B, V] bool: tokens that may not be sampled now (min_tokens)
     generators: list[torch.Generator | None] | None = None  # per row; None = global RNG
     num_logprobs: int = -1  # -1: none requested
+    # logits processors applied before everything else (also on the all-greedy fast path)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (rows, token ids, bias)
+    token_bitmask: torch.Tensor | None = None  # [B, ceil(V / 32)] int32: bit 1 = token allowed
 
     @classmethod
     def greedy(cls) -> SamplingBatch:
@@ -59,12 +62,36 @@ def apply_penalties(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
     return logits
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """Set the logits of tokens whose bit is 0 to -inf. ``bitmask`` [B, ceil(V / 32)] int32 holds
+    token t's bit at word t // 32, bit t % 32 (xgrammar's layout). Out of place: ``logits`` may be a
+    CUDA graph's output buffer."""
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab]  # [B, V]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+def apply_logits_processors(logits: torch.Tensor, b: SamplingBatch) -> torch.Tensor:
+    """logit_bias, then the grammar mask (a constraint wins over any bias)."""
+    if b.logit_bias is not None:
+        rows, ids, bias = b.logit_bias
+        logits = logits.index_put((rows, ids), bias.to(logits.dtype), accumulate=True)
+    if b.token_bitmask is not None:
+        logits = apply_token_bitmask(logits, b.token_bitmask)
+    return logits
+
+
 def sample(logits: torch.Tensor, b: SamplingBatch) -> SamplerOutput:
-    """logits [B, V] float32 -> sampled ids (and log-probabilities when asked)."""
+    """logits [B, V] float32 -> sampled ids (and log-probabilities when asked).
+
+    Returned log-probabilities are those of the model (before logit bias, grammar masks, penalties
+    and temperature), as vLLM's default ``raw_logprobs``."""
     if b.temperatures is None:
-        return SamplerOutput(token_ids=logits.argmax(dim=-1))
+        return SamplerOutput(token_ids=apply_logits_processors(logits, b).argmax(dim=-1))
     logits = logits.float()
     raw_logprobs = torch.log_softmax(logits, dim=-1) if b.num_logprobs >= 0 else None
+    logits = apply_logits_processors(logits, b)
     logits = apply_penalties(logits, b)
     if b.banned is not None:
         logits = logits.masked_fill(b.banned, float("-inf"))

@@ -37,8 +37,11 @@ __all__ = ["APIError", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_N", "ServerState",
 def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_n: int = DEFAULT_MAX_N,
               api_key: str | None = None, async_engine: AsyncEngine | None = None,
-              engine_stop_timeout: float = 30.0) -> FastAPI:
+              engine_stop_timeout: float = 30.0, tool_call_parser: str = "auto") -> FastAPI:
     """A FastAPI app serving ``llm`` (an ``fdpp.LLM`` or ``LLMEngine``).
+
+    ``tool_call_parser`` names the format of the model's tool calls (``fdpp.tools.PARSERS``); "auto"
+    picks it from the chat template and the model family.
 
     The engine loop starts in a background thread with the app (lifespan start-up) and stops at
     shutdown, aborting what is in flight; shutdown waits at most ``engine_stop_timeout`` seconds for the
@@ -56,8 +59,12 @@ def build_app(llm: Any, *, served_model_names: list[str] | str | None = None,
     root = getattr(engine.config, "model", None) or "SmolLM2-135M-Instruct"
     names = list(served_model_names or []) or [default_model_name(engine)]
     aeng = async_engine or AsyncEngine(engine)
+    if tool_call_parser != "auto":
+        from fdpp.tools import make_parser
+
+        make_parser(tool_call_parser)  # an unknown name fails here, at start-up
     st = ServerState(aeng, engine, names, int(max_body_bytes), int(max_n), api_key, ServerMetrics(names[0]),
-                     str(root))
+                     str(root), tool_call_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

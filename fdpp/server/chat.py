@@ -6,6 +6,7 @@ the response's message) and ``stream_choice`` inside the handler (a choice's pro
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,6 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from fdpp.errors import InvalidRequestError
 from fdpp.outputs import CompletionOutput
 from fdpp.sampling_params import SamplingParams
+from fdpp.server.constraints import (
+    compile_constraint,
+    constraint_kwargs,
+    prompt_logprobs_json,
+    request_constraint,
+)
 from fdpp.server.errors import bad_request
 from fdpp.server.logprobs import chat_logprobs
 from fdpp.server.metrics import RequestTracker
@@ -48,6 +55,8 @@ from fdpp.server.validation import (
     resolve_max_tokens,
     sampling_params,
 )
+from fdpp.tools import ToolCallStreamer, ToolPlan, plan_tools, template_conversation
+from fdpp.tools.choice import check_tool_calls
 
 router = APIRouter()
 
@@ -63,11 +72,6 @@ def check_chat_request(st: ServerState, req: ChatCompletionRequest) -> tuple[int
     if req.tool_choice is not None and not req.tools:
         raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice",
                           code="invalid_value")
-    if req.tools:
-        raise bad_request("tools / function calling is not supported", param="tools", code="unsupported_parameter")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format {req.response_format.type!r} is not supported (only 'text')",
-                          param="response_format", code="unsupported_parameter")
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise bad_request(f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
@@ -101,37 +105,65 @@ def chat_conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
         msg: dict[str, Any] = {"role": m.role, "content": content}
         if m.name is not None:
             msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = _checked(check_tool_calls, m.tool_calls, f"messages[{i}]")
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
         conv.append(msg)
     return conv
 
 
-def render_chat_prompt(st: ServerState, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
-    """The prompt token ids of a conversation, through the model's chat template."""
+def _checked(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with its InvalidRequestError as a 400."""
+    try:
+        return fn(*args)
+    except InvalidRequestError as e:
+        raise bad_request(str(e), param=e.param, code="invalid_value") from None
+
+
+def render_chat_prompt(st: ServerState, messages: list[ChatMessage], add_generation_prompt: bool,
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """The prompt token ids of a conversation (and its tools), through the model's chat template."""
     conv = chat_conversation(messages)
     if st.tokenizer is None:
         raise bad_request("this model has no tokenizer, so chat prompts cannot be built", param="messages")
     from fdpp.tokenizer import apply_chat_template
 
+    conv, template_kwargs = template_conversation(conv, tools, getattr(st.tokenizer, "chat_template", None))
     try:
-        return apply_chat_template(st.tokenizer, conv, add_generation_prompt=add_generation_prompt)
+        return apply_chat_template(st.tokenizer, conv, add_generation_prompt=add_generation_prompt, **template_kwargs)
     except InvalidRequestError as e:
         raise bad_request(str(e), param="messages", code="invalid_messages") from None
 
 
 def chat_sampling_params(st: ServerState, req: ChatCompletionRequest, prompt_len: int,
-                         logprobs: int | None) -> SamplingParams:
+                         logprobs: int | None, **extra: Any) -> SamplingParams:
     """The ``SamplingParams`` of ``req`` for a prompt of ``prompt_len`` tokens."""
     name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = resolve_max_tokens(st, requested, prompt_len, name, prompt_param="messages")
-    return sampling_params(st, req, max_tokens, logprobs)
+    return sampling_params(st, req, max_tokens, logprobs, **extra)
 
 
-def _chat_choice(st: ServerState, c: CompletionOutput, k: int | None) -> ChatCompletionResponseChoice:
+def chat_tool_plan(st: ServerState, req: ChatCompletionRequest) -> ToolPlan:
+    """What the request's ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` ask for."""
+    return _checked(plan_tools, req.tools, req.tool_choice, req.parallel_tool_calls, st.tool_parser_name)
+
+
+def _chat_choice(st: ServerState, c: CompletionOutput, k: int | None, plan: ToolPlan) -> ChatCompletionResponseChoice:
     lp = chat_logprobs(st, c.token_ids, c.logprobs or [], k) if k is not None else None
-    return ChatCompletionResponseChoice(
-        index=c.index, message=ChatResponseMessage(role="assistant", content=c.text), logprobs=lp,
-        finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+    message = ChatResponseMessage(role="assistant", content=c.text)
+    finish_reason = c.finish_reason
+    if plan.parser is not None:
+        ex = plan.parser.extract(c.text, final=True)
+        calls = ex.tool_calls() if ex.ok else []
+        if calls:
+            message = ChatResponseMessage(role="assistant", content=ex.content or None,
+                                          tool_calls=[call.to_openai() for call in calls])
+            if finish_reason == "stop" and plan.finish_reason:
+                finish_reason = plan.finish_reason
+    return ChatCompletionResponseChoice(index=c.index, message=message, logprobs=lp, finish_reason=finish_reason,
+                                        stop_reason=c.stop_reason)
 
 
 @router.post("/v1/chat/completions")
@@ -141,10 +173,15 @@ async def chat_completions(request: Request) -> Response:
     req: ChatCompletionRequest = await parse_body(request, ChatCompletionRequest)
     model = check_model(st, req.model)
     n, k = check_chat_request(st, req)
-    ids = render_chat_prompt(st, req.messages, req.add_generation_prompt is not False)
+    plan = chat_tool_plan(st, req)
+    ids = render_chat_prompt(st, req.messages, req.add_generation_prompt is not False, req.tools)
     if not ids:
         raise bad_request("the conversation renders to an empty prompt", param="messages", code="empty_messages")
-    sp = chat_sampling_params(st, req, len(ids), k)
+    constraint, constraint_param = request_constraint(req, plan.constraint)
+    sp = chat_sampling_params(st, req, len(ids), k, **constraint_kwargs(st, req, constraint))
+    if plan.parser is not None and plan.parser.needs_special_tokens:
+        sp = dataclasses.replace(sp, skip_special_tokens=False)  # the format's markers are special tokens
+    await compile_constraint(st, constraint, constraint_param)
     rid = random_id("chatcmpl")
     st.metrics.prompt_tokens.labels(st.model_name).inc(len(ids))
     group = st.async_engine.submit([(rid, ids, sp)])
@@ -152,13 +189,23 @@ async def chat_completions(request: Request) -> Response:
     created = int(arrival)
 
     if req.stream:
+        texts: dict[int, str] = {}  # each choice's text so far (tool-call parsing needs all of it)
+        streamers = {i: ToolCallStreamer(plan.parser) for i in range(n)} if plan.parser is not None else {}
+
         def stream_choice(d: ChoiceDelta) -> ChatCompletionStreamChoice | None:
             lp = chat_logprobs(st, d.token_ids, d.logprobs, k) if k is not None and d.token_ids else None
-            if not d.text and d.finish_reason is None and lp is None:
+            content, calls, finish_reason = d.text, None, d.finish_reason
+            if streamers:
+                texts[d.index] = texts.get(d.index, "")[:d.text_offset] + d.text
+                streamer = streamers[d.index]
+                content, calls = streamer.update(texts[d.index], final=d.finish_reason is not None)
+                if finish_reason == "stop" and streamer.num_calls and plan.finish_reason:
+                    finish_reason = plan.finish_reason
+            if not content and not calls and finish_reason is None and lp is None:
                 return None
             return ChatCompletionStreamChoice(
-                index=d.index, delta=DeltaMessage(content=d.text) if d.text else DeltaMessage(), logprobs=lp,
-                finish_reason=d.finish_reason, stop_reason=d.stop_reason)
+                index=d.index, delta=DeltaMessage(content=content or None, tool_calls=calls or None), logprobs=lp,
+                finish_reason=finish_reason, stop_reason=d.stop_reason)
 
         def chunk(choices: list, usage: Any) -> ChatCompletionStreamResponse:
             return ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=choices, usage=usage)
@@ -177,6 +224,8 @@ async def chat_completions(request: Request) -> Response:
     if outs is None:
         return Response(status_code=499)
     resp = ChatCompletionResponse(id=rid, created=created, model=model,
-                                  choices=[_chat_choice(st, c, k) for c in outs[0].outputs],
+                                  choices=[_chat_choice(st, c, k, plan) for c in outs[0].outputs],
                                   usage=usage_of([len(ids)], outs))
+    if sp.prompt_logprobs is not None:
+        resp.prompt_logprobs = prompt_logprobs_json(st, outs[0].prompt_logprobs, ids, sp.prompt_logprobs)
     return JSONResponse(resp.model_dump())

@@ -12,6 +12,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from fdpp.sampling_params import SamplingParams
+from fdpp.server.constraints import (
+    compile_constraint,
+    constraint_kwargs,
+    prompt_logprobs_json,
+    request_constraint,
+)
 from fdpp.server.errors import bad_request
 from fdpp.server.logprobs import completion_logprobs
 from fdpp.server.metrics import RequestTracker
@@ -66,10 +72,11 @@ def check_completion_request(st: ServerState, req: CompletionRequest) -> int:
     return n
 
 
-def completion_sampling_params(st: ServerState, req: CompletionRequest, prompt_len: int) -> SamplingParams:
+def completion_sampling_params(st: ServerState, req: CompletionRequest, prompt_len: int,
+                               **extra: Any) -> SamplingParams:
     """The ``SamplingParams`` of one prompt of ``req``."""
     max_tokens = resolve_max_tokens(st, req.max_tokens, prompt_len, "max_tokens")
-    return sampling_params(st, req, max_tokens, req.logprobs)
+    return sampling_params(st, req, max_tokens, req.logprobs, **extra)
 
 
 async def completion_prompts(st: ServerState, prompt: Any) -> list[tuple[str | None, list[int]]]:
@@ -116,8 +123,12 @@ async def completions(request: Request) -> Response:
     prompts = await completion_prompts(st, req.prompt)
     if len(prompts) * n > MAX_PROMPTS:
         raise bad_request(f"len(prompt) x n must be at most {MAX_PROMPTS}", param="n", code="invalid_value")
+    constraint, constraint_param = request_constraint(req)
+    extra = constraint_kwargs(st, req, constraint)
     rid = random_id("cmpl")
-    subs = [(f"{rid}-{i}", ids, completion_sampling_params(st, req, len(ids))) for i, (_, ids) in enumerate(prompts)]
+    subs = [(f"{rid}-{i}", ids, completion_sampling_params(st, req, len(ids), **extra))
+            for i, (_, ids) in enumerate(prompts)]
+    await compile_constraint(st, constraint, constraint_param)
     for _, ids, _ in subs:
         st.metrics.prompt_tokens.labels(st.model_name).inc(len(ids))
     group = st.async_engine.submit(subs)
@@ -160,8 +171,12 @@ async def completions(request: Request) -> Response:
             if k is not None:
                 lp = completion_logprobs(st, c.token_ids, c.logprobs or [], k,
                                          len(prompt_texts[idx]) if prompt_texts is not None else 0)
-            choices.append(CompletionResponseChoice(index=idx * n + c.index, text=text, logprobs=lp,
-                                                    finish_reason=c.finish_reason, stop_reason=c.stop_reason))
+            choice = CompletionResponseChoice(index=idx * n + c.index, text=text, logprobs=lp,
+                                              finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+            if req.prompt_logprobs is not None:  # vLLM's extension, on every choice
+                choice.prompt_logprobs = prompt_logprobs_json(st, out.prompt_logprobs, out.prompt_token_ids,
+                                                              req.prompt_logprobs)
+            choices.append(choice)
     resp = CompletionResponse(id=rid, created=created, model=model, choices=choices,
                               usage=usage_of(prompt_lens, outs))
     return JSONResponse(resp.model_dump())

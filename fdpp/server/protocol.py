@@ -80,6 +80,13 @@ class _SamplingFields(_Request):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     best_of: int | None = None
+    # vLLM's extensions: prompt log-probabilities and output constraints (fdpp.server.constraints)
+    prompt_logprobs: int | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------
@@ -145,11 +152,14 @@ class ChatMessage(_Request):
     role: str
     content: str | list[ChatContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls (checked in fdpp.tools.choice)
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class ResponseFormat(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict"} with type "json_schema"
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -162,6 +172,7 @@ class ChatCompletionRequest(_SamplingFields):
     response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TopLogprob(_Response):
@@ -207,6 +218,7 @@ class ChatCompletionResponse(_Response):
 class DeltaMessage(_Response):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # {"index", "id", "type", "function": {"name", "arguments"}}
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict[str, Any]:  # OpenAI leaves unset delta fields out

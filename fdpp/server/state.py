@@ -21,6 +21,7 @@ class ServerState:
     api_key: str | None
     metrics: ServerMetrics
     root: str
+    tool_call_parser: str = "auto"  # the format of tool calls in outputs (fdpp.tools.PARSERS), or auto
     _token_text: dict[int, str] = field(default_factory=dict)
 
     @property
@@ -43,6 +44,15 @@ class ServerState:
     def kv_capacity_tokens(self) -> int:
         bm = self.engine.block_manager  # sizes only: fixed at start-up
         return int(bm.num_blocks) * int(bm.block_size)
+
+    @property
+    def tool_parser_name(self) -> str:
+        """The tool-call format: ``--tool-call-parser``, or picked from the chat template and family."""
+        if self.tool_call_parser != "auto":
+            return self.tool_call_parser
+        from fdpp.tools import pick_parser_name
+
+        return pick_parser_name(getattr(self.tokenizer, "chat_template", None), self.engine.model_config.model_type)
 
     def token_text(self, token_id: int) -> str:
         t = self._token_text.get(token_id)

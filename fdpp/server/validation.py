@@ -113,8 +113,6 @@ def check_common(st: ServerState, req: Any) -> int:
     if req.best_of is not None and req.best_of != n:
         raise bad_request("best_of is not supported (leave it out or set it equal to n)", param="best_of",
                           code="unsupported_parameter")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported", param="logit_bias", code="unsupported_parameter")
     return n
 
 

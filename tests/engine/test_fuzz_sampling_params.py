@@ -24,10 +24,10 @@ wrong_types = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.lists(
                         st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
 any_value = st.one_of(edge_ints, edge_floats, wrong_types)
 
-INT_FIELDS = ["n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs"]
+INT_FIELDS = ["n", "top_k", "max_tokens", "min_tokens", "seed", "logprobs", "prompt_logprobs"]
 FLOAT_FIELDS = ["temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"]
 OTHER_FIELDS = ["stop", "stop_token_ids", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                "output_kind"]
+                "output_kind", "logit_bias", "structured_outputs"]
 
 
 @st.composite
@@ -83,6 +83,8 @@ in_range = st.fixed_dictionaries({}, optional={
     "frequency_penalty": st.floats(-2.0, 2.0),
     "stop_token_ids": st.lists(st.one_of(st.integers(0, 130), st.just(INT64 - 1)), max_size=3),
     "ignore_eos": st.booleans(),
+    "logit_bias": st.dictionaries(st.integers(0, 127), st.floats(-100.0, 100.0), max_size=3),
+    "prompt_logprobs": st.integers(0, 20),
 })
 
 
