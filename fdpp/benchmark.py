@@ -36,8 +36,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float | None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step streams: every parameter once, except token-embedding tables, of which a step
-    reads only a few rows (unless the table is also the LM head)."""
+    """Bytes a decode step streams: every parameter once (quantized ones as packed), except token-embedding
+    tables, of which a step reads only a few rows (unless the table is also the LM head)."""
     from fdpp.layers.embedding import LMHead, VocabEmbedding
 
     heads = {id(m.weight) for m in model.modules() if isinstance(m, LMHead)}
@@ -48,7 +48,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if id(p) in skip or id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel() * p.element_size()
+        quant = getattr(p, "quant", None)  # a quantized weight streams its packed bytes
+        total += quant.nbytes if quant is not None else p.numel() * p.element_size()
     return total
 
 

@@ -165,6 +165,8 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
     linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON
+    # None/auto | none | fp8 | int8 | int4 | gguf | awq | gptq | compressed-tensors | q4_k ... (fdpp.quant.config)
+    quantization: str | None = None
     random_weights: bool = False  # build from config with random weights (benchmarks)
     show_progress: bool = True
     # structured output limits: a constraint over them is refused (InvalidRequestError / HTTP 400)

@@ -53,6 +53,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
                    help="linear layer implementation (auto: the tuned lookup table on GPU)")
+    g.add_argument("--quantization", default=None, metavar="METHOD",
+                   help="weight quantization: auto (the checkpoint's own: GGUF blocks, AWQ, GPTQ, FP8), fp8 | int8 | "
+                   "int4 (quantize at load), none (dequantize a quantized checkpoint), gguf | awq | gptq | "
+                   "compressed-tensors (require that format)")
     g.add_argument("--calibration", default="auto",
                    help="unified-max calibration: auto (cached, made on first use), off, or a JSON path")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
@@ -117,6 +121,7 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
         calibration=args.calibration,
+        quantization=args.quantization,
         seed=args.seed,
         show_progress=not args.quiet,
     )

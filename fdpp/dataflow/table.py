@@ -10,6 +10,10 @@ config found by the tuner. Tables are JSON files, one per GPU name, holding entr
      "entries": [{"dtype": "float16", "n": 4096, "k": 4096, "name": "o", "m1": 4, "m2": 128,
                   "ranges": [{"m_min": 1, "m_max": 3, "impl": "gemv", "config": {...}}, ...]}]}
 
+Quantized weights have their own entries: an entry's ``weight_format`` (absent for dense weights) is a
+packed format of ``fdpp.quant`` (fp8, int8, int4, q4_k, ...), and lookups pass the weight's format; the
+dtype is then the activations' dtype.
+
 Lookup is O(1) and host-only (a dict get and a list index; the GPU name is read once per device and
 cached), so it can sit on the decode hot path and inside CUDA-graph capture. Shapes or GPUs without an
 entry fall back to ``rule_choice``.
@@ -39,16 +43,20 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "tables"
 # flat up to M ~ 64..128 because it pads M).
 RULE_M1 = 1  # gemv for M <= RULE_M1
 RULE_M2 = 64  # flat for RULE_M1 < M <= RULE_M2, cuBLAS above
+# Quantized weights: cuBLAS means dequantize-then-GEMM (or FP8 W8A8), which pays a full dense write and
+# read of the weight; the flat GEMM on packed weights stays ahead of it longer (a guess until tuned).
+RULE_M2_QUANT = 128
 
 
 Choice = tuple  # (impl: str, config: dict | None)
 
 
-def rule_choice(m: int) -> Choice:
-    """The fallback when no table entry exists: gemv for M = 1, flat GEMM for M <= 64, else cuBLAS."""
+def rule_choice(m: int, weight_format: str | None = None) -> Choice:
+    """The fallback when no table entry exists: gemv for M = 1, flat GEMM for M <= 64 (128 for quantized
+    weights), else cuBLAS."""
     if m <= RULE_M1:
         return ("gemv", None)
-    if m <= RULE_M2:
+    if m <= (RULE_M2 if weight_format is None else RULE_M2_QUANT):
         return ("flat", None)
     return ("cublas", None)
 
@@ -77,6 +85,7 @@ class ShapeEntry:
     ranges: list[MRange]
     name: str = ""
     timings: dict | None = field(default=None, repr=False)  # optional raw tuner data, kept for reports
+    weight_format: str | None = None  # a packed format (fdpp.quant) or None for dense weights
     _by_m: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +128,8 @@ class ShapeEntry:
     def to_dict(self) -> dict:
         d = {"dtype": self.dtype, "n": self.n, "k": self.k, "name": self.name, "m1": self.m1, "m2": self.m2,
              "ranges": [r.to_dict() for r in self.ranges]}
+        if self.weight_format is not None:
+            d["weight_format"] = self.weight_format
         if self.timings is not None:
             d["timings"] = self.timings
         return d
@@ -128,40 +139,42 @@ class ShapeEntry:
         return cls(
             dtype=d["dtype"], n=int(d["n"]), k=int(d["k"]), name=d.get("name", ""),
             ranges=[MRange(int(r["m_min"]), int(r["m_max"]), r["impl"], r.get("config")) for r in d["ranges"]],
-            timings=d.get("timings"),
+            timings=d.get("timings"), weight_format=d.get("weight_format"),
         )
 
 
 class DispatchTable:
-    """All tuned shapes of one GPU: ``{(dtype, N, K): ShapeEntry}``."""
+    """All tuned shapes of one GPU: ``{(dtype, N, K, weight_format): ShapeEntry}``."""
 
     def __init__(self, gpu: str, entries: list[ShapeEntry] | None = None, meta: dict | None = None):
         self.gpu = gpu
         self.meta = dict(meta or {})
-        self.entries: dict[tuple[str, int, int], ShapeEntry] = {}
+        self.entries: dict[tuple[str, int, int, str | None], ShapeEntry] = {}
         for e in entries or []:
             self.add(e)
 
     def add(self, entry: ShapeEntry) -> None:
-        """Add or replace the entry of (dtype, N, K)."""
-        self.entries[(entry.dtype, entry.n, entry.k)] = entry
+        """Add or replace the entry of (dtype, N, K, weight format)."""
+        self.entries[(entry.dtype, entry.n, entry.k, entry.weight_format)] = entry
 
     def merge(self, other: DispatchTable) -> None:
         """Take every entry of ``other``, replacing ours where both have one."""
         for e in other.entries.values():
             self.add(e)
 
-    def get(self, dtype: torch.dtype | str, n: int, k: int) -> ShapeEntry | None:
-        return self.entries.get((dtype_name(dtype), n, k))
+    def get(self, dtype: torch.dtype | str, n: int, k: int, weight_format: str | None = None) -> ShapeEntry | None:
+        return self.entries.get((dtype_name(dtype), n, k, weight_format))
 
-    def lookup(self, dtype: torch.dtype | str, n: int, k: int, m: int) -> Choice | None:
-        """(impl, config) for this shape and M, or None when the shape has no entry."""
-        entry = self.entries.get((dtype_name(dtype), n, k))
+    def lookup(self, dtype: torch.dtype | str, n: int, k: int, m: int,
+               weight_format: str | None = None) -> Choice | None:
+        """(impl, config) for this shape, weight format and M, or None when there is no entry."""
+        entry = self.entries.get((dtype_name(dtype), n, k, weight_format))
         return entry.choose(m) if entry is not None else None
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "gpu": self.gpu, **self.meta,
-                "entries": [e.to_dict() for e in sorted(self.entries.values(), key=lambda e: (e.dtype, e.n, e.k))]}
+                "entries": [e.to_dict() for e in sorted(self.entries.values(),
+                                                        key=lambda e: (e.weight_format or "", e.dtype, e.n, e.k))]}
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "<dict>") -> DispatchTable:
@@ -272,14 +285,16 @@ def use_dispatch_table(table: DispatchTable | None) -> Iterator[None]:
         set_dispatch_table(prev)
 
 
-def choose_impl(device: torch.device, dtype: torch.dtype, n: int, k: int, m: int) -> Choice:
-    """(impl, config) for a linear of weight [N, K] at M rows: the table entry, else ``rule_choice``.
+def choose_impl(device: torch.device, dtype: torch.dtype, n: int, k: int, m: int,
+                weight_format: str | None = None) -> Choice:
+    """(impl, config) for a linear of weight [N, K] (dense, or packed in ``weight_format``) at M rows: the
+    table entry, else ``rule_choice``.
 
     O(1), host-only (no device sync): safe on the decode hot path and during CUDA-graph capture.
     """
     table = table_for_device(device)
     if table is not None:
-        choice = table.lookup(dtype, n, k, m)
+        choice = table.lookup(dtype, n, k, m, weight_format)
         if choice is not None:
             return choice
-    return rule_choice(m)
+    return rule_choice(m, weight_format)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fdpp.layers.linear import default_weight_loader
+from fdpp.layers.linear import default_weight_loader, weight_of
 from fdpp.ops.linear import linear
 
 
@@ -16,6 +16,10 @@ class VocabEmbedding(nn.Module):
         self.weight.weight_loader = default_weight_loader
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        q = getattr(self.weight, "quant", None)
+        if q is not None:  # a quantized table (e.g. a GGUF Q8_0 token_embd): dequantize the rows looked up
+            rows = q.rows(input_ids.reshape(-1)).dequantize(self.weight.dtype)
+            return rows.reshape(*input_ids.shape, q.shape[1])
         return F.embedding(input_ids, self.weight)
 
 
@@ -33,4 +37,4 @@ class LMHead(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.weight, self.bias).float()
+        return linear(hidden, weight_of(self.weight), self.bias).float()

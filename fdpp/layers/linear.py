@@ -1,10 +1,18 @@
-"""Linear layers with per-parameter weight loaders (merged QKV and gate/up projections)."""
+"""Linear layers with per-parameter weight loaders (merged QKV and gate/up projections).
+
+Quantized weights: a weight parameter marked by ``mark_quantized`` (before the model leaves the meta
+device) holds no dense data (a 0-element placeholder); its weight loader stores what the checkpoint gives
+in ``param.quant`` instead: a ``QuantTensor`` as is (GGUF blocks, AWQ / GPTQ / FP8 checkpoints), a float
+tensor quantized on arrival (online quantization), or, for a merged projection whose shards arrive in
+different formats, a ``QuantParts``. Tied weights share the parameter, hence its ``quant`` too.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from fdpp.ops.linear import linear
+from fdpp.quant.formats import QuantParts, QuantTensor, quantize
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -18,8 +26,76 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src)
 
 
-def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, name: str = "") -> None:
+def mark_quantized(param: nn.Parameter, shape: tuple[int, int], mode: str, group_size: int = 128) -> None:
+    """Make ``param`` (a weight of logical ``shape`` [N, K], still on the meta device) a quantized weight.
+
+    ``mode``: a format name (fp8 | int8 | int4 | a GGUF block type) to quantize float tensors into at load
+    (and to fill with random weights), or ``"keep"`` to store what the checkpoint gives (quantized tensors
+    as they are, float tensors dense)."""
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    param.quant_mode = mode
+    param.quant_group_size = group_size
+    param.logical_shape = tuple(shape)
+
+
+def weight_of(param: nn.Parameter) -> torch.Tensor | QuantTensor | QuantParts:
+    """What a matmul reads: the quantized weight when the parameter has one, else the parameter."""
+    q = getattr(param, "quant", None)
+    return param if q is None else q
+
+
+def _as_stored(param: nn.Parameter, loaded, name: str):
+    """A checkpoint tensor as a quantized parameter keeps it: quantized (online) or as given."""
+    mode = param.quant_mode
+    if mode != "keep":
+        if isinstance(loaded, QuantTensor):  # re-quantizing a quantized checkpoint: the user asked for it
+            loaded = loaded.dequantize(torch.float32)
+        return quantize(loaded.to(param.device), mode, _group_for(param.quant_group_size, loaded.shape[1], name))
+    return loaded.to(param.device) if isinstance(loaded, QuantTensor) else loaded.to(param.device, param.dtype)
+
+
+def _group_for(group_size: int, k: int, name: str) -> int:
+    """The int4 group size for K: the requested one, else the largest of 128/64/32 dividing K."""
+    for g in (group_size, 128, 64, 32):
+        if k % g == 0:
+            return g
+    from fdpp.errors import UnsupportedModelError
+
+    raise UnsupportedModelError(f"cannot quantize {name or 'a weight'} to int4: its K={k} is not a multiple of 32")
+
+
+def set_quant_weight(param: nn.Parameter, parts: list, name: str = "") -> None:
+    """Set a quantized parameter from its (row-ordered) parts: one QuantTensor, dense, or mixed parts."""
+    shape = param.logical_shape
+    if sum(p.shape[0] for p in parts) != shape[0] or any(p.shape[1] != shape[1] for p in parts):
+        from fdpp.errors import ModelLoadError
+
+        got = [list(p.shape) for p in parts]
+        raise ModelLoadError(f"tensor {name!r} has shape(s) {got} but the model expects {list(shape)}; "
+                             "the checkpoint does not match its config")
+    if all(isinstance(p, torch.Tensor) for p in parts):  # a float checkpoint tensor kept dense
+        param.data = torch.cat(parts).to(param.dtype) if len(parts) > 1 else parts[0].to(param.dtype).contiguous()
+        param.quant = None
+    elif all(isinstance(p, QuantTensor) for p in parts) and len({p.layout_key() for p in parts}) == 1:
+        param.quant = QuantTensor.cat(parts) if len(parts) > 1 else parts[0]
+    else:
+        param.quant = QuantParts(parts)
+
+
+def default_weight_loader(param: nn.Parameter, loaded, name: str = "") -> None:
+    if getattr(param, "quant_mode", None) is not None:
+        set_quant_weight(param, [_as_stored(param, loaded, name)], name)
+        return
+    if isinstance(loaded, QuantTensor):
+        raise _unexpected_quant(name, loaded)
     _copy_checked(param.data, loaded, name)
+
+
+def _unexpected_quant(name: str, loaded: QuantTensor) -> Exception:
+    from fdpp.errors import UnsupportedModelError
+
+    return UnsupportedModelError(f"tensor {name!r} is quantized ({loaded.fmt}) but its layer takes only dense "
+                                 "weights; load with quantization='dequantize'")
 
 
 class Linear(nn.Module):
@@ -38,7 +114,7 @@ class Linear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, residual=residual)
+        return linear(x, weight_of(self.weight), self.bias, residual=residual)
 
 
 class MergedLinear(Linear):
@@ -59,12 +135,36 @@ class MergedLinear(Linear):
         if self.bias is not None:
             self.bias.weight_loader = self._shard_loader
 
-    def _shard_loader(self, param: nn.Parameter, loaded: torch.Tensor, name: str = "", shard_id=None) -> None:
+    def _shard_loader(self, param: nn.Parameter, loaded, name: str = "", shard_id=None) -> None:
+        if getattr(param, "quant_mode", None) is not None:
+            self._quant_shard_loader(param, loaded, name, shard_id)
+            return
+        if isinstance(loaded, QuantTensor):
+            raise _unexpected_quant(name, loaded)
         if shard_id is None:  # already merged in the checkpoint
             _copy_checked(param.data, loaded, name)
             return
         off, size = self.shard_offsets[shard_id]
         _copy_checked(param.data.narrow(0, off, size), loaded, name)
+
+    def _quant_shard_loader(self, param: nn.Parameter, loaded, name: str, shard_id) -> None:
+        """Shards of a quantized merged weight are kept until all arrived, then joined in row order (each
+        keeps its own scales: every format is row-wise)."""
+        if shard_id is None:
+            set_quant_weight(param, [_as_stored(param, loaded, name)], name)
+            return
+        if loaded.shape[0] != self.shard_offsets[shard_id][1]:
+            from fdpp.errors import ModelLoadError
+
+            raise ModelLoadError(f"tensor {name!r} has {loaded.shape[0]} rows but shard {shard_id!r} of the "
+                                 f"model has {self.shard_offsets[shard_id][1]}; the checkpoint does not match its config")
+        pending = getattr(param, "pending_shards", None)
+        if pending is None:
+            pending = param.pending_shards = {}
+        pending[shard_id] = _as_stored(param, loaded, name)
+        if len(pending) == len(self.shard_offsets):
+            set_quant_weight(param, [pending[sid] for sid in self.shard_offsets], name)
+            del param.pending_shards
 
 
 class GateUpLinear(MergedLinear):
@@ -74,4 +174,4 @@ class GateUpLinear(MergedLinear):
         super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size}, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, act="silu_and_mul")
+        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul")

@@ -86,10 +86,15 @@ class ChatGLMSelfAttention(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor, name: str = "", shard_id: str | None = None
     ) -> None:
         """Reorder a non-multi-query checkpoint's [Hq, (q, k, v), D] rows into fdpp's [(q, k, v), Hq, D]."""
-        if shard_id is None and loaded.shape[:1] == param.shape[:1]:
+        rows = getattr(param, "logical_shape", param.shape)[0]  # a quantized weight's placeholder is empty
+        if shard_id is None and loaded.shape[0] == rows:
             heads = loaded.shape[0] // (3 * self.head_dim)
-            rest = loaded.shape[1:]
-            loaded = loaded.reshape(heads, 3, self.head_dim, *rest).transpose(0, 1).reshape(loaded.shape)
+            if isinstance(loaded, torch.Tensor):
+                rest = loaded.shape[1:]
+                loaded = loaded.reshape(heads, 3, self.head_dim, *rest).transpose(0, 1).reshape(loaded.shape)
+            else:  # a quantized weight: the same reordering of whole rows
+                perm = torch.arange(rows).reshape(heads, 3, self.head_dim).transpose(0, 1).reshape(-1)
+                loaded = loaded.permute_rows(perm.to(loaded.device))
         self.query_key_value._shard_loader(param, loaded, name, shard_id)
 
     def forward(

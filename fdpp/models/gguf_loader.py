@@ -45,6 +45,7 @@ __all__ = [
     "gguf_tensor_names",
     "gguf_to_hf_name",
     "supported_quant_types",
+    "gguf_tensor_to_quant",
 ]
 
 _GGUF_MAGIC = b"GGUF"
@@ -423,9 +424,37 @@ def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+_DENSE_TYPES = ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64")
+
+
+def gguf_tensor_to_quant(t, path: str):
+    """A quantized 2-D GGUF tensor as a ``QuantTensor`` of its raw blocks (HF shape [out, in]); None for
+    dense types (F32, F16, BF16, ...). Raises ``UnsupportedModelError`` naming the tensor and type when fdpp
+    cannot run that block type quantized."""
+    from fdpp.quant.formats import GGUF_BLOCKS, QuantTensor
+
+    name = t.tensor_type.name
+    if name in _DENSE_TYPES or len(t.shape) != 2:
+        return None
+    fmt = name.lower()
+    if fmt not in GGUF_BLOCKS:
+        raise UnsupportedModelError(
+            f"tensor {t.name!r} in GGUF file {path!r} is {name}, which fdpp cannot run quantized (it runs "
+            f"{', '.join(f.upper() for f in GGUF_BLOCKS)}); pass quantization='none' (--quantization none) to "
+            "dequantize it at load, or use a file quantized as one of those types"
+        )
+    k, n = (int(x) for x in t.shape)  # GGUF dims are fastest-first: [in, out]
+    raw = torch.from_numpy(np.array(t.data, copy=True)).reshape(n, -1)  # a private copy, not a file view
+    try:
+        return QuantTensor(fmt, (n, k), raw)
+    except ValueError as e:
+        raise ModelLoadError(f"tensor {t.name!r} in GGUF file {path!r}: {e}; the file is corrupt") from e
+
+
 def iter_gguf_tensors(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, *, config: dict[str, Any] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, *, config: dict[str, Any] | None = None,
+    keep_quantized: bool = False,
+) -> Iterator[tuple[str, Any]]:
     """Yield ``(hf_name, tensor)`` for every parameter tensor of a GGUF file, one at a time.
 
     Contract (what the engine's weight loader can rely on):
@@ -440,6 +469,9 @@ def iter_gguf_tensors(
       owning its memory (not a view of the memory-mapped file), with llama.cpp's q/k rotary row
       permutation already undone. Each name is yielded once, in file order.
     * Only one tensor is materialised at a time (plus the float32 dequantization buffer).
+    * ``keep_quantized``: quantized 2-D tensors come as ``fdpp.quant.QuantTensor`` (their blocks as
+      stored, rows un-permuted the same way) instead of being dequantized; block types fdpp cannot run
+      raise ``UnsupportedModelError``.
 
     ``config`` (the dict from ``load_gguf_config``) is read from the file when not given.
     Raises ``ModelLoadError`` for missing/corrupt/truncated files and ``UnsupportedModelError`` for
@@ -457,6 +489,13 @@ def iter_gguf_tensors(
     for t in reader.tensors:
         hf_name = gguf_to_hf_name(t.name)
         if hf_name is None:
+            continue
+        qt = gguf_tensor_to_quant(t, path) if keep_quantized else None
+        if qt is not None:
+            if spec.permute_qk and (".attn_q." in t.name or ".attn_k." in t.name):
+                rows = torch.arange(qt.shape[0])
+                qt = qt.permute_rows(_unpermute_rotary(rows, n_head if ".attn_q." in t.name else n_kv))
+            yield hf_name, qt
             continue
         arr = _dequantize(t, path)
         out = torch.from_numpy(np.ascontiguousarray(arr))  # arr is a fresh array: no file view

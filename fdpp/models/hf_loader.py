@@ -202,13 +202,13 @@ def hf_weight_files(path: str | os.PathLike[str]) -> tuple[str, list[str]]:
     )
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if t.is_floating_point():
+def _convert(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None and t.is_floating_point():  # None: as stored (quantized checkpoints, grouped later)
         t = t.to(dtype)
     return t.contiguous()
 
 
-def _iter_safetensors(file: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(file: str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     from safetensors import safe_open
 
     size = os.path.getsize(file)
@@ -234,7 +234,7 @@ def _iter_safetensors(file: str, dtype: torch.dtype) -> Iterator[tuple[str, torc
             del t
 
 
-def _iter_bin(file: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_bin(file: str, dtype: torch.dtype | None) -> Iterator[tuple[str, torch.Tensor]]:
     def load(mmap: bool):
         return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 
@@ -267,7 +267,7 @@ def _iter_bin(file: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor
 
 
 def iter_hf_tensors(
-    path: str | os.PathLike[str], dtype: torch.dtype = torch.float32
+    path: str | os.PathLike[str], dtype: torch.dtype | None = torch.float32
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for every tensor of a Hugging Face folder's weights, one at a time.
 
@@ -278,7 +278,7 @@ def iter_hf_tensors(
       usually have no ``lm_head.weight``. ``rotary_emb.inv_freq`` buffers of old checkpoints are
       skipped.
     * ``tensor`` is a contiguous CPU tensor; floating-point tensors are converted to ``dtype``,
-      others keep their type. It may share memory with a read-only mapping of the file (when no
+      others keep their type (``dtype=None``: every tensor as stored). It may share memory with a read-only mapping of the file (when no
       conversion was needed): copy it into the parameter (``param.copy_(t)``), never modify it in
       place, and drop the reference before taking the next one.
     * Files are read in index/sorted order through ``safetensors.safe_open`` (tensor by tensor) or
@@ -303,12 +303,22 @@ def load_model_config(source: ModelSource) -> dict[str, Any]:
 
 
 def iter_model_tensors(
-    source: ModelSource, dtype: torch.dtype = torch.float32, *, config: dict[str, Any] | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+    source: ModelSource, dtype: torch.dtype = torch.float32, *, config: dict[str, Any] | None = None,
+    quant: Any = None,
+) -> Iterator[tuple[str, Any]]:
     """``iter_gguf_tensors`` or ``iter_hf_tensors`` depending on ``source.kind`` (same contract:
-    HF names, contiguous CPU tensors in ``dtype``, one at a time)."""
+    HF names, contiguous CPU tensors in ``dtype``, one at a time).
+
+    ``quant`` (a ``fdpp.quant.config.QuantPlan``): for a quantized checkpoint whose plan keeps it
+    quantized, linear weights come as ``QuantTensor`` (GGUF blocks as stored; AWQ / GPTQ / FP8 parts joined
+    into ``<module>.weight``); when the plan does not keep them they come dequantized to ``dtype``."""
     if source.kind == "gguf":
         from fdpp.models.gguf_loader import iter_gguf_tensors
 
-        return iter_gguf_tensors(source.gguf_file, dtype, config=config)
+        keep = quant is not None and quant.keep
+        return iter_gguf_tensors(source.gguf_file, dtype, config=config, keep_quantized=keep)
+    if quant is not None and quant.checkpoint is not None:
+        from fdpp.quant.checkpoint import group_quantized
+
+        return group_quantized(iter_hf_tensors(source.path, None), quant, dtype)
     return iter_hf_tensors(source.path, dtype)

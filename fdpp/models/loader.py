@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,22 +39,27 @@ def build_model(
     num_tensors: int | None = None,
     show_progress: bool = True,
     seed: int = 0,
+    quant: Any = None,
 ) -> nn.Module:
     """Construct ``config``'s model with ``dtype`` parameters on ``device``.
 
     ``weights`` yields (Hugging Face name, tensor) pairs, one at a time; each is copied into its
     parameter (through the parameter's ``weight_loader``), so no second copy of the model exists.
     ``weights=None`` fills the model with random weights (benchmarks with real shapes).
+    ``quant`` (a ``fdpp.quant.config.QuantPlan``): which weights are quantized (``mark_quantized_layers``).
     """
     cls = get_model_class(config)
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(config)
-    # to_empty makes new Parameter objects: carry the per-parameter weight loaders over.
-    loaders = {n: getattr(p, "weight_loader", None) for n, p in model.named_parameters()}
+    if quant is not None and quant.is_quantized:
+        mark_quantized_layers(model, quant)
+    # to_empty makes new Parameter objects: carry the per-parameter attributes (weight loaders,
+    # quantization marks) over.
+    attrs = {n: dict(vars(p)) for n, p in model.named_parameters()}
     model = model.to_empty(device=device)
     for n, p in model.named_parameters():
-        if loaders.get(n) is not None:
-            p.weight_loader = loaders[n]
+        for key, value in attrs.get(n, {}).items():
+            setattr(p, key, value)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     for module in model.modules():
@@ -67,11 +73,36 @@ def build_model(
     return model
 
 
+def mark_quantized_layers(model: nn.Module, quant: Any) -> None:
+    """Mark the weights a ``QuantPlan`` quantizes (on the meta model, before its memory is allocated).
+
+    Online quantization: every ``Linear`` (QKV, O, gate/up, down, ...), not the LM head. A kept quantized
+    checkpoint: every ``Linear`` and, for GGUF (which quantizes them too), the embedding and the LM head;
+    each takes whatever the checkpoint holds (a dense tensor stays dense)."""
+    from fdpp.layers.embedding import LMHead, VocabEmbedding
+    from fdpp.layers.linear import Linear, mark_quantized
+
+    mode = quant.online if quant.online is not None else "keep"
+    kinds = (Linear, LMHead, VocabEmbedding) if quant.online is None and quant.checkpoint == "gguf" else (Linear,)
+    for module in model.modules():
+        if isinstance(module, kinds) and getattr(module.weight, "quant_mode", None) is None:
+            mark_quantized(module.weight, tuple(module.weight.shape), mode, quant.group_size)
+
+
 @torch.no_grad()
 def _init_random(model: nn.Module, seed: int) -> None:
+    from fdpp.layers.linear import set_quant_weight
+    from fdpp.quant.formats import random_quant
+
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
-        if p.dim() == 1:
+        mode = getattr(p, "quant_mode", None)
+        if mode is not None:
+            n, k = p.logical_shape
+            group = next(g for g in (p.quant_group_size, 128, 64, 32) if k % g == 0)
+            set_quant_weight(p, [random_quant(mode, n, k, group_size=group, device=p.device, seed=seed)], name)
+            seed += 1
+        elif p.dim() == 1:
             if name.endswith("bias"):
                 p.zero_()
             else:  # norm weights

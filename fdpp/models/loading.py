@@ -38,6 +38,8 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     preset = get_preset(name) if isinstance(name, str) and not os.path.exists(name) else None
     if preset is None and isinstance(name, str) and _is_bare_name(name):
         raise _unknown_model(name)
+    from fdpp.quant.config import resolve_quant_plan
+
     if preset is not None or config.random_weights:
         if preset is None:
             from fdpp.models.hf_loader import load_model_config, resolve_model
@@ -45,8 +47,10 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
             preset = load_model_config(resolve_model(name))
         mc = _extend_context(ModelConfig.from_hf_dict(preset), config.max_model_len)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
-        model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False)
-        return LoadedModel(mc, model, dtype, f"{name}-random-{dtype_name(dtype)}")
+        quant = resolve_quant_plan(config.quantization, preset, "hf", device, random_weights=True)
+        model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False, quant=quant)
+        key = f"{name}-random-{dtype_name(dtype)}" + (f"-{quant.tag}" if quant.tag else "")
+        return LoadedModel(mc, model, dtype, key)
 
     from fdpp.models.hf_loader import iter_model_tensors, load_model_config, resolve_model
 
@@ -57,7 +61,8 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         hf_dict = load_model_config(src)
     mc = _extend_context(ModelConfig.from_hf_dict(hf_dict), config.max_model_len)
     dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
-    weights = iter_model_tensors(src, dtype, config=hf_dict)
+    quant = resolve_quant_plan(config.quantization, hf_dict, src.kind, device)
+    weights = iter_model_tensors(src, dtype, config=hf_dict, quant=quant)
     if src.kind == "gguf":
         from fdpp.models.gguf_loader import gguf_tensor_names
 
@@ -67,7 +72,9 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         num = None
         key = "hf-" + os.path.abspath(src.path).strip("/").replace("/", "_")
     key += "-" + dtype_name(dtype)  # the safe window of phi depends on the dtype
-    model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress)
+    key += f"-{quant.tag}" if quant.tag else ""  # and on the weights' quantization
+    model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress,
+                        quant=quant)
     return LoadedModel(mc, model, dtype, key, src)
 
 

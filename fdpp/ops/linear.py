@@ -8,6 +8,12 @@ Backends (``fdpp.ops.backend.linear_backend``):
 - ``table``: the heuristic dataflow (the CUDA default): an O(1), sync-free lookup of (GPU, dtype, N, K, M)
   in the tuned table (fdpp.dataflow), falling back to a rule (gemv for M = 1, flat for M <= 64, else
   cuBLAS) where the table has no entry.
+
+Quantized weights (``fdpp.quant.QuantTensor``) take the same route with the weight format in the lookup:
+``gemv`` / ``flat`` become the kernels that read packed weights and dequantize in registers; ``cublas``
+(large M) is FP8 W8A8 on the FP8 tensor cores (``torch._scaled_mm``, dynamic per-token activation scales)
+for fp8 weights and, for every other format, a dequantize kernel into the dense tensor-core GEMM. The
+reference backend dequantizes per matmul.
 """
 from __future__ import annotations
 
@@ -16,13 +22,14 @@ import torch
 from fdpp.dataflow.table import choose_impl
 from fdpp.kernels.gemv import linear_reference
 from fdpp.ops.backend import linear_backend
+from fdpp.quant.formats import FP8_MAX, QuantParts, QuantTensor
 
 ACTS = (None, "silu_and_mul")
 
 
 def linear(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | QuantTensor | QuantParts,
     bias: torch.Tensor | None = None,
     *,
     residual: torch.Tensor | None = None,
@@ -30,13 +37,15 @@ def linear(
 ) -> torch.Tensor:
     """``y = x @ weight.T (+ bias)``, then ``act``, then ``+ residual``.
 
-    x: ``[..., K]`` (leading dims are flattened into M); weight: ``[N, K]``; bias: ``[N]``.
+    x: ``[..., K]`` (leading dims are flattened into M); weight: ``[N, K]`` (dense or quantized); bias: ``[N]``.
     ``act="silu_and_mul"``: weight is a fused [gate; up] of ``2F`` rows and y is
     ``silu(x @ gate.T) * (x @ up.T)`` with last dim F. residual: ``[..., N_out]``, added last.
     Returns ``[..., N_out]`` in x's dtype.
     """
     if act not in ACTS:
         raise ValueError(f"linear: act={act!r} is not supported; use one of {ACTS}")
+    if isinstance(weight, (QuantTensor, QuantParts)):
+        return quant_linear(x, weight, bias, residual=residual, act=act)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match; expected x [..., K] "
@@ -83,3 +92,100 @@ def linear(
     else:
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
     return y.reshape(*lead, n_out)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    weight: QuantTensor | QuantParts,
+    bias: torch.Tensor | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    act: str | None = None,
+) -> torch.Tensor:
+    """``linear`` for a quantized weight (same contract). The kernels compute ``x @ W.T (+ bias) (+ residual)``;
+    a gated activation is applied after them (its residual too)."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"linear: x {tuple(x.shape)} does not match the quantized weight [{n}, {k}]")
+    lead = x.shape[:-1]
+    backend = linear_backend(x.device)
+    if backend == "reference" or (backend == "cublas" and x.device.type != "cuda"):
+        return linear_reference(x, weight.dequantize(x.dtype), bias, residual, act)
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    fused_res = None if act is not None or residual is None else residual.reshape(-1, n).contiguous()
+    if isinstance(weight, QuantParts):  # shards in different formats: one matmul per part, then concatenate
+        y = torch.cat([_quant_matmul(x2, p, None, None, backend) if isinstance(p, QuantTensor)
+                       else torch.nn.functional.linear(x2, p) for p in weight.parts], dim=-1)
+        y = linear_reference_epilogue(y, bias, None if fused_res is None else fused_res, act)
+    else:
+        y = _quant_matmul(x2, weight, bias, fused_res, backend)
+        if act is not None:
+            y = linear_reference_epilogue(y, None, None, act)
+    if residual is not None and fused_res is None:
+        y = y + residual.reshape(y.shape)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def linear_reference_epilogue(y: torch.Tensor, bias, residual, act: str | None) -> torch.Tensor:
+    """The epilogue of ``linear_reference`` on an already computed ``x @ W.T``."""
+    if bias is not None:
+        y = y + bias
+    if act == "silu_and_mul":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def _quant_matmul(x2: torch.Tensor, w: QuantTensor, bias, residual, backend: str) -> torch.Tensor:
+    """x2 [M, K] @ W.T (+ bias) (+ residual) with the implementation the backend / dataflow table picks."""
+    n, k = w.shape
+    m = x2.shape[0]
+    impl, config = backend, None
+    if backend == "table":
+        impl, config = choose_impl(x2.device, x2.dtype, n, k, m, weight_format=w.fmt)
+    args = (w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, bias)
+    if impl == "gemv":
+        from fdpp.kernels.quant_gemv import quant_gemv
+
+        return quant_gemv(x2, *args, residual=residual, config=config)
+    if impl == "flat":
+        from fdpp.kernels.quant_flat_gemm import quant_flat_gemm
+
+        return quant_flat_gemm(x2, *args, residual=residual, config=config)
+    if impl != "cublas":
+        raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
+    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
+        y = fp8_w8a8_linear(x2, w.data, w.scale, bias)
+    else:
+        from fdpp.kernels.quant_gemv import quant_dequantize
+
+        dense = quant_dequantize(w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, dtype=x2.dtype)
+        y = torch.nn.functional.linear(x2, dense, bias)
+    return y if residual is None else y + residual
+
+
+def fp8_w8a8_supported(x: torch.Tensor, n: int, k: int) -> bool:
+    """FP8 tensor cores (cuBLASLt through ``torch._scaled_mm``): CUDA compute capability >= 8.9, K and N
+    multiples of 16."""
+    if x.device.type != "cuda" or not hasattr(torch, "_scaled_mm") or k % 16 or n % 16:
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+def fp8_w8a8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (w_fp8 * w_scale).T`` as W8A8: x is quantized to e4m3 with a dynamic per-token (row) scale and
+    multiplied on the FP8 tensor cores with row-wise scales, accumulating in fp32.
+
+    NOTE: row-wise scaled ``_scaled_mm`` has long accepted only a bfloat16 output; fp16 callers get a cast."""
+    x_scale = (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)  # [M, 1]
+    xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(xq, w_fp8.t(), scale_a=x_scale, scale_b=w_scale.float().reshape(1, -1),
+                         out_dtype=torch.bfloat16)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)

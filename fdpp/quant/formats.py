@@ -1,0 +1,311 @@
+"""Quantized linear weights: one ``QuantTensor`` per weight, its formats, and the plain-PyTorch
+dequantization that the CPU reference path runs per matmul.
+
+A ``QuantTensor`` is a linear weight of logical shape ``[N, K]`` (out_features, in_features) kept in a
+packed format. Every format is row-major over N (each output row owns its bytes and scales), so row
+ranges concatenate: a merged QKV / gate-up built from separately quantized tensors is the row-wise
+concatenation of its shards, each keeping its own scales (``QuantTensor.cat``).
+
+Formats (``fmt``), with the tensors each keeps (``data`` / ``scale`` / ``zero``):
+
+* ``fp8``  -- data float8_e4m3fn [N, K]; scale float32 [N] (per output channel); w = data * scale.
+* ``int8`` -- data int8 [N, K]; scale float32 [N]; w = data * scale (symmetric).
+* ``int4`` -- data uint8 [N, K/2] (byte j holds k = 2j in its low nibble and k = 2j+1 in its high one);
+  scale float16 [N, K/G]; zero uint8 [N, K/G] (0..15); w = (q - zero) * scale per group of G along K.
+  AWQ and GPTQ checkpoints are repacked into this layout at load (``fdpp.quant.packing``).
+* GGUF blocks (``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q5_k``, ``q6_k``) -- data uint8
+  [N, K / QK * block_bytes]: llama.cpp's blocks exactly as stored in the file (QK = 32 or 256 weights
+  per block), row by row; scale and zero are unused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+# GGUF block formats: (weights per block, bytes per block), as in ggml.
+GGUF_BLOCKS: dict[str, tuple[int, int]] = {
+    "q8_0": (32, 34),
+    "q4_0": (32, 18),
+    "q4_1": (32, 20),
+    "q4_k": (256, 144),
+    "q5_k": (256, 176),
+    "q6_k": (256, 210),
+}
+CHANNEL_FORMATS = ("fp8", "int8")  # one float32 scale per output row
+FORMATS = (*CHANNEL_FORMATS, "int4", *GGUF_BLOCKS)
+INT4_GROUP_SIZES = (32, 64, 128)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+@dataclass
+class QuantTensor:
+    """A linear weight of logical shape ``shape = (N, K)`` in format ``fmt`` (see the module docstring)."""
+
+    fmt: str
+    shape: tuple[int, int]
+    data: torch.Tensor
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    group_size: int = 0  # int4 only
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"unknown weight format {self.fmt!r}; known formats: {', '.join(FORMATS)}")
+        n, k = self.shape = (int(self.shape[0]), int(self.shape[1]))
+        want = packed_shape(self.fmt, n, k, self.group_size)
+        if tuple(self.data.shape) != want:
+            raise ValueError(f"{self.fmt} weight of shape [{n}, {k}] needs data of shape {list(want)}, "
+                             f"got {list(self.data.shape)}")
+        if self.fmt == "int4":
+            groups = (n, k // self.group_size)
+            if self.scale is None or self.zero is None or tuple(self.scale.shape) != groups \
+                    or tuple(self.zero.shape) != groups:
+                raise ValueError(f"int4 weight [{n}, {k}] with group size {self.group_size} needs scale and "
+                                 f"zero of shape {list(groups)}")
+        elif self.fmt in CHANNEL_FORMATS and (self.scale is None or tuple(self.scale.shape) != (n,)):
+            raise ValueError(f"{self.fmt} weight [{n}, {k}] needs a per-channel scale of shape [{n}]")
+
+    # ---- properties -----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a matmul streams: the packed data plus scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.data, self.scale, self.zero) if t is not None]
+
+    def layout_key(self) -> tuple:
+        """What must match for two weights to be concatenated row-wise."""
+        return (self.fmt, self.shape[1], self.group_size)
+
+    # ---- transforms ---------------------------------------------------------------------------
+    def to(self, device: torch.device | str) -> QuantTensor:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return replace(self, data=mv(self.data), scale=mv(self.scale), zero=mv(self.zero))
+
+    def rows(self, index: torch.Tensor) -> QuantTensor:
+        """The weight restricted to output rows ``index`` (1-D long tensor): embedding lookups."""
+        def take(t):
+            return None if t is None else t.index_select(0, index)
+
+        return replace(self, shape=(int(index.numel()), self.shape[1]), data=take(self.data),
+                       scale=take(self.scale), zero=take(self.zero))
+
+    def permute_rows(self, perm: torch.Tensor) -> QuantTensor:
+        """Reorder output rows (rows are independent in every format)."""
+        return self.rows(perm)
+
+    @staticmethod
+    def cat(parts: list[QuantTensor]) -> QuantTensor:
+        """Row-wise concatenation of weights of one layout; each part keeps its own scales."""
+        first = parts[0]
+        for p in parts[1:]:
+            if p.layout_key() != first.layout_key():
+                raise ValueError(f"cannot concatenate weights of layouts {first.layout_key()} and {p.layout_key()}")
+
+        def cat(ts):
+            return None if ts[0] is None else torch.cat(ts, dim=0)
+
+        return replace(first, shape=(sum(p.shape[0] for p in parts), first.shape[1]),
+                       data=cat([p.data for p in parts]), scale=cat([p.scale for p in parts]),
+                       zero=cat([p.zero for p in parts]))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as a dense ``[N, K]`` tensor of ``dtype`` (computed in float32)."""
+        return dequantize(self).to(dtype)
+
+    def __repr__(self) -> str:
+        extra = f", group_size={self.group_size}" if self.fmt == "int4" else ""
+        return f"QuantTensor({self.fmt}, shape={list(self.shape)}{extra}, {self.nbytes} bytes, {self.device})"
+
+
+class QuantParts:
+    """A merged weight whose row blocks are in different formats (e.g. a GGUF Q4_K_M file's QKV: q and k
+    in Q4_K, v in Q6_K). Each part is a ``QuantTensor`` or a dense tensor; y = concat of each part's x W^T."""
+
+    def __init__(self, parts: list) -> None:
+        if not parts or len({int(p.shape[1]) for p in parts}) != 1:
+            raise ValueError("QuantParts needs parts with one K")
+        self.parts = list(parts)
+        self.shape = (sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]))
+
+    @property
+    def fmt(self) -> str:
+        return "+".join(p.fmt if isinstance(p, QuantTensor) else "dense" for p in self.parts)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts for t in (p.tensors() if isinstance(p, QuantTensor) else [p])]
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.cat([p.dequantize(dtype) if isinstance(p, QuantTensor) else p.to(dtype) for p in self.parts])
+
+    def __repr__(self) -> str:
+        return f"QuantParts({self.parts})"
+
+
+def packed_shape(fmt: str, n: int, k: int, group_size: int = 0) -> tuple[int, int]:
+    """Shape of ``data`` for a weight [N, K] in ``fmt``; raises ValueError when K does not fit the format."""
+    if fmt in CHANNEL_FORMATS:
+        return (n, k)
+    if fmt == "int4":
+        if group_size not in INT4_GROUP_SIZES or k % group_size:
+            raise ValueError(f"int4 needs K divisible by its group size (one of {INT4_GROUP_SIZES}); "
+                             f"got K={k}, group size {group_size}")
+        return (n, k // 2)
+    qk, bb = GGUF_BLOCKS[fmt]
+    if k % qk:
+        raise ValueError(f"{fmt} needs K divisible by {qk}, got K={k}")
+    return (n, k // qk * bb)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dequantization (float32), the CPU reference path
+# ------------------------------------------------------------------------------------------------
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian float16 stored in the last dim (2 bytes) of a uint8 tensor -> float32 [...]."""
+    return b.contiguous().view(torch.float16).squeeze(-1).float()
+
+
+def _nibbles(qs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (qs & 0xF), (qs >> 4)
+
+
+def _k_scales(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_K / Q5_K: the 8 six-bit (scale, min) pairs packed in 12 bytes [..., 12] -> two [..., 8]."""
+    s = sc.int()
+    lo_sc = s[..., 0:4] & 63
+    lo_m = s[..., 4:8] & 63
+    hi_sc = (s[..., 8:12] & 0xF) | ((s[..., 0:4] >> 6) << 4)
+    hi_m = (s[..., 8:12] >> 4) | ((s[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_sc, hi_sc], -1).float(), torch.cat([lo_m, hi_m], -1).float()
+
+
+def dequantize_gguf(fmt: str, data: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Dequantize raw GGUF blocks ``data`` [N, row_bytes] (uint8) to float32 [N, K], as ggml does."""
+    qk, bb = GGUF_BLOCKS[fmt]
+    b = data.reshape(n, k // qk, bb)  # [N, blocks, bytes]
+    if fmt == "q8_0":
+        d = _f16(b[..., 0:2])
+        w = b.view(torch.int8)[..., 2:] * d[..., None]  # int8 x float32 -> float32, one pass
+    elif fmt in ("q4_0", "q4_1"):
+        hdr = 2 if fmt == "q4_0" else 4
+        lo, hi = _nibbles(b[..., hdr:])
+        q = torch.cat([lo, hi], -1).float()  # byte j: weights j (low) and j + 16 (high)
+        d = _f16(b[..., 0:2])[..., None]
+        w = d * (q - 8.0) if fmt == "q4_0" else d * q + _f16(b[..., 2:4])[..., None]
+    elif fmt in ("q4_k", "q5_k"):
+        d = _f16(b[..., 0:2])[..., None]
+        dmin = _f16(b[..., 2:4])[..., None]
+        sc, mn = _k_scales(b[..., 4:16])  # [N, blocks, 8] per 32-weight sub-block
+        qs = b[..., 48:] if fmt == "q5_k" else b[..., 16:]
+        qs = qs.reshape(n, -1, 4, 32)  # 4 chunks of 64 weights: low nibbles first 32, high the next 32
+        lo, hi = _nibbles(qs)
+        q = torch.stack([lo, hi], 3).reshape(n, -1, 8, 32).int()  # [N, blocks, sub-block, 32]
+        if fmt == "q5_k":
+            qh = b[..., 16:48].int()  # bit s of byte l: the fifth bit of weight l of sub-block s
+            bits = torch.arange(8, device=data.device, dtype=torch.int32)
+            q = q + ((qh[..., None, :] >> bits[:, None]) & 1) * 16
+        w = (d * sc)[..., None] * q.float() - (dmin * mn)[..., None]
+    elif fmt == "q6_k":
+        ql = b[..., 0:128].reshape(n, -1, 2, 2, 32)  # [.., half, ql-offset 0/32, l]
+        qh = b[..., 128:192].reshape(n, -1, 2, 32).int()  # [.., half, l]
+        sc = b[..., 192:208].contiguous().view(torch.int8).float().reshape(n, -1, 2, 4, 2)  # [.., half, quarter, l//16]
+        d = _f16(b[..., 208:210]).reshape(n, -1, 1, 1, 1, 1)
+        lo, hi = _nibbles(ql.int())
+        low4 = torch.stack([lo[..., 0, :], lo[..., 1, :], hi[..., 0, :], hi[..., 1, :]], 3)  # [.., half, quarter, l]
+        shifts = torch.tensor([0, 2, 4, 6], device=data.device, dtype=torch.int32)[:, None]
+        high2 = (qh[..., None, :] >> shifts) & 3
+        q = (low4 | (high2 << 4)).float() - 32.0
+        q = q.reshape(n, -1, 2, 4, 2, 16)
+        w = d * sc[..., None] * q
+    else:
+        raise ValueError(f"{fmt!r} is not a GGUF block format")
+    return w.reshape(n, k)
+
+
+def dequantize(qt: QuantTensor) -> torch.Tensor:
+    """Float32 [N, K] of any ``QuantTensor``."""
+    n, k = qt.shape
+    if qt.fmt in CHANNEL_FORMATS:
+        return qt.data.float() * qt.scale.float()[:, None]
+    if qt.fmt == "int4":
+        lo, hi = _nibbles(qt.data)
+        q = torch.stack([lo, hi], -1).reshape(n, k // qt.group_size, qt.group_size).float()
+        w = (q - qt.zero.float()[..., None]) * qt.scale.float()[..., None]
+        return w.reshape(n, k)
+    return dequantize_gguf(qt.fmt, qt.data, n, k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Quantization of float weights (online quantization at load, and tests)
+# ------------------------------------------------------------------------------------------------
+
+
+def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantTensor:
+    """Quantize a float weight [N, K] to ``fmt`` (fp8 | int8 | int4; GGUF q8_0 | q4_0 | q4_1 through the
+    ``gguf`` package). int4 uses asymmetric min/max groups of ``group_size`` along K."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize: expected a 2-D weight [N, K], got shape {list(w.shape)}")
+    n, k = w.shape
+    wf = w.detach().float()
+    if fmt == "fp8":
+        scale = (wf.abs().amax(1) / FP8_MAX).clamp_min(1e-12)
+        data = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return QuantTensor("fp8", (n, k), data, scale)
+    if fmt == "int8":
+        scale = (wf.abs().amax(1) / 127.0).clamp_min(1e-12)
+        data = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return QuantTensor("int8", (n, k), data, scale)
+    if fmt == "int4":
+        packed_shape("int4", n, k, group_size)
+        g = wf.reshape(n, k // group_size, group_size)
+        lo, hi = g.amin(-1).clamp(max=0.0), g.amax(-1).clamp(min=0.0)
+        scale = ((hi - lo) / 15.0).clamp_min(1e-8)
+        zero = torch.round(-lo / scale).clamp(0, 15)
+        q = torch.round(g / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).reshape(n, k)
+        data = q[:, 0::2] | (q[:, 1::2] << 4)
+        # NOTE: the kernels read the float16 scale: quantize against it so that rounding matches.
+        return QuantTensor("int4", (n, k), data.contiguous(), scale.half(), zero.to(torch.uint8), group_size)
+    if fmt in ("q8_0", "q4_0", "q4_1"):
+        import gguf
+
+        raw = gguf.quants.quantize(wf.cpu().numpy(), getattr(gguf.GGMLQuantizationType, fmt.upper()))
+        return QuantTensor(fmt, (n, k), torch.from_numpy(raw.copy()).reshape(n, -1).to(w.device))
+    raise ValueError(f"cannot quantize to {fmt!r}; online quantization supports fp8, int8, int4 "
+                     "(and q8_0, q4_0, q4_1 through the gguf package)")
+
+
+def random_quant(fmt: str, n: int, k: int, *, group_size: int = 128, device: torch.device | str = "cpu",
+                 seed: int = 0) -> QuantTensor:
+    """A random weight directly in ``fmt`` (benchmarks with real shapes; weights of magnitude ~0.02).
+
+    GGUF blocks get random quant bits and small float16 block scales; nothing is quantized, so a 7B
+    model's worth is built in seconds."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    if fmt in CHANNEL_FORMATS or fmt == "int4":
+        w = torch.randn(n, k, generator=gen, device=device) * 0.02
+        return quantize(w, fmt, group_size)
+    qk, bb = GGUF_BLOCKS[fmt]
+    raw = torch.randint(0, 256, (n, k // qk, bb), generator=gen, device=device, dtype=torch.int32).to(torch.uint8)
+    d = 0.002 if qk == 32 else 0.0002  # k-quants multiply d by 6-8 bit sub-block scales
+    scale = torch.full((n, k // qk, 1), d, device=device, dtype=torch.float16).view(torch.uint8)
+    if fmt == "q6_k":
+        raw[..., 208:210] = scale
+    else:
+        raw[..., 0:2] = scale
+        if fmt in ("q4_1", "q4_k", "q5_k"):
+            raw[..., 2:4] = scale  # the block min
+    return QuantTensor(fmt, (n, k), raw.reshape(n, -1))

@@ -1,0 +1,138 @@
+"""Quantized weight formats: GGUF dequantization against the gguf package, quantize/dequantize error
+bounds, AWQ / GPTQ / FP8 checkpoint layouts (round trips and an independent reading of each layout)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fdpp.errors import UnsupportedModelError
+from fdpp.quant.formats import GGUF_BLOCKS, QuantParts, QuantTensor, dequantize, quantize, random_quant
+from fdpp.quant.packing import (
+    AWQ_ORDER,
+    awq_to_quant,
+    fp8_to_quant,
+    gptq_to_quant,
+    quant_to_awq,
+    quant_to_gptq,
+)
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.mark.parametrize("fmt", list(GGUF_BLOCKS))
+def test_gguf_dequant_matches_gguf_package_bit_for_bit(fmt):
+    """Random blocks (random quant bits and scale bytes, finite float16 scales) decode exactly as ggml's
+    reference dequantizer in the gguf package does."""
+    qk, bb = GGUF_BLOCKS[fmt]
+    n, k = 3, 2 * 256
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (n, k // qk, bb), dtype=np.uint8)
+    scales = rng.uniform(-0.05, 0.05, (n, k // qk)).astype(np.float16).view(np.uint8).reshape(n, -1, 2)
+    if fmt == "q6_k":
+        raw[..., 208:210] = scales
+    else:
+        raw[..., 0:2] = scales
+        if fmt in ("q4_1", "q4_k", "q5_k"):
+            raw[..., 2:4] = scales[:, ::-1]
+    raw = raw.reshape(n, -1)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, fmt.upper())).reshape(n, k)
+    ours = dequantize(QuantTensor(fmt, (n, k), torch.from_numpy(raw))).numpy()
+    np.testing.assert_array_equal(ours, ref)
+
+
+@pytest.mark.parametrize("fmt,group", [("fp8", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128),
+                                       ("q8_0", 0), ("q4_0", 0), ("q4_1", 0)])
+def test_quantize_error_is_within_the_format_step(fmt, group):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 256, generator=g) * 0.05
+    w[3] *= 20  # rows of very different scale: per-channel / per-group scales must follow
+    qt = quantize(w, fmt, group or 128)
+    err = (qt.dequantize() - w).abs()
+    if fmt == "fp8":  # 3 mantissa bits: relative step 2^-3, rounding error half of it
+        assert (err <= w.abs() * 2**-4 + 1e-6).all()
+    else:
+        span = {"int8": 127, "q8_0": 127, "int4": 7.5, "q4_0": 7.5, "q4_1": 7.5}[fmt]
+        block = {"int8": 256, "q8_0": 32, "int4": group, "q4_0": 32, "q4_1": 32}[fmt]
+        amax = w.abs().reshape(7, -1, block).amax(-1, keepdim=True)
+        step = (amax / span).expand(-1, -1, block).reshape(7, 256)
+        assert (err <= step * 1.01 + 1e-6).all(), f"max error / step {(err / step).max():.3f}"
+
+
+def _int4(n=48, k=128, group=32, seed=0) -> QuantTensor:
+    g = torch.Generator().manual_seed(seed)
+    return quantize(torch.randn(n, k, generator=g), "int4", group)
+
+
+def test_awq_layout_round_trip_and_independent_reading():
+    qt = _int4()
+    qweight, qzeros, scales = quant_to_awq(qt)
+    n, k = qt.shape
+    assert qweight.dtype == torch.int32 and qweight.shape == (k, n // 8) and scales.shape == (k // 32, n)
+    back = awq_to_quant(qweight, qzeros, scales)
+    assert torch.equal(back.data, qt.data) and torch.equal(back.zero, qt.zero) and torch.equal(back.scale, qt.scale)
+    # AutoAWQ's reading: column c of a packed int32 sits in nibble AWQ_ORDER.index(c % 8)
+    kk, nn = torch.meshgrid(torch.arange(k), torch.arange(n), indexing="ij")
+    pos = torch.tensor([AWQ_ORDER.index(c) for c in range(8)])[nn % 8]
+    q = (qweight[kk, nn // 8] >> (4 * pos)) & 0xF
+    z = (qzeros[kk // 32, nn // 8] >> (4 * pos)) & 0xF
+    ref = ((q - z).float() * scales[kk // 32, nn].float()).t()
+    torch.testing.assert_close(dequantize(back), ref, rtol=0, atol=0)
+
+
+def test_gptq_layout_round_trip_and_independent_reading():
+    qt = _int4(group=64)
+    qweight, qzeros, scales, g_idx = quant_to_gptq(qt)
+    n, k = qt.shape
+    assert qweight.shape == (k // 8, n) and qzeros.shape == (k // 64, n // 8) and g_idx.shape == (k,)
+    back = gptq_to_quant(qweight, qzeros, scales, g_idx)
+    torch.testing.assert_close(dequantize(back), dequantize(qt), rtol=0, atol=0)
+    # GPTQ v1's reading: k = 8r + i in nibble i of row r; zeros stored minus one, columns in order
+    kk, nn = torch.meshgrid(torch.arange(k), torch.arange(n), indexing="ij")
+    q = (qweight[kk // 8, nn] >> (4 * (kk % 8))) & 0xF
+    z = ((qzeros[g_idx[kk].long(), nn // 8] >> (4 * (nn % 8))) & 0xF) + 1
+    ref = ((q - z).float() * scales[g_idx[kk].long(), nn].float()).t()
+    torch.testing.assert_close(dequantize(back), ref, rtol=0, atol=0)
+
+
+def test_gptq_act_order_is_refused_with_a_clear_error():
+    qweight, qzeros, scales, g_idx = quant_to_gptq(_int4(group=32))
+    shuffled = g_idx[torch.randperm(g_idx.numel(), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(UnsupportedModelError, match="act-order"):
+        gptq_to_quant(qweight, qzeros, scales, shuffled, name="model.layers.0.mlp.up_proj")
+
+
+def test_fp8_checkpoint_scales_per_tensor_and_per_channel():
+    w = torch.randn(16, 32)
+    q8 = (w * 10).clamp(-448, 448).to(torch.float8_e4m3fn)
+    per_tensor = fp8_to_quant(q8, torch.tensor(0.1))
+    torch.testing.assert_close(per_tensor.dequantize(), q8.float() * 0.1)
+    s = torch.rand(16, 1) + 0.5
+    torch.testing.assert_close(fp8_to_quant(q8, s).dequantize(), q8.float() * s)
+    with pytest.raises(UnsupportedModelError, match="block-wise"):
+        fp8_to_quant(q8, torch.ones(2, 2))
+
+
+def test_concatenated_shards_keep_their_own_scales():
+    parts = [quantize(torch.randn(8, 64) * s, "int8") for s in (0.01, 1.0, 100.0)]
+    merged = QuantTensor.cat(parts)
+    torch.testing.assert_close(merged.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    idx = torch.tensor([20, 3, 9])
+    torch.testing.assert_close(merged.rows(idx).dequantize(), merged.dequantize()[idx])
+    mixed = QuantParts([parts[0], quantize(torch.randn(4, 64), "q4_0"), torch.randn(2, 64)])
+    assert mixed.shape == (14, 64) and mixed.dequantize().shape == (14, 64)
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        QuantTensor.cat([parts[0], quantize(torch.randn(8, 64), "fp8")])
+
+
+def test_shape_errors_name_the_problem():
+    with pytest.raises(ValueError, match="K divisible by its group size"):
+        quantize(torch.randn(4, 48), "int4", 64)
+    with pytest.raises(ValueError, match="needs data of shape"):
+        QuantTensor("q4_0", (4, 64), torch.zeros(4, 35, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", *GGUF_BLOCKS])
+def test_random_quant_is_finite_and_small(fmt):
+    w = random_quant(fmt, 4, 512, group_size=128).dequantize()
+    assert torch.isfinite(w).all() and w.abs().max() < 1

@@ -1,0 +1,42 @@
+"""The embedded SmolLM2-135M-Instruct (a GGUF file in Q4_1, its embedding / LM head in Q8_0) run with its
+weights kept in their blocks: it answers, and its logits equal those of the same weights dequantized at
+load (the reference path dequantizes per matmul with the same float32 arithmetic as the gguf package)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fdpp import LLM, SamplingParams
+from fdpp.quant.formats import QuantTensor
+from fdpp.quant.perplexity import perplexity
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    llm = LLM(quantization="gguf", device="cpu", show_progress=False, calibration="off")
+    yield llm
+    llm.close()
+
+
+def test_smollm2_q4_1_runs_quantized_and_answers_paris(quantized):
+    model = quantized.engine.model
+    qkv = model.model.layers[0].self_attn.qkv_proj.weight.quant
+    assert isinstance(qkv, QuantTensor) and qkv.fmt == "q4_1" and qkv.shape == (960, 576)
+    assert model.lm_head.weight.quant.fmt == "q8_0"  # tied to the Q8_0 token embedding
+    out = quantized.chat([{"role": "user", "content": "What is the capital of France?"}],
+                         SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+    assert "Paris" in out[0].outputs[0].text
+
+
+def test_quantized_equals_dequantized_and_perplexity_is_sane(quantized):
+    dense = LLM(quantization="none", device="cpu", show_progress=False, calibration="off")
+    try:
+        assert getattr(dense.engine.model.model.layers[0].self_attn.qkv_proj.weight, "quant", None) is None
+        ids = dense.get_tokenizer().encode("The river town woke slowly on market days.")
+        torch.testing.assert_close(quantized.engine.prompt_logits(ids), dense.engine.prompt_logits(ids),
+                                   rtol=1e-5, atol=1e-4)
+        ppl_q, n = perplexity(quantized)
+        ppl_d, _ = perplexity(dense)
+        assert n > 300 and ppl_q == pytest.approx(ppl_d, rel=1e-4) and 5 < ppl_q < 60
+    finally:
+        dense.close()
