@@ -151,6 +151,9 @@ class CacheConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the embedded SmolLM2-135M-Instruct GGUF
+    # A tokenizer to use instead of the model's own (vLLM's --tokenizer): a Hugging Face folder or a .gguf
+    # file. Lets a random-weight preset take real text (benchmarks of structured output, say).
+    tokenizer: str | None = None
     dtype: str = "auto"  # auto | float32 | float16 | bfloat16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_num_seqs: int = 64

@@ -32,6 +32,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=None,
                    help="Hugging Face folder, .gguf file, or preset name (llama-2-7b, llama-2-13b, llama-3-8b, "
                    "... with random weights). Default: the embedded SmolLM2-135M-Instruct.")
+    g.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="use this tokenizer (a Hugging Face folder or .gguf file) instead of the model's own; "
+                   "its vocabulary must fit the model's")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                    help="compute dtype (auto: float32 on CPU, the checkpoint's half type on GPU)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -127,7 +130,7 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
     )
     if args.kv_cache_memory is not None:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory * 2**30)
-    return LLM(model=args.model, dtype=args.dtype, device=args.device, **kwargs, **engine_overrides)
+    return LLM(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, device=args.device, **kwargs, **engine_overrides)
 
 
 # SamplingParams field -> the flag that sets it, for error messages in the CLI's words

@@ -25,10 +25,16 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> tupl
     """The model and its tokenizer (a transformers tokenizer; None for random weights or a folder
     without tokenizer files)."""
     loaded = load_model(config, device)
+    from fdpp.tokenizer import load_tokenizer
+
+    if config.tokenizer is not None:
+        with phase("Loading the tokenizer", config.show_progress):
+            tokenizer = load_tokenizer(config.tokenizer)
+        _check_vocab(tokenizer, loaded.model_config.vocab_size, config.tokenizer)
+        return loaded, tokenizer
     src = loaded.source
     if src is None:
         return loaded, None
-    from fdpp.tokenizer import load_tokenizer
 
     tokenizer = None
     if _has_tokenizer(src):
@@ -37,6 +43,18 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> tupl
     if tokenizer is None:
         logger.warning("%s has no tokenizer files: prompts must be token ids and outputs have no text", src.path)
     return loaded, tokenizer
+
+
+def _check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:
+    """A tokenizer given apart from the model must not produce ids the model's embedding lacks."""
+    from fdpp.errors import ModelLoadError
+
+    n = len(tokenizer)
+    if n > vocab_size:
+        raise ModelLoadError(
+            f"the tokenizer {where!r} has {n} tokens but the model's vocabulary has only {vocab_size}: its ids "
+            "would index past the embedding; use the model's own tokenizer or one with at most that many tokens"
+        )
 
 
 def _has_tokenizer(src: Any) -> bool:
