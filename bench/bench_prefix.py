@@ -43,13 +43,14 @@ DTYPES = {"llama-2-7b": "float16", "llama-3-8b": "bfloat16"}
 SIZES = {
     "full": dict(shared_n=256, shared_sys=2000, shared_uniq=50, shared_out=128, shared_seqs=256,
                  mt_convs=32, mt_turns=8, mt_sys=256, mt_user=64, mt_reply=64,
-                 itl_streams=32, itl_long=16384, itl_budgets=[None, 512], decode=True),
+                 itl_streams=32, itl_long=16384, itl_budgets=[(None, None), (None, 128), (None, 0), (512, 0)], decode=True),
     "quick": dict(shared_n=128, shared_sys=2000, shared_uniq=50, shared_out=64, shared_seqs=128,
                   mt_convs=16, mt_turns=8, mt_sys=256, mt_user=64, mt_reply=32,
-                  itl_streams=32, itl_long=16384, itl_budgets=[None, 512], decode=True),
+                  itl_streams=32, itl_long=16384, itl_budgets=[(None, None), (None, 128), (None, 0), (512, 0)],
+                  decode=True),
     "cpu": dict(shared_n=8, shared_sys=192, shared_uniq=16, shared_out=8, shared_seqs=8,
                 mt_convs=4, mt_turns=3, mt_sys=32, mt_user=16, mt_reply=8,
-                itl_streams=4, itl_long=768, itl_budgets=[None, 128], decode=False),
+                itl_streams=4, itl_long=768, itl_budgets=[(None, None), (128, 0)], decode=False),
 }
 
 
@@ -83,19 +84,29 @@ class Bench:
             self.out["triton"] = None
 
     # ---- helpers --------------------------------------------------------------------------------------
-    def llm(self, model: str, caching: bool, max_len: int, max_num_seqs: int, budget: int | None = None) -> LLM:
+    def llm(self, model: str, caching: bool, max_len: int, max_num_seqs: int, budget: int | None = None,
+            long_prefill: int | None = None) -> LLM:
         t0 = time.time()
         kw = {"dtype": DTYPES[model]} if model in DTYPES and self.args.device != "cpu" else {}
         llm = LLM(model, device=self.args.device, enable_prefix_caching=caching, max_model_len=max_len,
-                  max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, show_progress=False, **kw)
+                  max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, long_prefill_token_threshold=long_prefill,
+                  show_progress=False, **kw)
         eng = llm.engine
-        log(f"  engine {model} caching={caching} budget={eng.max_num_batched_tokens} max_len={max_len} "
+        log(f"  engine {model} caching={caching} budget={eng.max_num_batched_tokens} "
+            f"long_prefill={eng.scheduler.long_prefill_token_threshold} max_len={max_len} "
             f"seqs={max_num_seqs}: {eng.block_manager.num_blocks} blocks, ready in {time.time() - t0:.1f}s")
-        # warm-up: compile the kernels of prefill, decode and mixed steps, then forget the cache
+        # Warm-up, then forget the cache: Triton compiles a kernel variant the first time it sees it
+        # (seconds each), which must not land inside a timed scenario. Short prompts that keep decoding
+        # while the longest prompt the engine takes is chunked (mixed steps over a long context), then a
+        # group that shares a prefix (prefill rows reading cached blocks), at every batch size class.
         vocab = eng.model_config.vocab_size
-        warm = [[self.rng.randrange(vocab) for _ in range(min(n, max_len - 8))] for n in (300, 40, 7)]
-        llm.generate(warm, SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
+        warm = [[self.rng.randrange(vocab) for _ in range(min(n, max_len - 8))] for n in (7, 40, 300, max_len - 8)]
+        llm.generate(warm, SamplingParams(max_tokens=24, ignore_eos=True), use_tqdm=False)
+        shared = self.tokens(vocab, min(max_len // 2, 2048))
+        group = [shared + self.tokens(vocab, 50) for _ in range(min(max_num_seqs, 64))]
+        llm.generate(group, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
         eng.reset_prefix_cache()
+        log(f"  warm-up done in {time.time() - t0:.1f}s")
         return llm
 
     @staticmethod
@@ -231,13 +242,15 @@ class Bench:
         s = self.size
         n, long_len = s["itl_streams"], s["itl_long"]
         res = {}
-        for budget in s["itl_budgets"]:
+        for budget, long_prefill in s["itl_budgets"]:
             stream_out = 4096  # more than the run lasts: the streams decode throughout
             max_len = long_len + 64
-            llm = self.llm(model, True, max_len, n + 1, budget)
+            llm = self.llm(model, True, max_len, n + 1, budget, long_prefill)
             eng = llm.engine
-            key = f"budget_{eng.max_num_batched_tokens}"
-            log(f"[{model}] {long_len}-token prompt while {n} streams decode, budget {eng.max_num_batched_tokens}")
+            cap = eng.scheduler.long_prefill_token_threshold
+            key = f"budget_{eng.max_num_batched_tokens}_cap_{cap}"
+            log(f"[{model}] {long_len}-token prompt while {n} streams decode, budget {eng.max_num_batched_tokens}, "
+                f"long-prefill cap {cap or 'none'}")
             vocab = eng.model_config.vocab_size
             params = SamplingParams(temperature=0, max_tokens=stream_out, ignore_eos=True)
             streams = [eng.add_request(None, self.tokens(vocab, 128), params) for _ in range(n)]
@@ -278,7 +291,7 @@ class Bench:
             window = [g for t, g in itls if long_at <= t <= long_first + 1e-9]
             steady_itl = [g for t, g in itls if t < long_at][-20 * n:]
             r = {
-                "budget": eng.max_num_batched_tokens, "streams": n, "long_prompt": long_len,
+                "budget": eng.max_num_batched_tokens, "long_prefill_cap": cap, "streams": n, "long_prompt": long_len,
                 "steady_step_ms_median": statistics.median(steady) * 1e3,
                 "steady_itl_p99_ms": pct(steady_itl, 99) * 1e3,
                 "prefill_window_itl_p50_ms": pct(window, 50) * 1e3,
@@ -294,7 +307,8 @@ class Bench:
                 f"{r['prefill_window_itl_p50_ms']:.1f} / p99 {r['prefill_window_itl_p99_ms']:.1f} ms "
                 f"({ratio:.2f}x); long prompt TTFT {r['long_prompt_ttft_s']:.2f} s in {r['prefill_steps']} steps")
             self.target(model, "long_prompt_itl_p99_over_steady_step", ratio, "<= 3x", ratio <= 3,
-                        budget=eng.max_num_batched_tokens)
+                        budget=eng.max_num_batched_tokens, long_prefill_cap=cap,
+                        is_default=budget is None and long_prefill is None)
             self.close(llm)
         self.out["runs"].setdefault(model, {})["itl"] = res
 
@@ -333,7 +347,8 @@ class Bench:
                  f"torch {o['torch']}, triton {o['triton']}; sizes `{o['size']}`; `{' '.join(o['argv'])}`", "",
                  "## Targets", "", "| model | target | value | goal | met |", "|---|---|---|---|---|"]
         for t in o["targets"]:
-            extra = f" (budget {t['budget']})" if "budget" in t else ""
+            extra = (f" (budget {t['budget']}, long-prefill cap {t.get('long_prefill_cap') or 'none'}"
+                     f"{', the default' if t.get('is_default') else ''})" if "budget" in t else "")
             lines.append(f"| {t['model']} | {t['name']}{extra} | {t['value']:.3f} | {t['target']} | "
                          f"{'yes' if t['met'] else '**no**'} |")
         for model, runs in o["runs"].items():
@@ -354,10 +369,11 @@ class Bench:
                     lines.append(f"| {i + 1} | {r['prompt_tokens']} | {r['prefill_tokens_computed']} | "
                                  f"{r['prefill_tokens_computed'] / r['prompt_tokens']:.1%} | {r['elapsed_s']:.2f} |")
             if "itl" in runs:
-                lines += ["", "| long prompt, budget | steady step ms | ITL p50 ms | ITL p99 ms | ITL max ms | "
+                lines += ["", "| long prompt, budget, cap | steady step ms | ITL p50 ms | ITL p99 ms | ITL max ms | "
                           "prefill steps | long TTFT s |", "|---|---|---|---|---|---|---|"]
                 for r in runs["itl"].values():
-                    lines.append(f"| {r['long_prompt']}, {r['budget']} | {r['steady_step_ms_median']:.2f} | "
+                    lines.append(f"| {r['long_prompt']}, {r['budget']}, {r.get('long_prefill_cap') or 'none'} | "
+                                 f"{r['steady_step_ms_median']:.2f} | "
                                  f"{r['prefill_window_itl_p50_ms']:.1f} | {r['prefill_window_itl_p99_ms']:.1f} | "
                                  f"{r['prefill_window_itl_max_ms']:.1f} | {r['prefill_steps']} | "
                                  f"{r['long_prompt_ttft_s']:.2f} |")

@@ -160,6 +160,10 @@ class EngineConfig:
     # Token budget of one step (decode tokens + prompt chunks). None: 512 on the CPU (a step stays
     # short, so running streams and the server stay responsive), 2048 on a GPU.
     max_num_batched_tokens: int | None = None
+    # In a step that also decodes, one prompt's chunk is at most this many tokens (vLLM's name), so a
+    # long prompt cannot stretch the running streams' inter-token latency; a step with no decode rows
+    # takes the whole budget. None: 256 on a GPU, no cap on the CPU. 0: no cap.
+    long_prefill_token_threshold: int | None = None
     enable_prefix_caching: bool = True  # reuse the K/V of cached prompt prefixes (vLLM's name)
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

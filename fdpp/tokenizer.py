@@ -50,7 +50,12 @@ def load_tokenizer(source, *, trust_remote_code: bool = False):
     from fdpp.models.hf_loader import ModelSource, resolve_model
 
     if not isinstance(source, ModelSource):
-        source = resolve_model(source)
+        path = os.path.expanduser(os.fspath(source)) if source is not None else None
+        if path is not None and os.path.isdir(path) and any(
+                os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
+            source = ModelSource("hf", os.path.abspath(path))  # a tokenizer folder needs no config.json
+        else:
+            source = resolve_model(source)
     if source.kind == "gguf":
         return tokenizer_from_gguf(source.gguf_file)
     from transformers import AutoTokenizer

@@ -24,6 +24,10 @@ _CPU_KV_BUDGET = 1 << 30  # 1 GiB of KV cache by default on the CPU
 # Default step token budget (EngineConfig.max_num_batched_tokens). On the CPU a 512-token step takes
 # ~1 s with SmolLM2-135M, so running streams, /metrics and shutdown wait at most that long.
 _DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
+# Default cap of one prompt chunk in a step that also decodes (EngineConfig.long_prefill_token_threshold).
+# On an H200 a mixed step with 256 prompt tokens over a 16k context costs about 2-3 decode steps of a
+# 7B model; 2048 would stall the streams for ~15 decode steps each chunk (bench/bench_prefix.py, itl).
+_DEFAULT_LONG_PREFILL = {"cpu": 0, "cuda": 256}
 
 
 @dataclass
@@ -62,7 +66,13 @@ class LLMEngine:
             raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
         num_blocks = self._num_blocks(block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens)
+        threshold = config.long_prefill_token_threshold
+        if threshold is None:
+            threshold = _DEFAULT_LONG_PREFILL.get(self.device.type, 0)
+        if threshold < 0:
+            raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
+                                   long_prefill_token_threshold=threshold)
         self.runner = ModelRunner(
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,

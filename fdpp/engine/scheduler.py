@@ -3,7 +3,8 @@
 Plain Python over block counts; it never touches tensors. Each step packs, up to a token budget
 (``max_num_batched_tokens``): first one decode token for every running sequence, then chunks of the
 waiting prompts with what is left. A long prompt is thus computed a chunk per step while the running
-streams keep producing a token every step (mixed prefill + decode steps). A waiting prompt first
+streams keep producing a token every step (mixed prefill + decode steps); in a step that decodes, one
+prompt's chunk is capped at ``long_prefill_token_threshold`` tokens so the streams' step stays short. A waiting prompt first
 takes its longest cached prefix from the block manager and computes only the rest.
 
 When the KV cache cannot grow, the most recently admitted sequence is preempted: its blocks are
@@ -43,12 +44,15 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill_token_threshold: int = 0) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # > 0: in a step with decode rows, one prompt's chunk is at most this many tokens
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         # Prefill phase; only the head may hold blocks (a chunked prefill in progress).
         self.waiting: deque[Sequence] = deque()
         # Prompt fully computed; decoding.
@@ -109,7 +113,8 @@ class Scheduler:
         # taken again at once and the same sequences preempted at the next step.
         if not preempted:
             budget = self.max_num_batched_tokens - len(seqs)
-            self._schedule_prefill(budget, seqs, counts, copies, forks)
+            cap = self.long_prefill_token_threshold if num_decode and self.long_prefill_token_threshold else None
+            self._schedule_prefill(budget, seqs, counts, copies, forks, cap)
         if not seqs:
             return None
         batch = ScheduledBatch(seqs, counts, len(seqs) > num_decode, copies, forks)
@@ -160,7 +165,8 @@ class Scheduler:
         return preempted
 
     def _schedule_prefill(self, budget: int, seqs: list[Sequence], counts: list[int],
-                          copies: list[tuple[int, int]], forks: dict[int, list[Sequence]]) -> None:
+                          copies: list[tuple[int, int]], forks: dict[int, list[Sequence]],
+                          chunk_cap: int | None = None) -> None:
         bm = self.bm
         while self.waiting and budget > 0:
             seq = self.waiting[0]
@@ -171,7 +177,7 @@ class Scheduler:
             fresh = not seq.block_table
             hits = bm.lookup(seq) if fresh else []
             start = len(hits) * bm.block_size if fresh else seq.num_computed_tokens
-            chunk = min(seq.num_tokens - start, budget)
+            chunk = min(seq.num_tokens - start, budget, chunk_cap or budget)
             end = start + chunk
             need = bm.blocks_to_admit(hits, end) if fresh else bm.blocks_needed(seq, end)
             if not bm.can_allocate(need):

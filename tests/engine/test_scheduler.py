@@ -89,3 +89,25 @@ def test_abort_frees_blocks():
     assert removed == [a] and a.finish_reason == "abort"
     assert bm.num_free_blocks == 16 and not s.has_unfinished()
     bm.check_integrity()
+
+
+def test_long_prefill_threshold_caps_a_prompt_chunk_only_while_streams_decode():
+    bm = BlockManager(64, 4)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, long_prefill_token_threshold=6)
+    a = _seq("a", 20)
+    s.add(a)
+    first = s.schedule()
+    assert first.num_new_tokens == [20]  # nothing decodes yet: the whole budget
+    _step(s, first)
+    b = Sequence("b", list(range(100, 115)), SamplingParams(max_tokens=100), 0.0)  # no prefix shared with a
+    c = Sequence("c", list(range(200, 203)), SamplingParams(max_tokens=100), 0.0)
+    s.add(b)
+    s.add(c)
+    chunks = []
+    while b.num_computed_tokens < 15:  # b's prompt
+        batch = s.schedule()
+        assert batch.seqs[0] is a and batch.num_new_tokens[0] == 1  # a decodes every step
+        chunks.append(batch.num_new_tokens[1])
+        _step(s, batch)
+    assert chunks == [6, 6, 3]  # capped at 6 per step beside a's decode token
+    bm.check_integrity()
