@@ -169,6 +169,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
     enforce_eager: bool = False  # disable CUDA graphs
+    # Ranks one model is sharded over (vLLM's name; fdpp.distributed): on one node fdpp spawns them, under
+    # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
+    tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
     linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON

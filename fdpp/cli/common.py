@@ -46,6 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory fdpp may use (weights + activations + KV cache)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks (GPUs; gloo processes on the CPU); under torchrun the "
+                   "ranks join its rendezvous (docs/TENSOR_PARALLEL.md)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of repeated prompt prefixes (on by default; "
                    "--no-enable-prefix-caching turns it off)")
@@ -122,6 +125,7 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,

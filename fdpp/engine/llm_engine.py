@@ -47,11 +47,20 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         config = replace(config or EngineConfig(), **kwargs)
         self.config = config
-        self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        from fdpp.engine.loading import load_model_and_tokenizer
+        from fdpp.engine.executor import create_executor
 
-        loaded, self.tokenizer = load_model_and_tokenizer(config, self.device)
+        # where the model runs: in this process (TP=1) or on tensor_parallel_size ranks (rank 0 here)
+        self.executor = create_executor(config, resolve_device(config.device))
+        self.device = self.executor.device
+        try:
+            self._init(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _init(self, config: EngineConfig) -> None:
+        loaded, self.tokenizer = self.executor.load_model_and_tokenizer()
         self.model_config: ModelConfig = loaded.model_config
         self.model = loaded.model
         self.dtype = loaded.dtype
@@ -64,7 +73,7 @@ class LLMEngine:
             self.device.type, 2048)
         if self.max_num_batched_tokens < 1:
             raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        num_blocks = self._num_blocks(block_size)
+        num_blocks = self.executor.num_blocks(self, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=config.enable_prefix_caching)
         threshold = config.long_prefill_token_threshold
         if threshold is None:
@@ -73,10 +82,8 @@ class LLMEngine:
             raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    long_prefill_token_threshold=threshold)
-        self.runner = ModelRunner(
-            self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
-            self.eos_token_ids,
-        )
+        self.runner = self.executor.make_runner(loaded, block_size, num_blocks, self.max_model_len,
+                                                self.eos_token_ids)
         from fdpp.structured.backend import StructuredOutputBackend
 
         self.structured = StructuredOutputBackend(
@@ -88,6 +95,8 @@ class LLMEngine:
         from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
+        if self.calibration is not None:
+            self.executor.set_calibration(self.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
         self.requests: dict[str, _Request] = {}
@@ -457,6 +466,7 @@ class LLMEngine:
         for rid in list(self.requests):
             self.abort_request(rid)
         self.runner.shutdown()
+        self.executor.shutdown()
 
     # ---- introspection ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
