@@ -1,0 +1,137 @@
+"""Tensor parallelism on the CPU with gloo: every family at TP 2 (two "nodes" through torchrun's
+rendezvous on localhost) and TP 4 (one torchrun node) equals TP 1; fdpp-spawned ranks; a killed rank ends
+the engine with a clear error; the set-up errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.tp_models import FAMILIES, NUM_TOKENS, greedy_and_logits, write_family
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """{family: (checkpoint folder, TP=1 logits, TP=1 greedy tokens)}."""
+    base = tmp_path_factory.mktemp("tp-models")
+    out = {}
+    for name in FAMILIES:
+        path = write_family(name, str(base / name))
+        ref = greedy_and_logits(path)
+        out[name] = (path, ref["logits"], ref["tokens"])
+    return out
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _free_port() -> int:
+    from fdpp.distributed.launch import free_port
+
+    return free_port()
+
+
+def _torchrun(nnodes: int, node_rank: int, nproc: int, port: int, out: str, models: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+           f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0",
+           os.path.join(ROOT, "tests", "tp_script.py"), "--out", out, *models]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_every_family_tp2_two_nodes_and_tp4_match_tp1(checkpoints, tmp_path):
+    names = list(checkpoints)
+    models = [checkpoints[n][0] for n in names]
+    out2, out4 = str(tmp_path / "tp2.json"), str(tmp_path / "tp4.json")
+    p2, p4 = _free_port(), _free_port()
+    procs = [_torchrun(2, 0, 1, p2, out2, models), _torchrun(2, 1, 1, p2, out2, models),  # two "nodes"
+             _torchrun(1, 0, 4, p4, out4, models)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
+    for tp, out in ((2, out2), (4, out4)):
+        results = json.load(open(out))["results"]
+        for name in names:
+            path, ref_logits, ref_tokens = checkpoints[name]
+            got = results[path]
+            err = _rel_err(torch.tensor(got["logits"]), ref_logits)
+            assert err <= REL_TOL, f"{name} TP={tp}: logits differ from TP=1 by {err:.2e} (relative)"
+            assert got["tokens"] == ref_tokens, f"{name} TP={tp}: greedy tokens {got['tokens']} != {ref_tokens}"
+            assert len(ref_tokens) == NUM_TOKENS
+
+
+def test_spawned_ranks_match_tp1_and_a_killed_rank_fails_clearly(checkpoints):
+    from fdpp import LLM, SamplingParams
+    from fdpp.distributed.launch import TensorParallelError
+
+    path, ref_logits, ref_tokens = checkpoints["qwen2"]  # QKV bias, tied embeddings
+    torch.set_num_threads(1)
+    llm = LLM(path, dtype="float32", device="cpu", show_progress=False, calibration="off", num_blocks=32,
+              block_size=4, tensor_parallel_size=2)
+    try:
+        from tests.tp_models import PROMPT
+
+        assert _rel_err(llm.engine.prompt_logits(PROMPT), ref_logits) <= REL_TOL
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)
+        assert out[0].outputs[0].token_ids == ref_tokens
+        (pid,) = llm.engine.executor.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(TensorParallelError, match=r"rank 1 .*(exited|responding)"):
+            llm.generate([PROMPT] * 2, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+        assert time.monotonic() - start < 30
+        with pytest.raises(TensorParallelError, match="restart"):  # and stays failed, without hanging
+            llm.engine.prompt_logits(PROMPT)
+    finally:
+        llm.close()
+
+
+def test_tp1_runs_the_runner_in_process(tiny_llm):
+    from fdpp.engine.executor import UniProcExecutor
+    from fdpp.engine.model_runner import ModelRunner
+
+    assert isinstance(tiny_llm.engine.executor, UniProcExecutor)
+    assert type(tiny_llm.engine.runner) is ModelRunner  # no proxy between the engine and the runner at TP=1
+
+
+def test_heads_and_devices_are_checked(monkeypatch):
+    from fdpp.distributed.launch import rank_device
+    from fdpp.distributed.state import check_heads, kv_heads_per_rank
+    from fdpp.errors import FdppError, UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="does not divide the 4 attention heads"):
+        check_heads(4, 2, 3)
+    with pytest.raises(UnsupportedModelError, match="KV heads"):
+        check_heads(12, 3, 2)
+    check_heads(8, 2, 4)
+    check_heads(8, 1, 8)  # MQA: the KV head is replicated
+    assert kv_heads_per_rank(8, 4) == (2, 1) and kv_heads_per_rank(2, 8) == (1, 4)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(FdppError, match="only 2 GPU"):
+        rank_device(torch.device("cuda"), 3, 4)
+
+
+def test_bad_tensor_parallel_size():
+    from fdpp.config import EngineConfig
+    from fdpp.engine.executor import create_executor
+    from fdpp.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
+        create_executor(EngineConfig(tensor_parallel_size=0), torch.device("cpu"))
