@@ -135,3 +135,21 @@ def test_bad_tensor_parallel_size():
 
     with pytest.raises(InvalidRequestError, match="tensor_parallel_size"):
         create_executor(EngineConfig(tensor_parallel_size=0), torch.device("cpu"))
+
+
+def test_rank_shapes_are_the_shards_weights():
+    """What `fdpp tune -tp N` profiles is what each rank's layers hold (their table lookups)."""
+    from fdpp.config import ModelConfig
+    from fdpp.distributed.shapes import rank_linear_shapes
+    from fdpp.distributed.state import TPGroup, tp_context
+    from fdpp.models.registry import get_model_class
+
+    mc = ModelConfig.from_hf_dict(FAMILIES["llama"])
+    for tp in (2, 4):
+        with tp_context(TPGroup(rank=1, size=tp)), torch.device("meta"):
+            model = get_model_class(mc)(mc)
+        layer = model.model.layers[0]
+        got = {"qkv": layer.self_attn.qkv_proj.weight.shape, "o": layer.self_attn.o_proj.weight.shape,
+               "gate_up": layer.mlp.gate_up_proj.weight.shape, "down": layer.mlp.down_proj.weight.shape,
+               "lm_head": model.lm_head.weight.shape}
+        assert {k: tuple(v) for k, v in got.items()} == rank_linear_shapes(mc, tp)

@@ -103,6 +103,32 @@ class Worker:
 
         set_phi(self.loaded.model, result)
 
+    def time_all_reduce(self, numel: int, dtype: str = "float16", iters: int = 64) -> float:
+        """Microseconds of one all-reduce of ``numel`` elements on the forward pass's group, as a decode step
+        issues it (CUDA-graph captured on GPUs; eager on the CPU). Benchmarks (bench/bench_tp.py)."""
+        x = torch.ones(numel, dtype=getattr(torch, dtype), device=self.device)
+        if self.device.type != "cuda":
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                self.tp.all_reduce(x)
+            return (time.perf_counter() - t0) / iters * 1e6
+        for _ in range(3):
+            self.tp.all_reduce(x)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(iters):
+                self.tp.all_reduce(x)
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e3 / (5 * iters)
+
     def __getattr__(self, name: str) -> Any:
         runner = self.__dict__.get("runner")
         if runner is None:
