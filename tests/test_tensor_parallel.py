@@ -153,3 +153,27 @@ def test_rank_shapes_are_the_shards_weights():
                "gate_up": layer.mlp.gate_up_proj.weight.shape, "down": layer.mlp.down_proj.weight.shape,
                "lm_head": model.lm_head.weight.shape}
         assert {k: tuple(v) for k, v in got.items()} == rank_linear_shapes(mc, tp)
+
+
+@pytest.mark.gpu
+def test_gpu_tp2_with_cuda_graphs_matches_tp1(checkpoints):
+    """NCCL all-reduces inside the captured decode graphs: greedy tokens equal TP=1's (needs 2 GPUs)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    from fdpp import LLM, SamplingParams
+    from tests.tp_models import PROMPT
+
+    path = checkpoints["llama"][0]
+    outs, logits = [], []
+    for tp in (1, 2):
+        llm = LLM(path, dtype="float16", device="cuda", show_progress=False, calibration="off", num_blocks=32,
+                  block_size=16, max_num_seqs=4, tensor_parallel_size=tp)
+        try:
+            assert llm.engine.runner.graphs, "decode graphs were not captured"
+            logits.append(llm.engine.prompt_logits(PROMPT).cpu())
+            outs.append(llm.generate([PROMPT], SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True),
+                                     use_tqdm=False)[0].outputs[0].token_ids)
+        finally:
+            llm.close()
+    assert _rel_err(logits[1], logits[0]) <= 2e-3
+    assert outs[1] == outs[0]
