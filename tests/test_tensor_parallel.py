@@ -103,12 +103,36 @@ def test_spawned_ranks_match_tp1_and_a_killed_rank_fails_clearly(checkpoints):
         llm.close()
 
 
-def test_tp1_runs_the_runner_in_process(tiny_llm):
+def test_tp1_runs_the_runner_in_process(checkpoints):
+    from fdpp import LLM
     from fdpp.engine.executor import UniProcExecutor
     from fdpp.engine.model_runner import ModelRunner
 
-    assert isinstance(tiny_llm.engine.executor, UniProcExecutor)
-    assert type(tiny_llm.engine.runner) is ModelRunner  # no proxy between the engine and the runner at TP=1
+    llm = LLM(checkpoints["llama"][0], dtype="float32", device="cpu", show_progress=False, calibration="off",
+              num_blocks=8, block_size=4)
+    try:
+        assert isinstance(llm.engine.executor, UniProcExecutor)
+        assert type(llm.engine.runner) is ModelRunner  # no proxy between the engine and the runner at TP=1
+    finally:
+        llm.close()
+
+
+def test_a_rank_failing_at_set_up_names_itself_and_its_error():
+    """A preset registered in this process only: the spawned rank 1 cannot find it and exits; the engine
+    reports which rank and why, instead of waiting for it."""
+    from fdpp import LLM
+    from fdpp.distributed.launch import TensorParallelError
+    from fdpp.models.presets import PRESETS, register_preset
+
+    register_preset("tp-test-only-here", dict(FAMILIES["llama"]))
+    start = time.monotonic()
+    try:
+        with pytest.raises(TensorParallelError, match=r"rank 1 .*load_model raised ModelLoadError"):
+            LLM("tp-test-only-here", dtype="float32", device="cpu", show_progress=False, calibration="off",
+                num_blocks=8, block_size=4, tensor_parallel_size=2)
+    finally:
+        PRESETS.pop("tp-test-only-here")
+    assert time.monotonic() - start < 30
 
 
 def test_heads_and_devices_are_checked(monkeypatch):

@@ -230,6 +230,13 @@ class Watchdog:
             self._stop.wait(HEARTBEAT_S)
 
     def _declare(self, message: str) -> None:
+        rank = message.split("rank ", 1)[1].split(" ", 1)[0] if "rank " in message else None
+        try:  # the reason the rank left, if it could say
+            key = f"fdpp/error/{rank}"
+            if rank is not None and self._store.check([key]):
+                message += ": " + self._store.get(key).decode(errors="replace")
+        except Exception:  # noqa: BLE001
+            pass
         self.dead = message
         if not self._stop.is_set():
             self.on_dead(message)
@@ -263,8 +270,29 @@ def worker_loop(group: Group) -> None:
                 worker = Worker(args[0], tp, group.device)
             else:
                 getattr(worker, name)(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - rank 0 runs the same call and reports it
-            logger.warning("tensor-parallel rank %d: %s raised %s: %s", tp.rank, name, type(e).__name__, e)
+        except Exception as e:  # noqa: BLE001
+            what = f"{name} raised {type(e).__name__}: {e}"
+            if name == "__init__" or name in _SETUP_CALLS or name in vars(Worker):
+                # a set-up step failed here alone: rank 0 would wait for this rank forever; say why, and go
+                report_error(group, what)
+                exit_worker(f"tensor-parallel rank {tp.rank}: {what}")
+            # a step's failure: rank 0 runs the same call, fails the same way and reports it
+            logger.warning("tensor-parallel rank %d: %s", tp.rank, what)
+
+
+# runner calls that set a rank up (besides the Worker's own methods): a failure on one rank is fatal
+_SETUP_CALLS = frozenset({"capture_cuda_graphs"})
+
+
+def report_error(group: Group, message: str) -> None:
+    """Leave a worker's fatal error in the store, where rank 0's watchdog reads it."""
+    import torch.distributed as dist
+
+    try:
+        store = dist.TCPStore(group.addr, group.port, is_master=False, timeout=datetime.timedelta(seconds=5))
+        store.set(f"fdpp/error/{group.tp.rank}", message[:2000])
+    except Exception:  # noqa: BLE001 - the message is also on this rank's stderr
+        pass
 
 
 def _spawned_main(rank: int, world: int, port: int, device_type: str) -> None:
