@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -92,10 +93,12 @@ def test_spawned_ranks_match_tp1_and_a_killed_rank_fails_clearly(checkpoints):
         out = llm.generate([PROMPT], SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)
         assert out[0].outputs[0].token_ids == ref_tokens
         (pid,) = llm.engine.executor.worker_pids()
-        os.kill(pid, signal.SIGKILL)
+        killer = threading.Timer(0.2, os.kill, (pid, signal.SIGKILL))  # mid-run: while steps are running
         start = time.monotonic()
+        killer.start()
         with pytest.raises(TensorParallelError, match=r"rank 1 .*(exited|responding)"):
-            llm.generate([PROMPT] * 2, SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
+            while time.monotonic() - start < 30:
+                llm.generate([PROMPT] * 4, SamplingParams(max_tokens=100, ignore_eos=True), use_tqdm=False)
         assert time.monotonic() - start < 30
         with pytest.raises(TensorParallelError, match="restart"):  # and stays failed, without hanging
             llm.engine.prompt_logits(PROMPT)

@@ -481,7 +481,7 @@ class LLMEngine:
             "num_total_blocks": bm.num_blocks,
             "kv_usage": bm.num_used_blocks / bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "kv_bytes_per_token": kv_bytes_per_token(self.model_config, self.dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(self.runner.config, self.dtype),  # one rank's (its KV heads)
             # prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits)
             "prefix_caching": bm.enable_caching,
             "prefix_cache_queries": bm.num_queried_tokens,
