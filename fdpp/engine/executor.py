@@ -119,6 +119,9 @@ class MultiprocExecutor:
             self._teardown()
             raise
         self.runner = RunnerProxy(self)
+        import atexit
+
+        atexit.register(self.shutdown)  # a program that never closes its LLM still stops its ranks cleanly
 
     # ---- the engine's set-up ------------------------------------------------------------------------
     def load_model_and_tokenizer(self) -> tuple[Any, Any]:
@@ -171,6 +174,7 @@ class MultiprocExecutor:
             raise TensorParallelError(f"{self.broken}; the engine cannot continue: restart it") from e
 
     def shutdown(self) -> None:
+        """Stop every rank (they leave their loop) and leave the process group."""
         if self._closed:
             return
         if self.broken is None:
