@@ -204,3 +204,26 @@ def test_gpu_tp2_with_cuda_graphs_matches_tp1(checkpoints):
             llm.close()
     assert _rel_err(logits[1], logits[0]) <= 2e-3
     assert outs[1] == outs[0]
+
+
+def test_quantized_weights_are_refused_at_tp_above_1():
+    from fdpp.config import ModelConfig
+    from fdpp.distributed.layers import QKVParallelLinear, RowParallelLinear
+    from fdpp.distributed.state import TPGroup, tp_context
+    from fdpp.models.loader import build_model
+
+    tp = TPGroup(rank=0, size=2)
+    qkv = QKVParallelLinear(8, 4, 2, 2, False, tp)
+    qkv.weight.quant_mode = "int8"
+    with pytest.raises(NotImplementedError, match="quantized weights cannot be sharded"):
+        qkv.weight.weight_loader(qkv.weight, torch.zeros(16, 8), "q_proj.weight", "q")
+    row = RowParallelLinear(8, 4, False, tp)
+    row.weight.quant_mode = "int8"
+    with pytest.raises(NotImplementedError, match="quantization='none'"):
+        row.weight.weight_loader(row.weight, torch.zeros(4, 8), "o_proj.weight")
+
+    class Plan:
+        is_quantized = True
+
+    with tp_context(tp), pytest.raises(NotImplementedError, match="tensor_parallel_size=1"):
+        build_model(ModelConfig.from_hf_dict(FAMILIES["llama"]), torch.float32, torch.device("cpu"), None, quant=Plan())
