@@ -57,14 +57,14 @@ def child(args: argparse.Namespace) -> None:
     tp, model = args.child_tp, args.model
     res: dict = {"tp": tp, "model": model}
     t0 = time.time()
-    llm = LLM(model, dtype="float16", tensor_parallel_size=tp, show_progress=False, max_model_len=args.max_model_len,
-              max_num_seqs=max(args.batches))
+    llm = LLM(model, dtype=args.dtype, device=args.device, tensor_parallel_size=tp, show_progress=False,
+              max_model_len=args.max_model_len, max_num_seqs=max(args.batches))
     res["load_s"] = time.time() - t0
     eng = llm.engine
     rng = random.Random(0)
     vocab = eng.model_config.vocab_size
     if args.correctness:
-        prompt = [rng.randrange(vocab) for _ in range(128)]
+        prompt = [rng.randrange(vocab) for _ in range(min(128, eng.max_model_len - 65))]
         logits = eng.prompt_logits(prompt).float().cpu()
         torch.save(logits, os.path.join(args.work, f"logits_tp{tp}.pt"))
         out = llm.generate([prompt], SamplingParams(max_tokens=64, ignore_eos=True), use_tqdm=False)
@@ -79,7 +79,7 @@ def child(args: argparse.Namespace) -> None:
         res["latency"].append(r)
     if tp > 1:
         hidden = eng.model_config.hidden_size
-        us = llm.engine.runner.time_all_reduce(hidden, "float16", 64)
+        us = llm.engine.runner.time_all_reduce(hidden, args.dtype, 64)
         n_ar = 2 * eng.model_config.num_hidden_layers + 1
         step_ms = next(r["decode_step_ms"] for r in res["latency"] if r["batch_size"] == 1)
         res["all_reduce_us"] = us
@@ -87,13 +87,14 @@ def child(args: argparse.Namespace) -> None:
         res["all_reduce_share"] = n_ar * us / 1e3 / step_ms
         log(f"  tp={tp}: all-reduce {us:.1f} us x {n_ar} = {res['all_reduce_share'] * 100:.0f}% of a batch-1 step")
     llm.close()
-    with open(os.path.join(args.work, f"result_{model}_tp{tp}.json"), "w") as f:
+    with open(os.path.join(args.work, f"result_{os.path.basename(model)}_tp{tp}.json"), "w") as f:
         json.dump(res, f)
 
 
 def run_child(args: argparse.Namespace, model: str, tp: int, shapes: list, correctness: bool) -> dict | None:
     cmd = [sys.executable, os.path.abspath(__file__), "--child-tp", str(tp), "--model", model, "--work", args.work,
-           "--max-model-len", str(args.max_model_len), "--shapes", json.dumps(shapes)]
+           "--max-model-len", str(args.max_model_len), "--shapes", json.dumps(shapes), "--device", args.device,
+           "--dtype", args.dtype]
     if correctness:
         cmd.append("--correctness")
     env = dict(os.environ, **NO_MULTICAST)
@@ -101,7 +102,7 @@ def run_child(args: argparse.Namespace, model: str, tp: int, shapes: list, corre
     t = time.time()
     p = subprocess.run(cmd, env=env, timeout=args.child_timeout)
     log(f"   ({time.time() - t:.0f} s, exit {p.returncode})")
-    path = os.path.join(args.work, f"result_{model}_tp{tp}.json")
+    path = os.path.join(args.work, f"result_{os.path.basename(model)}_tp{tp}.json")
     if p.returncode != 0 or not os.path.exists(path):
         return None
     return json.load(open(path))
@@ -122,6 +123,8 @@ def main() -> int:
     p.add_argument("--work", default=None, help=argparse.SUPPRESS)
     p.add_argument("--shapes", default=None, help=argparse.SUPPRESS)
     p.add_argument("--correctness", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="auto", help=argparse.SUPPRESS)  # cpu: smoke-test a child (tiny models)
+    p.add_argument("--dtype", default="float16", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child_tp is not None:
         args.shapes = [tuple(s) for s in json.loads(args.shapes)]
@@ -144,12 +147,13 @@ def main() -> int:
     args.work = os.path.join(args.out, "tp_work")
     os.makedirs(args.work, exist_ok=True)
     out_len = 64 if args.quick else 256
-    small_shapes = [(1, 128, out_len), (64, 128, 32 if args.quick else 128)]
+    n_in = min(128, args.max_model_len // 2)
+    small_shapes = [(1, n_in, out_len), (64, n_in, 32 if args.quick else 128)]
     big_shapes = [(1, 128, out_len), (32, 1024, 32 if args.quick else 128)]
 
-    results = {"llama-2-7b": {}, "llama-2-70b": {}}
+    results = {"llama-2-7b": {}, "llama-2-70b": {}}  # (--model replaces Llama-2-7B: smoke tests)
     for tp in tps:
-        results["llama-2-7b"][tp] = run_child(args, "llama-2-7b", tp, small_shapes, correctness=True)
+        results["llama-2-7b"][tp] = run_child(args, args.model, tp, small_shapes, correctness=True)
     for tp in big:
         results["llama-2-70b"][tp] = run_child(args, "llama-2-70b", tp, big_shapes, correctness=False)
 

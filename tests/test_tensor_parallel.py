@@ -92,6 +92,9 @@ def test_spawned_ranks_match_tp1_and_a_killed_rank_fails_clearly(checkpoints):
         assert _rel_err(llm.engine.prompt_logits(PROMPT), ref_logits) <= REL_TOL
         out = llm.generate([PROMPT], SamplingParams(max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)
         assert out[0].outputs[0].token_ids == ref_tokens
+        # rank 0's runner attributes through the proxy: its KV cache holds its half of the KV heads
+        assert llm.engine.runner.config.num_key_value_heads == 1
+        assert llm.engine.stats()["kv_bytes_per_token"] == 2 * 2 * 1 * 16 * 4
         (pid,) = llm.engine.executor.worker_pids()
         killer = threading.Timer(0.2, os.kill, (pid, signal.SIGKILL))  # mid-run: while steps are running
         start = time.monotonic()

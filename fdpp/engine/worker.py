@@ -19,7 +19,7 @@ class Worker:
     """Owns one rank's model shard and ``ModelRunner``."""
 
     def __init__(self, config: EngineConfig, tp: TPGroup, device: torch.device) -> None:
-        self.config = config
+        self.engine_config = config  # (not "config": that is the runner's ModelConfig, read through the proxy)
         self.tp = tp
         self.device = device
         self.runner: Any = None
@@ -38,7 +38,7 @@ class Worker:
         from fdpp.models.loading import load_model
 
         with tp_context(self.tp):
-            self.loaded = load_model(self.config, self.device)
+            self.loaded = load_model(self.engine_config, self.device)
         return self.loaded
 
     def determine_num_blocks(self, block_size: int, max_num_batched_tokens: int, max_model_len: int) -> int:
@@ -49,7 +49,7 @@ class Worker:
         from fdpp.engine.llm_engine import _CPU_KV_BUDGET
         from fdpp.engine.model_runner import num_blocks_for_budget
 
-        cc = self.config.cache
+        cc = self.engine_config.cache
         mc = rank_model_config(self.loaded.model_config, self.tp.size)
         if cc.num_blocks is not None:
             n = cc.num_blocks
