@@ -114,6 +114,9 @@ def init_group(rank: int, world: int, addr: str, port: int, device: torch.device
             kwargs["device_id"] = device
         dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT,
                                 **kwargs)
+        import atexit
+
+        atexit.register(_destroy_at_exit)  # a torchrun group is kept for later engines: leave it at exit
     cpu_group = _cached_cpu_group(backend)
     tp = TPGroup(rank, world, device_group=None, cpu_group=cpu_group)
     return Group(tp, device, addr, port, owns_group=not reused)
@@ -130,6 +133,18 @@ def _cached_cpu_group(backend: str) -> Any:
     if _CPU_GROUP is None:
         _CPU_GROUP = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     return _CPU_GROUP
+
+
+def _destroy_at_exit() -> None:
+    import torch.distributed as dist
+
+    global _CPU_GROUP
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
+    _CPU_GROUP = None
 
 
 def destroy_group(group: Group) -> None:
@@ -199,7 +214,10 @@ class Watchdog:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the heartbeats; waits for the thread, so no store call is in flight when the process exits."""
         self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=HEARTBEAT_TIMEOUT_S + 2)
 
     def _run(self) -> None:
         tp = self.group.tp
