@@ -22,13 +22,15 @@ def small_cache_llm(tiny_llama_dir):
 
 @pytest.fixture
 def device_token_steps(monkeypatch):
-    """Counts the steps whose input ids came from the previous step's device tensor."""
+    """Counts the steps that ran with input ids from the previous step's device tensor (counted
+    after they return: a launch that raises is rerun synchronously and does not count)."""
     calls = {"device": 0, "host": 0}
     original = ModelRunner.execute
 
     def execute(self, batch, device_tokens=None):
+        result = original(self, batch, device_tokens)
         calls["device" if device_tokens is not None else "host"] += 1
-        return original(self, batch, device_tokens)
+        return result
 
     monkeypatch.setattr(ModelRunner, "execute", execute)
     return calls
@@ -72,10 +74,14 @@ def test_stop_token_and_eos_end_exactly(tiny_llm):
     free = _generate(tiny_llm, PROMPTS[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), False)
     stop_a, stop_b = free[0][0][0][4], free[1][0][0][2]  # tokens that occur mid-generation
     params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_a]),
-              SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_b], min_tokens=4)]
-    sync = _generate(tiny_llm, PROMPTS[:2], params, False)
-    overlapped = _generate(tiny_llm, PROMPTS[:2], params, True)
+              SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_b], min_tokens=4),
+              # samples of one request that stop at different steps (the others keep decoding)
+              SamplingParams(temperature=1.0, seed=11, n=4, max_tokens=16, stop_token_ids=list(range(0, 128, 9)))]
+    sync = _generate(tiny_llm, PROMPTS[:3], params, False)
+    overlapped = _generate(tiny_llm, PROMPTS[:3], params, True)
     assert overlapped == sync
+    lengths = [len(c[0]) for c in sync[2]]
+    assert len(set(lengths)) > 1 and min(lengths) < 16, lengths
     tokens, reason, stop_reason, _ = sync[0][0]
     assert reason == "stop" and stop_reason == stop_a and tokens[-1] == stop_a
     assert len(tokens) <= 5 and stop_a not in tokens[:-1]  # nothing past the stop is returned
