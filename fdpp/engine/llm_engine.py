@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -89,6 +90,9 @@ class LLMEngine:
             raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    long_prefill_token_threshold=threshold)
+        self.fuse_norm = _resolve_fuse_norm(config.fuse_norm, self.device) and hasattr(self.model, "set_fuse_norm")
+        if self.fuse_norm:
+            self.model.set_fuse_norm(True)
         self.runner = ModelRunner(
             self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
             self.eos_token_ids,
@@ -646,6 +650,14 @@ class LLMEngine:
         """Drop every cached block that no running request holds (e.g. a cold-cache benchmark).
         Returns how many blocks were dropped."""
         return self.block_manager.reset_cache()
+
+
+def _resolve_fuse_norm(fuse_norm: bool | None, device: torch.device) -> bool:
+    """EngineConfig.fuse_norm: None is on for CUDA (Triton kernels) unless FDPP_FUSED_NORM=0; on the
+    CPU the reference path gains nothing from it."""
+    if fuse_norm is not None:
+        return fuse_norm
+    return device.type == "cuda" and os.environ.get("FDPP_FUSED_NORM", "1") != "0"
 
 
 def _nth_seed(seed: int | None, i: int) -> int | None:
