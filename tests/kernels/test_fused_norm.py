@@ -44,12 +44,12 @@ def test_norm_weight_of_the_wrong_size_is_refused():
         gemv(x, w, norm_weight=torch.ones(16, device=DEVICE))
 
 
-@pytest.mark.parametrize("backend", ["reference", "gemv"])
+@pytest.mark.parametrize("backend", ["reference", "flat"])
 def test_fused_decoder_matches_separate_norms(tiny_llm, backend):
     """Same logits with the norms and residual adds inside the projections (Triton GEMV under the
-    interpreter, or the reference path) as with separate RMSNorm ops."""
+    flat GEMM under the interpreter, or the reference path) as with separate RMSNorm ops."""
     model = tiny_llm.engine.model
-    ids = torch.tensor([5, 9, 13, 17, 40, 2, 77], device=DEVICE)
+    ids = torch.tensor([5, 9, 13, 40], device=DEVICE)
     pos = torch.arange(len(ids), device=DEVICE)
     from fdpp.layers.context import forward_context
     from fdpp.ops.attention import AttentionMetadata
