@@ -90,6 +90,9 @@ class LLMEngine:
             raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    long_prefill_token_threshold=threshold)
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda")
+        self._in_flight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
         self.fuse_norm = _resolve_fuse_norm(config.fuse_norm, self.device) and hasattr(self.model, "set_fuse_norm")
         if self.fuse_norm:
             self.model.set_fuse_norm(True)
@@ -112,9 +115,6 @@ class LLMEngine:
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
         self.requests: dict[str, _Request] = {}
         self._next_id = 0
-        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
-        self._in_flight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _num_blocks(self, block_size: int) -> int:
