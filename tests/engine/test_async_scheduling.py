@@ -3,6 +3,7 @@ tokens as synchronous steps: stops, max_tokens, n > 1, streaming, abort, preempt
 output. On the CPU nothing overlaps in time, but every bookkeeping path runs: placeholders, input
 ids taken from the previous step's sampled tensor, dropped samples past a stop, rollback of blocks."""
 import pytest
+import torch
 
 from fdpp import LLM, SamplingParams
 from fdpp.engine.model_runner import ModelRunner
@@ -160,3 +161,27 @@ def test_structured_output_and_penalties_run_in_sync_steps(smollm2_llm):
     assert overlapped == sync
     texts = [o.outputs[0].text for o in smollm2_llm.generate(prompts[:1], params[:1], use_tqdm=False)]
     assert texts[0] in ("yes", "no", "maybe")
+
+
+def test_config_defaults_and_cli_flags(tiny_llama_dir, small_cache_llm, monkeypatch):
+    import argparse
+
+    import fdpp.cli.common as common
+
+    assert small_cache_llm.engine.async_scheduling is False  # the CPU default: nothing to overlap
+    assert small_cache_llm.engine.fuse_norm is False
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    seen = {}
+    monkeypatch.setattr("fdpp.llm.LLM", lambda *a, **kw: seen.update(kw))
+    common.llm_from_args(p.parse_args(["--model", tiny_llama_dir, "--async-scheduling", "--no-fuse-norm", "-q"]))
+    assert seen["async_scheduling"] is True and seen["fuse_norm"] is False
+    common.llm_from_args(p.parse_args(["--model", tiny_llama_dir, "-q"]))
+    assert seen["async_scheduling"] is None and seen["fuse_norm"] is None  # auto: on for CUDA
+    from fdpp.engine.llm_engine import _resolve_fuse_norm
+
+    monkeypatch.setenv("FDPP_FUSED_NORM", "0")
+    assert _resolve_fuse_norm(None, torch.device("cuda")) is False
+    monkeypatch.setenv("FDPP_FUSED_NORM", "1")
+    assert _resolve_fuse_norm(None, torch.device("cuda")) is True
+    assert _resolve_fuse_norm(None, torch.device("cpu")) is False
