@@ -84,7 +84,7 @@ def self_check(llm, dtype: str) -> dict:
         eng.check_integrity()
     assert res[True] == res[False], "async scheduling changed the tokens"
     stop = res[False][0][0][6]
-    one = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop])
+    one = SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop], ignore_eos=True)
     stopped = {}
     for flag in (False, True):
         eng.async_scheduling = flag

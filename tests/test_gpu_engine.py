@@ -71,7 +71,7 @@ def test_async_scheduling_gives_the_sync_tokens_on_cuda(tmp_path, eager):
     sync = run(False)
     assert run(True) == sync
     stop = sync[0][0][0][9]
-    one = [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop])]
+    one = [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop], ignore_eos=True)]
     stopped_sync, stopped_async = run(False, one, prompts[:1]), run(True, one, prompts[:1])
     assert stopped_async == stopped_sync
     tokens, reason, _ = stopped_async[0][0]
@@ -82,20 +82,20 @@ def test_async_scheduling_gives_the_sync_tokens_on_cuda(tmp_path, eager):
 def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
     """The decoder with RMSNorm in the qkv / gate_up prologue (and residual adds in the o / down
     epilogues) gives the separate-norm logits within fp16 rounding, eager and in CUDA graphs."""
-    write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    hf = write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    hf = hf.to("cuda", torch.float32)
     prompt = torch.randint(3, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
-    results = {}
+    logits = {}
     for fuse in (False, True):
         llm = LLM(str(tmp_path), dtype="float16", device="cuda", show_progress=False, max_num_seqs=8,
                   gpu_memory_utilization=0.3, fuse_norm=fuse)
         assert llm.engine.fuse_norm == fuse
-        logits = llm.engine.prompt_logits(prompt).double()
-        outs = llm.generate([prompt, prompt[:9]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
-                            use_tqdm=False)
-        results[fuse] = (logits, [o.outputs[0].token_ids for o in outs])
+        logits[fuse] = llm.engine.prompt_logits(prompt).double()
+        prompts = [prompt, prompt[:9]]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        for pr, out in zip(prompts, outs):  # decode through the captured graphs
+            _greedy_is_argmax_up_to_rounding(hf, pr, out.outputs[0].token_ids, 0.05)
         llm.close()
-    err = ((results[True][0] - results[False][0]).norm() / results[False][0].norm()).item()
+    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
     assert err < 5e-3, err
-    same = sum(a == b for a, b in zip(results[True][1][0], results[False][1][0]))
-    assert same >= 6, (results[True][1], results[False][1])  # greedy agrees until a near-tie, if any
