@@ -269,7 +269,7 @@ class LLMEngine:
         failure that no single request explains (every sequence of the batch fails even when run
         alone) is raised, and the caller aborts the batch.
         """
-        if self.async_scheduling:
+        if self.async_scheduling or self._in_flight is not None:
             return self._step_async()
         batch = self.scheduler.schedule()
         if batch is None:
@@ -324,6 +324,9 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         failed: list[tuple[Sequence, BaseException]] = []
         prev, self._in_flight = self._in_flight, None
+        if prev is not None and not self.async_scheduling:  # switched off with a step in flight: drain it
+            self._resolve(prev, touched, failed)
+            return self._outputs(touched, failed)
         if prev is None:
             batch = self.scheduler.schedule()
             if batch is None:

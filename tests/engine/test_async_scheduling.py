@@ -135,6 +135,29 @@ def test_abort_while_a_step_is_in_flight(tiny_llm):
     assert [len(t) for r, t in sync if r == "keep"][-1] == 10
 
 
+def test_switching_async_off_mid_stream_drains_the_step_in_flight(tiny_llm):
+    eng = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = _generate(tiny_llm, PROMPTS[:2], params, False)
+    eng.async_scheduling = True
+    try:
+        eng.add_request("x", PROMPTS[0], params)
+        eng.add_request("y", PROMPTS[1], params)
+        eng.step()
+        eng.step()
+        assert eng._in_flight is not None
+        eng.async_scheduling = False
+        final = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    final[o.request_id] = [(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
+    finally:
+        eng.async_scheduling = False
+    _assert_idle(tiny_llm)
+    assert [final["x"], final["y"]] == expected
+
+
 def test_preemption_falls_back_and_matches(small_cache_llm, device_token_steps):
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     prompts = [[7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34], [40]]
