@@ -273,13 +273,17 @@ class LLMEngine:
             return self._step_async()
         batch = self.scheduler.schedule()
         if batch is None:
-            if self.scheduler.waiting:
-                return self._truncate_oversized(self.scheduler.waiting[0])
-            return []
+            return self._nothing_scheduled()
         self._note_scheduled(batch)
         touched: dict[str, _Request] = {}
         failed = self._run_sync(batch, touched)
         return self._outputs(touched, failed)
+
+    def _nothing_scheduled(self) -> list[RequestOutput]:
+        """Nothing could be scheduled: a waiting prompt that can never fit is ended, else no output."""
+        if self.scheduler.waiting:
+            return self._truncate_oversized(self.scheduler.waiting[0])
+        return []
 
     def _note_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.time()
@@ -330,9 +334,7 @@ class LLMEngine:
         if prev is None:
             batch = self.scheduler.schedule()
             if batch is None:
-                if self.scheduler.waiting:
-                    return self._truncate_oversized(self.scheduler.waiting[0])
-                return []
+                return self._nothing_scheduled()
             self._note_scheduled(batch)
             prev = self._launch(batch, None, touched, failed)
             if prev is not None and not self._can_overlap(prev):
