@@ -177,6 +177,9 @@ class EngineConfig:
     # RMSNorm (+ residual add) fused into the prologue of the qkv and gate_up GEMV / flat GEMM
     # (one launch fewer per norm). None: on for Triton linear kernels unless FDPP_FUSED_NORM=0.
     fuse_norm: bool | None = None
+    # Ranks one model is sharded over (vLLM's name; fdpp.distributed): on one node fdpp spawns them, under
+    # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
+    tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
     linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON

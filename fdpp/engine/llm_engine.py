@@ -64,11 +64,20 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         config = replace(config or EngineConfig(), **kwargs)
         self.config = config
-        self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        from fdpp.engine.loading import load_model_and_tokenizer
+        from fdpp.engine.executor import create_executor
 
-        loaded, self.tokenizer = load_model_and_tokenizer(config, self.device)
+        # where the model runs: in this process (TP=1) or on tensor_parallel_size ranks (rank 0 here)
+        self.executor = create_executor(config, resolve_device(config.device))
+        self.device = self.executor.device
+        try:
+            self._init(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _init(self, config: EngineConfig) -> None:
+        loaded, self.tokenizer = self.executor.load_model_and_tokenizer()
         self.model_config: ModelConfig = loaded.model_config
         self.model = loaded.model
         self.dtype = loaded.dtype
@@ -81,7 +90,7 @@ class LLMEngine:
             self.device.type, 2048)
         if self.max_num_batched_tokens < 1:
             raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        num_blocks = self._num_blocks(block_size)
+        num_blocks = self.executor.num_blocks(self, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=config.enable_prefix_caching)
         threshold = config.long_prefill_token_threshold
         if threshold is None:
@@ -90,16 +99,19 @@ class LLMEngine:
             raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    long_prefill_token_threshold=threshold)
+        tp = getattr(self.executor, "tensor_parallel_size", 1)
+        # NOTE: with tensor parallelism the other ranks take their input ids from rank 0's broadcast
+        # (not from rank 0's device tensors), and the fused norm moves residual adds into the o/down
+        # epilogues, which a row-parallel all-reduce would add once per rank: both stay TP=1 features.
         self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
-                                 else self.device.type == "cuda")
+                                 else self.device.type == "cuda") and tp == 1
         self._in_flight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
-        self.fuse_norm = _resolve_fuse_norm(config.fuse_norm, self.device) and hasattr(self.model, "set_fuse_norm")
+        self.fuse_norm = (tp == 1 and _resolve_fuse_norm(config.fuse_norm, self.device)
+                          and hasattr(self.model, "set_fuse_norm"))
         if self.fuse_norm:
             self.model.set_fuse_norm(True)
-        self.runner = ModelRunner(
-            self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
-            self.eos_token_ids,
-        )
+        self.runner = self.executor.make_runner(loaded, block_size, num_blocks, self.max_model_len,
+                                                self.eos_token_ids)
         from fdpp.structured.backend import StructuredOutputBackend
 
         self.structured = StructuredOutputBackend(
@@ -111,6 +123,8 @@ class LLMEngine:
         from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
+        if self.calibration is not None:
+            self.executor.set_calibration(self.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
         self.requests: dict[str, _Request] = {}
@@ -627,6 +641,7 @@ class LLMEngine:
             self._in_flight.pending.wait()
         self._in_flight = None
         self.runner.shutdown()
+        self.executor.shutdown()
 
     # ---- introspection ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -641,7 +656,7 @@ class LLMEngine:
             "num_total_blocks": bm.num_blocks,
             "kv_usage": bm.num_used_blocks / bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "kv_bytes_per_token": kv_bytes_per_token(self.model_config, self.dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(self.runner.config, self.dtype),  # one rank's (its KV heads)
             # prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits)
             "prefix_caching": bm.enable_caching,
             "prefix_cache_queries": bm.num_queried_tokens,

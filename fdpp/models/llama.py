@@ -9,9 +9,15 @@ import torch
 from torch import nn
 
 from fdpp.config import ModelConfig
+from fdpp.distributed.layers import (
+    attention_heads,
+    gate_up_linear,
+    lm_head,
+    qkv_linear,
+    row_linear,
+    vocab_embedding,
+)
 from fdpp.layers.attention import Attention
-from fdpp.layers.embedding import LMHead, VocabEmbedding
-from fdpp.layers.linear import GateUpLinear, Linear, MergedLinear
 from fdpp.layers.norm import RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 
@@ -34,15 +40,14 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         c = config
-        self.q_size, self.kv_size = c.q_size, c.kv_size
-        self.qkv_proj = MergedLinear(
-            c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=qkv_bias
-        )
-        self.o_proj = Linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
+        heads, kv_heads = attention_heads(c.num_attention_heads, c.num_key_value_heads)  # this rank's
+        self.q_size, self.kv_size = heads * c.head_dim, kv_heads * c.head_dim
+        self.qkv_proj = qkv_linear(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, qkv_bias)
+        self.o_proj = row_linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
         self.rotary_emb = rotary_emb  # NOTE: one module (one cos/sin cache) shared by all layers
         self.attn = Attention(
-            c.num_attention_heads,
-            c.num_key_value_heads,
+            heads,
+            kv_heads,
             c.head_dim,
             c.head_dim**-0.5,
             layer_idx,
@@ -65,8 +70,8 @@ class LlamaMLP(nn.Module):
             from fdpp.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported for Llama (silu)")
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = gate_up_linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,7 +107,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool) -> None:
         super().__init__()
         c = config
-        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         self.rotary_emb = RotaryEmbedding(
             c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, is_neox=True
         )
@@ -137,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.qkv_bias or config.attention_bias)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = lm_head(config.vocab_size, config.hidden_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
