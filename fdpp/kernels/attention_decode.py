@@ -512,6 +512,7 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     cfg = _default_config(head_dim, group, q.dtype, num_seqs * num_kv_heads >= num_sms(q.device))
+    auto_block_n = block_n is None
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
@@ -534,6 +535,13 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, eff_len, num_sms(device))
     num_splits = max(1, int(num_splits))
+    if auto_block_n and num_splits > 1:
+        # Splits cover whole BLOCK_N tiles: with fewer than BLOCK_N tokens per split the trailing
+        # splits would be empty programs. Shrink the tile so every split gets work (batch 1, short
+        # context: the parallelism the split count asked for).
+        per_split = -(-eff_len // num_splits)
+        while block_n > 32 and block_n // 2 >= per_split:
+            block_n //= 2
     if stats is None:
         stats = torch.zeros(2, dtype=torch.int64, device=device)
 
