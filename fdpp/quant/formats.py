@@ -311,7 +311,7 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantTensor:
     if fmt in ("q4_k", "q5_k", "q6_k"):
         from fdpp.quant.kquants import quantize_k
 
-        return QuantTensor(fmt, (n, k), quantize_k(wf.cpu(), fmt).to(w.device))
+        return QuantTensor(fmt, (n, k), quantize_k(wf, fmt))
     raise ValueError(f"cannot quantize to {fmt!r}; online quantization supports {', '.join(FORMATS)}")
 
 
@@ -338,7 +338,9 @@ def random_quant(fmt: str, n: int, k: int, *, group_size: int = 128, device: tor
     GGUF blocks get random quant bits and small float16 block scales; nothing is quantized, so a 7B
     model's worth is built in seconds."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    if fmt in CHANNEL_FORMATS or fmt == "int4":
+    if fmt in CHANNEL_FORMATS or fmt in ("int4", "q4_k", "q5_k", "q6_k"):
+        # NOTE: k-quants are quantized for real (in PyTorch, on the device): random 6-bit sub-block scales
+        # would make weights ~10x too large and a deep model's activations overflow fp16.
         w = torch.randn(n, k, generator=gen, device=device) * 0.02
         return quantize(w, fmt, group_size)
     qk, bb = GGUF_BLOCKS[fmt]

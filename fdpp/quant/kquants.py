@@ -64,7 +64,7 @@ def quantize_k(w: torch.Tensor, fmt: str) -> torch.Tensor:
         q = q.reshape(n, -1, QK_K)
         parts = [_f16_bytes(d), _f16_bytes(dmin), scales]
         if fmt == "q5_k":  # bit s of byte l: the fifth bit of weight l of sub-block s
-            high = (q.reshape(n, -1, 8, 32) >> 4).int() << torch.arange(8, dtype=torch.int32)[:, None]
+            high = (q.reshape(n, -1, 8, 32) >> 4).int() << torch.arange(8, dtype=torch.int32, device=w.device)[:, None]
             parts.append(high.sum(-2).to(torch.uint8))
         parts.append(_pack_low_nibbles(q))
         return torch.cat(parts, -1).reshape(n, -1).contiguous()
@@ -79,7 +79,7 @@ def quantize_k(w: torch.Tensor, fmt: str) -> torch.Tensor:
         q = q.to(torch.uint8).reshape(n, -1, 2, 4, 32)  # [.., half, quarter, l]
         lo4, hi2 = q & 0xF, (q >> 4).int()
         ql = torch.stack([lo4[..., 0, :] | (lo4[..., 2, :] << 4), lo4[..., 1, :] | (lo4[..., 3, :] << 4)], -2)
-        qh = (hi2 << (2 * torch.arange(4, dtype=torch.int32))[:, None]).sum(-2).to(torch.uint8)  # [.., half, l]
+        qh = (hi2 << (2 * torch.arange(4, dtype=torch.int32, device=w.device))[:, None]).sum(-2).to(torch.uint8)  # [.., half, l]
         parts = [ql.reshape(n, -1, 128), qh.reshape(n, -1, 64),
                  sc.to(torch.int8).view(torch.uint8).reshape(n, -1, 16), _f16_bytes(d)]
         return torch.cat(parts, -1).reshape(n, -1).contiguous()

@@ -22,6 +22,7 @@ from fdpp.ops.linear import linear
 from fdpp.quant.formats import FORMATS, dequantize, quantize
 
 CPU = torch.device("cpu")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _fake_quant_timer(impl, config, n, k, m, dtype):
@@ -71,9 +72,9 @@ def test_quant_candidates_fit_the_format(fmt):
 def test_table_backend_runs_a_quantized_weight_through_its_entry():
     """The op looks up (dtype, N, K, format): a q8_0 entry sends M = 3 to the flat GEMM (interpreted)."""
     g = torch.Generator().manual_seed(0)
-    qt = quantize(torch.randn(40, 64, generator=g) * 0.1, "q8_0")
-    x = torch.randn(3, 64, generator=g)
-    table = DispatchTable("Fake", [ShapeEntry("float32", 40, 64, [MRange(1, 512, "flat", {"BLOCK_N": 16})],
+    qt = quantize(torch.randn(40, 64, generator=g) * 0.1, "q8_0").to(DEVICE)
+    x = torch.randn(3, 64, generator=g).to(DEVICE)
+    table = DispatchTable(DEVICE, [ShapeEntry("float32", 40, 64, [MRange(1, 512, "flat", {"BLOCK_N": 16})],
                                               weight_format="q8_0")])
     with use_dispatch_table(table), use_backends(linear="table"):
         y = linear(x, qt)

@@ -60,6 +60,6 @@ def test_quantized_7b_shapes_decode_with_cuda_graphs(quant):
             out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
             outs.append(out[0].outputs[0].token_ids)
             logits = llm.engine.prompt_logits(prompt)
-            assert torch.isfinite(logits).all()
+            assert torch.isfinite(logits).all(), f"{quant}: non-finite logits (eager={eager})"
             llm.close()
-        assert outs[0] == outs[1]
+        assert outs[0] == outs[1], f"{quant}: eager {outs[0]} != CUDA graphs {outs[1]}"
