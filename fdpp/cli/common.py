@@ -69,9 +69,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
                    help="linear layer implementation (auto: the tuned lookup table on GPU)")
     g.add_argument("--quantization", default=None, metavar="METHOD",
-                   help="weight quantization: auto (the checkpoint's own: GGUF blocks, AWQ, GPTQ, FP8), fp8 | int8 | "
-                   "int4 (quantize at load), none (dequantize a quantized checkpoint), gguf | awq | gptq | "
-                   "compressed-tensors (require that format)")
+                   help="weight quantization: auto (the checkpoint's own, kept quantized on every device: GGUF "
+                   "blocks, AWQ, GPTQ, FP8), fp8 | int8 | int4 | q4_k (quantize at load), none (dequantize a "
+                   "quantized checkpoint at load), gguf | awq | gptq | compressed-tensors (require that format); "
+                   "see docs/QUANTIZATION.md")
     g.add_argument("--calibration", default="auto",
                    help="unified-max calibration: auto (cached, made on first use), off, or a JSON path")
     g.add_argument("--seed", type=int, default=0, help="global random seed")

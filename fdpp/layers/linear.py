@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fdpp.ops.linear import linear
-from fdpp.quant.formats import QuantParts, QuantTensor, quantize
+from fdpp.quant.formats import QuantParts, QuantTensor, online_format, quantize
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -50,7 +50,8 @@ def _as_stored(param: nn.Parameter, loaded, name: str):
     if mode != "keep":
         if isinstance(loaded, QuantTensor):  # re-quantizing a quantized checkpoint: the user asked for it
             loaded = loaded.dequantize(torch.float32)
-        return quantize(loaded.to(param.device), mode, _group_for(param.quant_group_size, loaded.shape[1], name))
+        fmt = online_format(mode, int(loaded.shape[1]), name)
+        return quantize(loaded.to(param.device), fmt, _group_for(param.quant_group_size, loaded.shape[1], name))
     return loaded.to(param.device) if isinstance(loaded, QuantTensor) else loaded.to(param.device, param.dtype)
 
 
@@ -95,7 +96,7 @@ def _unexpected_quant(name: str, loaded: QuantTensor) -> Exception:
     from fdpp.errors import UnsupportedModelError
 
     return UnsupportedModelError(f"tensor {name!r} is quantized ({loaded.fmt}) but its layer takes only dense "
-                                 "weights; load with quantization='dequantize'")
+                                 "weights; load with quantization='none' (--quantization none) to dequantize it at load")
 
 
 class Linear(nn.Module):

@@ -125,7 +125,7 @@ def quant_linear(
     lead = x.shape[:-1]
     backend = linear_backend(x.device)
     if backend == "reference" or (backend == "cublas" and x.device.type != "cuda"):
-        return linear_reference(x, weight.dequantize(x.dtype), bias, residual, act)
+        return linear_reference(x, weight.dense_for_matmul(x.dtype), bias, residual, act)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -173,14 +173,20 @@ def _quant_matmul(x2: torch.Tensor, w: QuantTensor, bias, residual, backend: str
         return quant_flat_gemm(x2, *args, residual=residual, config=config)
     if impl != "cublas":
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
-    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
-        y = fp8_w8a8_linear(x2, w.data, w.scale, bias)
-    else:
-        from fdpp.kernels.quant_gemv import quant_dequantize
-
-        dense = quant_dequantize(w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, dtype=x2.dtype)
-        y = torch.nn.functional.linear(x2, dense, bias)
+    y = quant_large_m(x2, w, bias)
     return y if residual is None else y + residual
+
+
+def quant_large_m(x2: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The large-M ("cublas") path of a quantized weight: FP8 W8A8 on the FP8 tensor cores for fp8 weights
+    (where supported), else one dequantize kernel into a dense weight and the dense tensor-core GEMM."""
+    n, k = w.shape
+    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
+        return fp8_w8a8_linear(x2, w.data, w.scale, bias)
+    from fdpp.kernels.quant_gemv import quant_dequantize
+
+    dense = quant_dequantize(w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, dtype=x2.dtype)
+    return torch.nn.functional.linear(x2, dense, bias)
 
 
 def fp8_w8a8_supported(x: torch.Tensor, n: int, k: int) -> bool:
