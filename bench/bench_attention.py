@@ -1,7 +1,10 @@
 """Attention kernel benchmark: fdpp paged decode / prefill (unified max and synchronized) vs torch SDPA.
 
-Decode: batch {1, 8, 32, 64} x KV length {1k, 4k, 16k, 32k} x heads (32/32, 32/8), head_dim 128, fp16.
-Prefill: causal, 32 heads (32/32 and 32/8), head_dim 128, fp16: 1x1k, 1x4k, 4x2k, 1x8k, 1x16k.
+Decode: batch {1, 8, 32, 64} x KV length {1k, 4k, 16k, 32k} x heads (32/32, 32/8), head_dim 128, fp16
+and bf16 (`--dtypes`). fdpp variants in the same run: unified max with the in-launch fallback (what
+ships), unified with the old two-launch fallback (`fused_fallback=False`), unified without fallback,
+and the synchronized kernel.
+Prefill: causal, 32 heads (32/32 and 32/8), head_dim 128: 1x1k, 1x4k, 4x2k, 1x8k, 1x16k.
 Peers: SDPA with the cuDNN backend and with the flash backend on contiguous [B, H, L, D] K/V, measured
 in the same run. fdpp reads K/V through its block table (block_size 16) from the paged cache.
 
@@ -9,8 +12,12 @@ Timing: triton.testing.do_bench_cudagraph (median); inputs smaller than ~512 MB 
 several copies inside the captured graph so L2 (50-60 MB) does not serve them. Decode bandwidth =
 K and V bytes read / time. Correctness: relative norm error vs a float64 reference on smaller points.
 
-  python bench/bench_attention.py [--quick] [--tune] [--results-dir bench/results]
-Writes $OUT/attention_bench.json when OUT is set.
+Self-checking: before a point is timed, every fdpp variant is compared with a float64 reference (on
+points up to 8 x 4k; the assertion stops the run) and the unified run must flag no row.
+
+  python bench/bench_attention.py [--quick] [--dtypes fp16,bf16] [--tune] [--out DIR]
+--out DIR (default $OUT when set) writes attention_bench.json (with `attention.*` targets), .md, .png.
+--quick (< 3 min on an H200): decode batch {1, 8} x {1k, 4k}, prefill 1k and 4k.
 """
 # ruff: noqa: C408, BLE001 - result rows read best as dict(...); a failing peer is recorded, not fatal
 from __future__ import annotations
@@ -35,7 +42,9 @@ from fdpp.kernels.attention_prefill import paged_prefill_attention
 from fdpp.kernels.device import num_sms
 from fdpp.ops.attention import safe_window
 
-DTYPE = torch.float16
+DTYPE = torch.float16  # the dtype of the pass in progress (main() sets it per --dtypes entry)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}  # relative norm error vs float64 (tests/kernels/paged_utils)
 HEAD_DIM = 128
 BLOCK_SIZE = 16
 ROTATE_BYTES = 512 << 20 if os.environ.get("FDPP_BENCH_SMOKE") != "1" else 1
@@ -159,25 +168,36 @@ def decode_grid(args, results, tuned: dict):
             for kv_len in lens:
                 nbytes = decode_bytes(batch, kv_len, num_kv_heads)
                 copies = max(1, min(32, math.ceil(ROTATE_BYTES / nbytes)))
-                row = dict(batch=batch, kv_len=kv_len, num_heads=num_heads, num_kv_heads=num_kv_heads,
-                           kv_mb=nbytes / 1e6, copies=copies)
+                row = dict(dtype=str(DTYPE).replace("torch.", ""), batch=batch, kv_len=kv_len,
+                           num_heads=num_heads, num_kv_heads=num_kv_heads, kv_mb=nbytes / 1e6, copies=copies)
                 try:
                     case = PagedDecodeCase(batch, kv_len, num_heads, num_kv_heads, copies)
                     kw = tuned.get("decode_kwargs", {})
                     row["splits"] = dec.choose_num_splits(batch, num_kv_heads, kv_len, num_sms(case.q.device))
-                    row["fdpp_unified_us"] = case.timer(PHI, **kw)
-                    row["fdpp_unified_nofallback_us"] = case.timer(PHI, fallback=False, **kw)
-                    row["fdpp_sync_us"] = case.timer(None, **kw)
-                    if batch * kv_len <= 8 * 4096:
+                    if batch * kv_len <= 8 * 4096:  # self-check before timing
                         ref = case.reference()
                         row["err_unified"] = rel_err(case.run(0, PHI, **kw), ref)
+                        row["err_unified_2launch"] = rel_err(case.run(0, PHI, fused_fallback=False, **kw), ref)
                         row["err_sync"] = rel_err(case.run(0, None, **kw), ref)
                         row["err_forced_fallback"] = rel_err(case.run(0, -40.0, **kw), ref)
+                        row["err_forced_fallback_2launch"] = rel_err(case.run(0, -40.0, fused_fallback=False, **kw), ref)
+                        ref = None
+                        for key in [k for k in row if k.startswith("err_")]:
+                            assert row[key] < TOL[DTYPE], (key, row[key], row)
+                    case.stats.zero_()
+                    case.run(0, PHI, **kw)
+                    assert int(case.stats[1]) == 0, f"unified decode flagged rows at phi={PHI}: {case.stats.tolist()}"
+                    row["fdpp_unified_us"] = case.timer(PHI, **kw)
+                    row["fdpp_unified_2launch_us"] = case.timer(PHI, fused_fallback=False, **kw)
+                    row["fdpp_unified_nofallback_us"] = case.timer(PHI, fallback=False, **kw)
+                    row["fdpp_sync_us"] = case.timer(None, **kw)
                     case = None
                     _empty_cache()
                     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                         row[f"{name}_us"] = sdpa_decode_timer(batch, kv_len, num_heads, num_kv_heads, backend, copies)
                     _empty_cache()
+                except AssertionError:
+                    raise
                 except Exception as e:
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     traceback.print_exc()
@@ -188,10 +208,13 @@ def decode_grid(args, results, tuned: dict):
                 peers = [row[k] for k in ("cudnn_us", "flash_us") if isinstance(row.get(k), float)]
                 if peers and isinstance(row.get("fdpp_unified_us"), float):
                     row["speedup_vs_best_peer"] = min(peers) / row["fdpp_unified_us"]
+                    row["speedup_vs_cudnn"] = (row["cudnn_us"] / row["fdpp_unified_us"]
+                                               if isinstance(row.get("cudnn_us"), float) else None)
                     row["unified_vs_sync"] = row["fdpp_sync_us"] / row["fdpp_unified_us"]
+                    row["fused_vs_2launch"] = row["fdpp_unified_2launch_us"] / row["fdpp_unified_us"]
                 rows.append(row)
                 print("decode", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    results["decode"] = rows
+    results.setdefault("decode", []).extend(rows)
 
 
 def decode_tune(args, results):
@@ -335,21 +358,30 @@ def prefill_grid(args, results, tuned: dict):
     for num_heads, num_kv_heads in heads:
         for batch, seq_len in points:
             flops = prefill_flops(batch, seq_len, num_heads)
-            row = dict(batch=batch, seq_len=seq_len, num_heads=num_heads, num_kv_heads=num_kv_heads)
+            row = dict(dtype=str(DTYPE).replace("torch.", ""), batch=batch, seq_len=seq_len,
+                       num_heads=num_heads, num_kv_heads=num_kv_heads)
             try:
                 case = PagedPrefillCase(batch, seq_len, num_heads, num_kv_heads)
                 kw = tuned.get("prefill_kwargs", {})
-                row["fdpp_unified_us"] = bench(lambda case=case, kw=kw: case.run(PHI, **kw))
-                row["fdpp_unified_nofallback_us"] = bench(lambda case=case, kw=kw: case.run(PHI, fallback=False, **kw))
-                row["fdpp_sync_us"] = bench(lambda case=case, kw=kw: case.run(None, **kw))
-                ref, (a, b) = case.reference()
+                ref, (a, b) = case.reference()  # self-check before timing
                 row["err_unified"] = rel_err(case.run(PHI, **kw)[a:b], ref)
                 row["err_sync"] = rel_err(case.run(None, **kw)[a:b], ref)
                 row["err_forced_fallback"] = rel_err(case.run(-40.0, **kw)[a:b], ref)
-                case = ref = None  # free the cache before the peers allocate theirs
+                ref = None
+                for key in [k for k in row if k.startswith("err_")]:
+                    assert row[key] < TOL[DTYPE], (key, row[key], row)
+                case.stats.zero_()
+                case.run(PHI, **kw)
+                assert int(case.stats[1]) == 0, f"unified prefill flagged rows at phi={PHI}: {case.stats.tolist()}"
+                row["fdpp_unified_us"] = bench(lambda case=case, kw=kw: case.run(PHI, **kw))
+                row["fdpp_unified_nofallback_us"] = bench(lambda case=case, kw=kw: case.run(PHI, fallback=False, **kw))
+                row["fdpp_sync_us"] = bench(lambda case=case, kw=kw: case.run(None, **kw))
+                case = None  # free the cache before the peers allocate theirs
                 _empty_cache()
                 for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                     row[f"{name}_us"] = sdpa_prefill_timer(batch, seq_len, num_heads, num_kv_heads, backend)
+            except AssertionError:
+                raise
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
                 traceback.print_exc()
@@ -364,7 +396,7 @@ def prefill_grid(args, results, tuned: dict):
             rows.append(row)
             print("prefill", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
             _empty_cache()
-    results["prefill"] = rows
+    results.setdefault("prefill", []).extend(rows)
 
 
 def prefill_tune(args, results):
@@ -397,33 +429,133 @@ def _f(x, nd=2):
     return f"{x:.{nd}f}" if isinstance(x, float) else ("-" if x is None else str(x)[:20])
 
 
+def _geomean(xs):
+    xs = [x for x in xs if isinstance(x, float) and x > 0]
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else None
+
+
+def _target(name, value, goal, met, **extra):
+    return dict(name=name, value=value, goal=goal, met=bool(met) if value is not None else False, **extra)
+
+
+def targets(results) -> list:
+    """The issue #11 targets (`attention.*`), each with the worst point where it is a minimum."""
+    out = []
+    dec_rows = [r for r in results.get("decode", []) if isinstance(r.get("fdpp_unified_us"), float)]
+    if dec_rows:
+        def worst(key, rows):
+            rows = [r for r in rows if isinstance(r.get(key), float)]
+            if not rows:
+                return None, None
+            r = min(rows, key=lambda r: r[key])
+            return r[key], f"{r['dtype']} {r['batch']}x{r['kv_len']} {r['num_heads']}/{r['num_kv_heads']}"
+        v, at = worst("speedup_vs_cudnn", dec_rows)
+        out.append(_target("attention.decode_vs_cudnn_min", v, ">= 1.0 at every point", v is not None and v >= 1.0,
+                           worst_point=at))
+        copy = results.get("copy_tbs") or 0.0
+        big = [dict(r, copy_frac=r["fdpp_unified_tbs"] / copy) for r in dec_rows if r["kv_mb"] >= 64 and copy > 0]
+        v, at = worst("copy_frac", big)
+        out.append(_target("attention.decode_copy_bw_frac_min", v, ">= 0.9 of copy bandwidth where KV >= 64 MB",
+                           v is not None and v >= 0.9, worst_point=at, copy_tbs=copy))
+        v, at = worst("unified_vs_sync", dec_rows)
+        out.append(_target("attention.decode_unified_vs_sync_min", v, ">= 1.0 at every point",
+                           v is not None and v >= 1.0, worst_point=at))
+        g = _geomean([r.get("unified_vs_sync") for r in dec_rows])
+        out.append(_target("attention.decode_unified_vs_sync_geomean", g, "report (paper: 1.14x)", True))
+        g = _geomean([r.get("fused_vs_2launch") for r in dec_rows])
+        out.append(_target("attention.decode_fused_vs_2launch_geomean", g, ">= 1.0 (one launch per layer)",
+                           g is not None and g >= 1.0))
+    pre_rows = [r for r in results.get("prefill", []) if isinstance(r.get("fdpp_unified_us"), float)]
+    if pre_rows:
+        def worst_p(key, rows):
+            rows = [r for r in rows if isinstance(r.get(key), float)]
+            if not rows:
+                return None, None
+            r = min(rows, key=lambda r: r[key])
+            return r[key], f"{r['dtype']} {r['batch']}x{r['seq_len']} {r['num_heads']}/{r['num_kv_heads']}"
+        v, at = worst_p("speedup_vs_cudnn", pre_rows)
+        out.append(_target("attention.prefill_vs_cudnn_min", v, ">= 0.9 at 1k-16k", v is not None and v >= 0.9,
+                           worst_point=at))
+        v, at = worst_p("speedup_vs_cudnn", [r for r in pre_rows if r["seq_len"] >= 8192])
+        if v is not None:
+            out.append(_target("attention.prefill_vs_cudnn_min_8k_plus", v, ">= 1.0 at >= 8k", v >= 1.0,
+                               worst_point=at))
+        v, at = worst_p("unified_vs_sync", pre_rows)
+        out.append(_target("attention.prefill_unified_vs_sync_min", v, ">= 1.05", v is not None and v >= 1.05,
+                           worst_point=at))
+    return out
+
+
+def plot(results, path: str) -> bool:
+    """TB/s (decode) and TFLOP/s (prefill) of fdpp unified vs cuDNN per point, one PNG."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", flush=True)
+        return False
+    dec_rows = [r for r in results.get("decode", []) if isinstance(r.get("fdpp_unified_tbs"), float)]
+    pre_rows = [r for r in results.get("prefill", []) if isinstance(r.get("fdpp_unified_tflops"), float)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(dec_rows)), 9))
+    for ax, rows, unit, lab in ((axes[0], dec_rows, "tbs", "TB/s"), (axes[1], pre_rows, "tflops", "TFLOP/s")):
+        names = [f"{r['dtype'][:2]} {r['batch']}x{r.get('kv_len', r.get('seq_len'))} {r['num_heads']}/{r['num_kv_heads']}"
+                 for r in rows]
+        x = list(range(len(rows)))
+        for key, label, off in ((f"fdpp_unified_{unit}", "fdpp unified", -0.3), (f"fdpp_sync_{unit}", "fdpp sync", -0.1),
+                                (f"cudnn_{unit}", "cuDNN", 0.1), (f"flash_{unit}", "flash", 0.3)):
+            ax.bar([i + off for i in x], [r.get(key) if isinstance(r.get(key), float) else 0 for r in rows],
+                   width=0.2, label=label)
+        if unit == "tbs" and results.get("copy_tbs"):
+            ax.axhline(results["copy_tbs"], color="k", ls="--", lw=0.8, label="copy (read+write)")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=70, fontsize=7)
+        ax.set_ylabel(lab)
+        ax.set_title(("Decode" if unit == "tbs" else "Prefill") + f" ({results['gpu']}, {results['date']})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def markdown(results) -> str:
     lines = [f"# Attention benchmark: {results['gpu']}, {results['date']}", "",
              f"`{results.get('command', '')}`; decode defaults: {results.get('decode_defaults')}",
-             "", f"torch {results['torch']}, triton {results['triton']}, fp16, head_dim 128, "
-             f"copy bandwidth {_f(results.get('copy_tbs'))} TB/s (read + write"
+             "", f"torch {results['torch']}, triton {results['triton']}, head_dim 128, "
+             f"copy bandwidth {_f(results.get('copy_tbs'))} TB/s (eager 2 GB device-to-device copy, read + write"
              + ("" if results.get("copy_timing") == "events" else
                 "; graph-timed in this run, which under-reads it: ANCHORS.md measured 4.27 TB/s on an H200")
-             + "). Attention: CUDA-graph timed medians.", ""]
+             + "). Attention: CUDA-graph timed medians, inputs rotated through > L2.", ""]
+    if results.get("targets"):
+        lines += ["## Targets", "", "| target | value | goal | met | worst point |", "|---|---|---|---|---|"]
+        for t in results["targets"]:
+            lines.append(f"| {t['name']} | {_f(t['value'], 3)} | {t['goal']} | {'yes' if t['met'] else 'NO'} | "
+                         f"{t.get('worst_point', '')} |")
+        lines.append("")
     if results.get("decode"):
         lines += ["## Decode (one query token; fdpp paged, block 16, random block order; peers contiguous)", "",
-                  ("| batch x len (q/kv) | KV MB | splits | fdpp unified us (TB/s) | fdpp sync us (TB/s) | "
-                   "cuDNN us (TB/s) | flash us (TB/s) | vs best peer | unified/sync | err unified |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("| dtype | batch x len (q/kv) | KV MB | splits | fdpp unified us (TB/s) | 2-launch us | "
+                   "no-fallback us | fdpp sync us (TB/s) | cuDNN us (TB/s) | flash us (TB/s) | vs cuDNN | "
+                   "vs best peer | unified/sync | err unified |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["decode"]:
             lines.append(
-                f"| {r['batch']} x {r['kv_len']} ({r['num_heads']}/{r['num_kv_heads']}) | {r['kv_mb']:.0f} | "
-                f"{r.get('splits', '-')} | {_f(r.get('fdpp_unified_us'), 1)} ({_f(r.get('fdpp_unified_tbs'))}) | "
+                f"| {r.get('dtype', 'float16')} | {r['batch']} x {r['kv_len']} ({r['num_heads']}/{r['num_kv_heads']}) | "
+                f"{r['kv_mb']:.0f} | {r.get('splits', '-')} | "
+                f"{_f(r.get('fdpp_unified_us'), 1)} ({_f(r.get('fdpp_unified_tbs'))}) | "
+                f"{_f(r.get('fdpp_unified_2launch_us'), 1)} | {_f(r.get('fdpp_unified_nofallback_us'), 1)} | "
                 f"{_f(r.get('fdpp_sync_us'), 1)} ({_f(r.get('fdpp_sync_tbs'))}) | "
                 f"{_f(r.get('cudnn_us'), 1)} ({_f(r.get('cudnn_tbs'))}) | {_f(r.get('flash_us'), 1)} ({_f(r.get('flash_tbs'))}) | "
-                f"{_f(r.get('speedup_vs_best_peer'))}x | {_f(r.get('unified_vs_sync'))}x | {_f(r.get('err_unified'), 6)} |")
+                f"{_f(r.get('speedup_vs_cudnn'))}x | {_f(r.get('speedup_vs_best_peer'))}x | "
+                f"{_f(r.get('unified_vs_sync'))}x | {_f(r.get('err_unified'), 6)} |")
     if results.get("prefill"):
         lines += ["", "## Prefill (causal; TFLOP/s)", "",
-                  ("| batch x len (q/kv) | fdpp unified | fdpp sync | cuDNN | flash | vs cuDNN | vs flash | "
-                   "unified/sync | err unified |"), "|---|---|---|---|---|---|---|---|---|"]
+                  ("| dtype | batch x len (q/kv) | fdpp unified | fdpp sync | cuDNN | flash | vs cuDNN | vs flash | "
+                   "unified/sync | err unified |"), "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["prefill"]:
             lines.append(
-                f"| {r['batch']} x {r['seq_len']} ({r['num_heads']}/{r['num_kv_heads']}) | "
+                f"| {r.get('dtype', 'float16')} | {r['batch']} x {r['seq_len']} ({r['num_heads']}/{r['num_kv_heads']}) | "
                 f"{_f(r.get('fdpp_unified_tflops'), 0)} | {_f(r.get('fdpp_sync_tflops'), 0)} | "
                 f"{_f(r.get('cudnn_tflops'), 0)} | {_f(r.get('flash_tflops'), 0)} | {_f(r.get('speedup_vs_cudnn'))}x | "
                 f"{_f(r.get('speedup_vs_flash'))}x | {_f(r.get('unified_vs_sync'))}x | {_f(r.get('err_unified'), 6)} |")
@@ -442,9 +574,17 @@ def main():
     ap.add_argument("--tune-prefill", action="store_true", help="also sweep prefill tile configs")
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-prefill", action="store_true")
-    ap.add_argument("--results-dir", default=None, help="also write attention_<gpu>_<date>.json/.md here")
+    ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16 (default both)")
+    ap.add_argument("--out", default=os.environ.get("OUT"),
+                    help="write attention_bench.json/.md/.png here (default: $OUT when set)")
+    ap.add_argument("--results-dir", default=None, help="also write attention_<gpu>_<date>.json/.md/.png here")
     ap.add_argument("--from-json", default=None, help="only render the markdown of an earlier JSON")
     args = ap.parse_args()
+    global DTYPE
+    try:
+        dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",") if d.strip()]
+    except KeyError as e:
+        ap.error(f"--dtypes: unknown dtype {e}; use a comma-separated subset of {sorted(DTYPES)}")
 
     if args.from_json:
         with open(args.from_json) as f:
@@ -464,7 +604,9 @@ def main():
     results["copy_timing"] = "events"
     print("copy TB/s", results["copy_tbs"], flush=True)
     tuned: dict = {}
-    out_dir = os.environ.get("OUT")
+    out_dir = args.out
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
 
     def save():
         if out_dir:
@@ -480,23 +622,28 @@ def main():
                                       config_batch=dict(dec.DECODE_CONFIG_BATCH),
                                       target_programs_per_sm=dec.DECODE_TARGET_PROGRAMS_PER_SM,
                                       min_tokens_per_split=dec.DECODE_MIN_TOKENS_PER_SPLIT)
-    if not args.skip_decode:
-        decode_grid(args, results, tuned)
-        save()
-    if not args.skip_prefill:
-        prefill_grid(args, results, tuned)
-        save()
+    for dtype in dtypes:
+        DTYPE = dtype
+        if not args.skip_decode:
+            decode_grid(args, results, tuned)
+            save()
+        if not args.skip_prefill:
+            prefill_grid(args, results, tuned)
+            save()
     results["wall_s"] = time.time() - t0
+    results["targets"] = targets(results)
     save()
     md = markdown(results)
     print(md)
     if out_dir:
         _write(os.path.join(out_dir, "attention_bench.md"), md)
+        plot(results, os.path.join(out_dir, "attention_bench.png"))
     if args.results_dir:
         gpu = results["gpu"].replace(" ", "_").replace("/", "_")
         stem = os.path.join(args.results_dir, f"attention_{gpu}_{results['date']}")
         _write(stem + ".json", json.dumps(results, indent=1))
         _write(stem + ".md", md)
+        plot(results, stem + ".png")
 
 
 if __name__ == "__main__":

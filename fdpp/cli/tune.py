@@ -50,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="profile fewer M values and tile configs (about 4x faster, slightly worse choices)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="profile one rank's shapes of the model sharded over N ranks (what each rank looks up)")
     p.add_argument("--no-lm-head", action="store_true",
                    help="skip the LM head shape (its weight is the largest; it runs once per step)")
     p.set_defaults(func=run)
@@ -116,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         shapes = resolve_shapes(args.model, with_lm_head=not args.no_lm_head)
+        tp = getattr(args, "tensor_parallel_size", 1)
+        if tp > 1:
+            from fdpp.distributed.shapes import model_config_for, rank_linear_shapes
+
+            shapes = rank_linear_shapes(model_config_for(args.model), tp, with_lm_head=not args.no_lm_head)
     except (KeyError, FileNotFoundError, ValueError) as exc:
         print(f"fdpp tune: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

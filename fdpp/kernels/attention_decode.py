@@ -4,24 +4,53 @@ Layouts (docs/ARCHITECTURE.md): q `[num_seqs, num_heads, head_dim]`; k_cache / v
 `[num_blocks, block_size, num_kv_heads, head_dim]`; block_tables `[num_seqs, max_blocks]` int32;
 context_lens `[num_seqs]` int32 (KV tokens including the new one).
 
-One program handles one (sequence, KV head, split): the GROUP query heads that share the KV head are
-processed together, so each K/V tile is read from memory once (GQA / MQA). The KV length is split
-across programs (FlashDecoding); `choose_num_splits` picks the split count.
+One program handles one (sequence, KV head, split): the GROUP query heads that share the KV head form
+the M dimension of one tensor-core tile (padded to 16), so each K/V tile is read from memory once
+(GQA / MQA). The KV length is split across programs (FlashDecoding); `choose_num_splits` picks the
+split count so that even batch 1 with 8 KV heads fills the GPU.
 
 Two softmax schemes:
-- unified max (`phi` given): each split accumulates sum_j e^{s_j - phi} v_j and sum_j e^{s_j - phi}
-  with no running max and no rescale; the splits combine by a plain sum and one division. The row max
-  is still tracked (a compare per score, no rescale) to check the safe window: a row whose max score
-  lies outside (phi + lo, phi + hi) may have overflowed or lost precision, so it is flagged.
+- unified max (`phi` given): each split accumulates sum_j P_j v_j and sum_j e^{s_j - phi} with
+  P_j = e^{s_j - phi} cast to the K/V dtype for the dot, no running max and no rescale; the splits
+  combine by a plain sum and one division.
 - synchronized: classic online softmax with a running max; splits merge by log-sum-exp.
-`paged_decode_attention` with a phi launches the unified kernel, then ALWAYS launches the synchronized
-kernel in fallback mode: its programs exit at once unless their row was flagged, so there is no host
-sync and the pair can be captured in a CUDA graph.
+
+Exactness guarantee of the unified path. For every input, each output row is either
+(a) the unified result, which is the synchronized result up to the rounding of P to the K/V dtype
+    (the synchronized kernel rounds its P the same way), or
+(b) flagged and recomputed with the synchronized loop, keeping P in fp32 for the dot with V (tf32
+    tensor cores on a GPU: nothing underflows there, so a recomputed row is at least as exact as
+    the synchronized kernel, which casts its P = e^{s - m} <= 1 to the K/V dtype).
+A row stays on the fast path only if ALL of these hold (fp32, per row, over the whole row):
+- the row max m satisfies lo < m - phi < hi (the safe window: no overflow of P, largest P normal);
+- the l1 distance between the P that entered the dot and the exact fp32 P is small:
+  sum_j |e^{s_j - phi} - cast(e^{s_j - phi})| <= MASS_TOL * sum_j e^{s_j - phi}.
+  This bounds the unified output error by MASS_TOL * max|v| beyond fp32 rounding. Rounding alone moves
+  each P by at most the unit roundoff u of the P dtype (fp16 2^-11, bf16 2^-8) relative, so the sum is
+  <= u * l and a row whose only error is rounding is never flagged: MASS_TOL = 4u (fp16 2^-9, bf16
+  2^-6). Mass that underflows (P below fp16's subnormal range, or subnormal P with few bits) is lost
+  one-sidedly and accumulates; that is what the check catches (issue #11: one key at -5, thousands at
+  -17.5 lost all of their 1.5% of the mass to fp16 underflow without a flag);
+- l > 0 (some P is nonzero in fp32).
+The test is written as `ok = (...) & (...)`, so a NaN anywhere in the row (NaN or inf in q or k, an
+inf - inf) makes it fail: the row is recomputed by the synchronized loop, which propagates the NaN
+into the output (`acc / l` with l NaN; no `l > 0` guard that would turn it into 0). A sequence with
+no KV tokens (graph padding) is written as zeros and never flagged.
+
+Fallback without a second launch (`fused_fallback=True`, the default): the program that finishes a
+(sequence, KV head) group (the only split, or the last-arriving split of the fused reduction, see
+below) checks its rows and, if any is flagged, recomputes the whole group with the synchronized loop
+over the full context before storing. The recompute is serial in that one program (a rare, slow
+path: a flagged 32k row reads its K/V once more from one SM); the common case is one launch per layer
+with no work for the fallback. `fused_fallback=False` keeps the old scheme for comparison: a second,
+always-launched synchronized kernel whose programs exit at once unless their row was flagged.
+Both are graph-safe: no host sync, grids do not depend on data.
 
 The split reduction runs inside the split kernel: each split stores its partial result, then takes a
-ticket from a per-(sequence, KV head) counter; the program that draws the last ticket merges all
-splits, writes the output and resets the counter to 0 (so the next launch, or graph replay, finds it
-zeroed). A separate reduce kernel (`fused_reduce=False`) does the same merge in a second launch.
+ticket from a per-(sequence, KV head) counter in a small int32 workspace; the program that draws the
+last ticket merges all splits, writes the output and resets the counter to 0 (so the next launch, or
+graph replay, finds it zeroed). A separate reduce kernel (`fused_reduce=False`) does the same merge in
+a second launch (then the fallback is the separate launch too).
 """
 from __future__ import annotations
 
@@ -35,134 +64,30 @@ from fdpp.kernels.device import num_sms, upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
 
-
-@triton.jit
-def _decode_finish(
-    acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
-    out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
-    stride_os, stride_oh,
-    GROUP: tl.constexpr, UNIFIED: tl.constexpr,
-):
-    """Divide by the softmax denominator, store the output rows and (unified) the window flags."""
-    ctx_len = tl.load(context_lens_ptr + seq)
-    # l == 0 only for an empty sequence (written as zeros) or a unified row that underflowed
-    # (flagged below, recomputed by the fallback).
-    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
-    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
-    if UNIFIED:
-        rel = m_i - phi_log2
-        # NOTE: `rel != rel` catches NaN (inf - inf); such a row must be recomputed too.
-        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)  # noqa: PLR0124
-        bad = bad & mask_g & (ctx_len > 0)  # an empty (graph padding) sequence is never flagged
-        tl.store(flags_ptr + seq * num_heads + heads, bad.to(tl.int32), mask=mask_g)
-        if ctx_len > 0:
-            tl.atomic_add(stats_ptr, tl.full([], GROUP, tl.int64))
-        num_bad = tl.sum(bad.to(tl.int64), 0)
-        if num_bad > 0:
-            tl.atomic_add(stats_ptr + 1, num_bad)
+# Relative l1 tolerance for the P that entered the dot (see the module docstring): 4x the unit roundoff
+# of the P dtype, so rounding alone never flags a row. fp32 P is fed uncast (the tolerance is unused).
+MASS_TOL: dict[torch.dtype, float] = {
+    torch.float16: 2.0 ** -9,
+    torch.bfloat16: 2.0 ** -6,
+    torch.float32: 2.0 ** -9,
+}
 
 
 @triton.jit
-def _decode_merge_and_finish(
-    part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
-    seq, kvh, num_heads, num_splits, phi_log2, lo_log2, hi_log2, stride_os, stride_oh,
-    GROUP: tl.constexpr, BLOCK_GR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, UNIFIED: tl.constexpr,
+def _decode_range(
+    acc, l_i, m_i, e_i, q, lo, hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+    offs_n, offs_d, mask_d, scale_log2, phi_log2,
+    stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UNIFIED: tl.constexpr, USE_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, P_FP32: tl.constexpr,
 ):
-    """Merge the partial results of all splits of one (sequence, KV head) and store the output.
+    """Accumulate the KV tokens [lo, hi) into (acc, l_i, m_i, e_i).
 
-    SPLIT_CHUNK splits are loaded at once ([SPLIT_CHUNK, BLOCK_GR, BLOCK_D]) so the merge is not a
-    chain of dependent L2 round trips.
+    m_i is the row max of s * scale * log2(e). Unified: l_i = sum 2^{s - phi}, e_i = sum of |P - P fed
+    to the dot| (fp32). Synchronized: online softmax relative to m_i (e_i untouched).
+    P_FP32 (the fallback recompute): P stays fp32 for the dot with V (tf32 on a GPU: fp16's mantissa but
+    fp32's exponent, so nothing underflows); otherwise P is cast to the K/V dtype.
     """
-    offs_g = tl.arange(0, BLOCK_GR)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_s = tl.arange(0, SPLIT_CHUNK)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = kvh * GROUP + offs_g
-    base = (seq * num_heads + heads) * num_splits  # [BLOCK_GR]
-    m_i = tl.full([BLOCK_GR], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_GR], tl.float32)
-    acc = tl.zeros([BLOCK_GR, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, SPLIT_CHUNK):
-        split = s0 + offs_s
-        idx = base[None, :] + split[:, None]  # [SPLIT_CHUNK, BLOCK_GR]
-        mask_sg = (split[:, None] < num_splits) & mask_g[None, :]
-        # NOTE: .cg reads bypass L1, so the partials other programs just wrote are seen.
-        m_s = tl.load(part_m_ptr + idx, mask=mask_sg, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(part_l_ptr + idx, mask=mask_sg, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
-                      mask=mask_sg[:, :, None] & mask_d[None, None, :], other=0.0, cache_modifier=".cg")
-        if UNIFIED:
-            # Every split used the same phi: a plain sum, no rescale.
-            m_i = tl.maximum(m_i, tl.max(m_s, 0))
-            l_i += tl.sum(l_s, 0)
-            acc += tl.sum(a_s, 0)
-        else:
-            m_new = tl.maximum(m_i, tl.max(m_s, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            beta = tl.exp2(m_s - m_safe[None, :])  # [SPLIT_CHUNK, BLOCK_GR]
-            l_i = l_i * alpha + tl.sum(l_s * beta, 0)
-            acc = acc * alpha[:, None] + tl.sum(a_s * beta[:, :, None], 0)
-            m_i = m_new
-    _decode_finish(acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
-                   out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
-                   stride_os, stride_oh, GROUP, UNIFIED)
-
-
-@triton.jit
-def paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, flags_ptr, counters_ptr, stats_ptr,
-    scale_log2, phi_log2, lo_log2, hi_log2, sliding_window, num_splits,
-    stride_qs, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_bts, stride_os, stride_oh,
-    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GR: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, USE_DOT: tl.constexpr, HAS_SLIDING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    num_kv_heads = tl.num_programs(1)
-    num_heads = num_kv_heads * GROUP
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_g = offs_g < GROUP
-    mask_d = offs_d < HEAD_DIM
-    heads = kvh * GROUP + offs_g  # query heads sharing this KV head
-
-    if IS_FALLBACK:
-        flagged = tl.load(flags_ptr + seq * num_heads + heads, mask=mask_g, other=0)
-        if tl.max(flagged, 0) == 0:
-            return
-
-    ctx_len = tl.load(context_lens_ptr + seq)
-    kv_start = 0
-    if HAS_SLIDING:
-        kv_start = tl.maximum(ctx_len - sliding_window, 0)
-    # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
-    split_len = tl.cdiv(tl.cdiv(ctx_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
-    lo = kv_start + split * split_len
-    hi = tl.minimum(lo + split_len, ctx_len)
-
-    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
-    if not USE_DOT:
-        q = q.to(tl.float32)
-
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)  # row max of s * scale * log2(e)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    bt_row = block_tables_ptr + seq * stride_bts
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
         mask_n = tok < hi
@@ -185,28 +110,207 @@ def paged_decode_kernel(
             p = tl.exp2(s - phi_log2)
             m_i = tl.maximum(m_i, m_tile)
         else:
-            m_new = tl.maximum(m_i, m_tile)  # finite: every tile holds a valid token
+            # NOTE: every tile holds a valid token, so m_new is finite for finite inputs; an all -inf
+            # or NaN tile (inf/NaN in q or k) gives NaN here, which is the answer for such input.
+            m_new = tl.maximum(m_i, m_tile)
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             acc = acc * alpha[:, None]
             l_i = l_i * alpha
             m_i = m_new
         l_i += tl.sum(p, 1)
-        if USE_DOT and UPCAST_DOT:
-            acc += tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        if USE_DOT and P_FP32:
+            acc += tl.dot(p, v.to(tl.float32), input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
         elif USE_DOT:
-            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            p_in = p.to(v.dtype)
+            if UNIFIED:
+                e_i += tl.sum(tl.abs(p - p_in.to(tl.float32)), 1)
+            if UPCAST_DOT:
+                acc += tl.dot(p_in.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(p_in, v, input_precision=DOT_PRECISION)
         else:
-            acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc += tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)  # fp32 P: nothing lost
+    return acc, l_i, m_i, e_i
+
+
+@triton.jit
+def _decode_merge(
+    part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, seq, kvh, num_heads, num_splits,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, UNIFIED: tl.constexpr,
+):
+    """Merge the partial results of all splits of one (sequence, KV head): (acc, l, m, e).
+
+    SPLIT_CHUNK splits are loaded at once ([SPLIT_CHUNK, BLOCK_G, BLOCK_D]) so the merge is not a
+    chain of dependent L2 round trips.
+    """
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    base = (seq * num_heads + heads) * num_splits  # [BLOCK_G]
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    e_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, SPLIT_CHUNK):
+        split = s0 + offs_s
+        idx = base[None, :] + split[:, None]  # [SPLIT_CHUNK, BLOCK_G]
+        mask_sg = (split[:, None] < num_splits) & mask_g[None, :]
+        # NOTE: .cg reads bypass L1, so the partials other programs just wrote are seen.
+        m_s = tl.load(part_m_ptr + idx, mask=mask_sg, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + idx, mask=mask_sg, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(part_acc_ptr + idx[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                      mask=mask_sg[:, :, None] & mask_d[None, None, :], other=0.0, cache_modifier=".cg")
+        if UNIFIED:
+            # Every split used the same phi: a plain sum, no rescale.
+            e_s = tl.load(part_e_ptr + idx, mask=mask_sg, other=0.0, cache_modifier=".cg")
+            m_i = tl.maximum(m_i, tl.max(m_s, 0))
+            l_i += tl.sum(l_s, 0)
+            e_i += tl.sum(e_s, 0)
+            acc += tl.sum(a_s, 0)
+        else:
+            m_new = tl.maximum(m_i, tl.max(m_s, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # empty trailing splits
+            alpha = tl.exp2(m_i - m_safe)
+            beta = tl.exp2(m_s - m_safe[None, :])  # [SPLIT_CHUNK, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(l_s * beta, 0)
+            acc = acc * alpha[:, None] + tl.sum(a_s * beta[:, :, None], 0)
+            m_i = m_new
+    return acc, l_i, m_i, e_i
+
+
+@triton.jit
+def _decode_epilogue(
+    acc, l_i, m_i, e_i, seq, heads, mask_g, offs_d, mask_d, ctx_len,
+    out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2, mass_tol, stride_os, stride_oh,
+    GROUP: tl.constexpr, UNIFIED: tl.constexpr, FUSED_FALLBACK: tl.constexpr,
+):
+    """Check the unified rows (flags, stats), divide by the softmax denominator and store the output.
+
+    Returns the number of flagged rows of the group (0 when not UNIFIED). With FUSED_FALLBACK a group
+    with a flagged row is not stored here: `_decode_recompute` stores the whole group.
+    """
+    num_bad = tl.zeros([], tl.int64)
+    store = mask_g
+    if UNIFIED:
+        rel = m_i - phi_log2
+        # NOTE: written as "all conditions hold" so any NaN (inf/NaN input, inf - inf) fails it.
+        ok = (rel > lo_log2) & (rel < hi_log2) & (e_i <= mass_tol * l_i) & (l_i > 0.0)
+        bad = (ok == 0) & mask_g & (ctx_len > 0)  # an empty (graph padding) sequence is never flagged
+        tl.store(flags_ptr + seq * num_heads + heads, bad.to(tl.int32), mask=mask_g)
+        if ctx_len > 0:
+            tl.atomic_add(stats_ptr, tl.full([], GROUP, tl.int64))
+        num_bad = tl.sum(bad.to(tl.int64), 0)
+        if num_bad > 0:
+            tl.atomic_add(stats_ptr + 1, num_bad)
+        if FUSED_FALLBACK:
+            store = mask_g & ((bad.to(tl.int64) * 0 + num_bad) == 0)  # (broadcast: interpreter-safe)
+    # l == 0 only for an empty sequence (zeros) or a flagged unified row (recomputed afterwards).
+    # NOTE: no `l > 0` test: a NaN l must reach the output.
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=store[:, None] & mask_d[None, :])
+    return num_bad
+
+
+@triton.jit
+def _decode_recompute(
+    q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row, k_cache_ptr, v_cache_ptr,
+    out_ptr, kvh, scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_os, stride_oh,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Fused fallback: the whole (sequence, KV head) group with the synchronized loop (P kept in fp32),
+    stored."""
+    acc, l_i, m_i, e_i = _decode_range(
+        tl.zeros([BLOCK_G, BLOCK_D], tl.float32), tl.zeros([BLOCK_G], tl.float32),
+        tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+        q, kv_start, ctx_len, bt_row, k_cache_ptr, v_cache_ptr, kvh, offs_n, offs_d, mask_d, scale_log2, 0.0,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        BLOCK_SIZE, BLOCK_N, False, USE_DOT, DOT_PRECISION, UPCAST_DOT, True)
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+    out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, flags_ptr, counters_ptr, stats_ptr,
+    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, sliding_window, num_splits,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_bts, stride_os, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_GR: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, FUSED_FALLBACK: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_DOT: tl.constexpr,
+    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    num_kv_heads = tl.num_programs(1)
+    num_heads = num_kv_heads * GROUP
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g  # query heads sharing this KV head: the M dim of the dot
+
+    if IS_FALLBACK:
+        flagged = tl.load(flags_ptr + seq * num_heads + heads, mask=mask_g, other=0)
+        if tl.max(flagged, 0) == 0:
+            return
+
+    ctx_len = tl.load(context_lens_ptr + seq)
+    kv_start = 0
+    if HAS_SLIDING:
+        kv_start = tl.maximum(ctx_len - sliding_window, 0)
+    # Each split covers a whole number of BLOCK_N tiles; trailing splits may be empty.
+    split_len = tl.cdiv(tl.cdiv(ctx_len - kv_start, num_splits), BLOCK_N) * BLOCK_N
+    lo = kv_start + split * split_len
+    hi = tl.minimum(lo + split_len, ctx_len)
+
+    q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    if not USE_DOT:
+        q = q.to(tl.float32)
+
+    bt_row = block_tables_ptr + seq * stride_bts
+    acc, l_i, m_i, e_i = _decode_range(
+        tl.zeros([BLOCK_G, BLOCK_D], tl.float32), tl.zeros([BLOCK_G], tl.float32),
+        tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
+        q, lo, hi, bt_row, k_cache_ptr, v_cache_ptr, kvh, offs_n, offs_d, mask_d, scale_log2, phi_log2,
+        stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+        BLOCK_SIZE, BLOCK_N, UNIFIED, USE_DOT, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
 
     if SINGLE_SPLIT:
-        _decode_finish(acc, l_i, m_i, context_lens_ptr, seq, heads, mask_g, offs_d, mask_d,
-                       out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2,
-                       stride_os, stride_oh, GROUP, UNIFIED)
+        num_bad = _decode_epilogue(
+            acc, l_i, m_i, e_i, seq, heads, mask_g, offs_d, mask_d, ctx_len,
+            out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2, mass_tol, stride_os, stride_oh,
+            GROUP, UNIFIED, FUSED_FALLBACK)
+        if FUSED_FALLBACK:  # noqa: SIM102 - constexpr branch: the runtime test must stay nested
+            if num_bad > 0:
+                _decode_recompute(
+                    q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row, k_cache_ptr,
+                    v_cache_ptr, out_ptr, kvh, scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                    stride_vh, stride_os, stride_oh,
+                    BLOCK_G, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, UPCAST_DOT)
     else:
         idx = (seq * num_heads + heads) * num_splits + split
         tl.store(part_m_ptr + idx, m_i, mask=mask_g)
         tl.store(part_l_ptr + idx, l_i, mask=mask_g)
+        if UNIFIED:
+            tl.store(part_e_ptr + idx, e_i, mask=mask_g)
         tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                  mask=mask_g[:, None] & mask_d[None, :])
         if FUSED_REDUCE:
@@ -216,34 +320,54 @@ def paged_decode_kernel(
             counter = counters_ptr + seq * num_kv_heads + kvh
             ticket = tl.atomic_add(counter, 1, sem="acq_rel")
             if ticket == num_splits - 1:
-                _decode_merge_and_finish(
-                    part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
-                    seq, kvh, num_heads, num_splits, phi_log2, lo_log2, hi_log2, stride_os, stride_oh,
+                # The merge tile has GROUP rows (rounded up to a power of 2), not the dot's 16.
+                offs_r = tl.arange(0, BLOCK_GR)
+                mask_r = offs_r < GROUP
+                heads_r = kvh * GROUP + offs_r
+                acc_r, l_r, m_r, e_r = _decode_merge(
+                    part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, seq, kvh, num_heads, num_splits,
                     GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, SPLIT_CHUNK, UNIFIED)
                 tl.atomic_xchg(counter, 0)
+                num_bad = _decode_epilogue(
+                    acc_r, l_r, m_r, e_r, seq, heads_r, mask_r, offs_d, mask_d, ctx_len,
+                    out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2, mass_tol,
+                    stride_os, stride_oh, GROUP, UNIFIED, FUSED_FALLBACK)
+                if FUSED_FALLBACK:  # noqa: SIM102 - constexpr branch: the runtime test must stay nested
+                    if num_bad > 0:
+                        _decode_recompute(
+                            q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row,
+                            k_cache_ptr, v_cache_ptr, out_ptr, kvh, scale_log2, stride_kb, stride_kt,
+                            stride_kh, stride_vb, stride_vt, stride_vh, stride_os, stride_oh,
+                            BLOCK_G, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit
 def paged_decode_reduce_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
-    phi_log2, lo_log2, hi_log2, num_splits, stride_os, stride_oh,
-    GROUP: tl.constexpr, BLOCK_GR: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
+    phi_log2, lo_log2, hi_log2, mass_tol, num_splits, stride_os, stride_oh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr,
 ):
-    """Second-launch merge of the splits (used with fused_reduce=False)."""
+    """Second-launch merge of the splits (used with fused_reduce=False; the fallback is a launch too)."""
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     num_heads = tl.num_programs(1) * GROUP
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
     if IS_FALLBACK:
-        offs_g = tl.arange(0, BLOCK_GR)
-        mask_g = offs_g < GROUP
-        flagged = tl.load(flags_ptr + seq * num_heads + kvh * GROUP + offs_g, mask=mask_g, other=0)
+        flagged = tl.load(flags_ptr + seq * num_heads + heads, mask=mask_g, other=0)
         if tl.max(flagged, 0) == 0:
             return
-    _decode_merge_and_finish(
-        part_acc_ptr, part_m_ptr, part_l_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
-        seq, kvh, num_heads, num_splits, phi_log2, lo_log2, hi_log2, stride_os, stride_oh,
-        GROUP, BLOCK_GR, HEAD_DIM, BLOCK_D, SPLIT_CHUNK, UNIFIED)
+    acc, l_i, m_i, e_i = _decode_merge(
+        part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, seq, kvh, num_heads, num_splits,
+        GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, SPLIT_CHUNK, UNIFIED)
+    ctx_len = tl.load(context_lens_ptr + seq)
+    _decode_epilogue(acc, l_i, m_i, e_i, seq, heads, mask_g, offs_d, mask_d, ctx_len,
+                     out_ptr, flags_ptr, stats_ptr, num_heads, phi_log2, lo_log2, hi_log2, mass_tol,
+                     stride_os, stride_oh, GROUP, UNIFIED, False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,14 +492,18 @@ def paged_decode_attention(
     num_stages: int | None = None,
     use_dot: bool | None = None,
     fused_reduce: bool = True,
+    fused_fallback: bool = True,
+    mass_tol: float | None = None,
     flags_out: list | None = None,
 ) -> torch.Tensor:
     """Paged decode attention. Returns `[num_seqs, num_heads, head_dim]` in q's dtype.
 
     phi: unified max value (in units of the scaled score s = scale * q.k). None runs the
     synchronized online softmax. window: (lo, hi) such that rows whose max score m satisfies
-    lo < m - phi < hi are trusted; others are flagged and (with fallback=True) recomputed by the
-    synchronized kernel in a second, always-launched, graph-safe kernel.
+    lo < m - phi < hi and whose P lost at most mass_tol (relative l1; default MASS_TOL[dtype]) in the
+    cast for the dot are trusted; others are flagged and, with fallback=True, recomputed with the
+    synchronized softmax: inside the same launch (fused_fallback=True, default; needs fused_reduce or
+    one split) or by a second, always-launched, graph-safe kernel (fused_fallback=False).
     stats: int64 `[2]` device tensor, += (rows checked, rows flagged) by the unified kernel.
     flags_out: if a list is given, the per-(seq, head) int32 flag tensor is appended (tests).
     """
@@ -384,6 +512,7 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     cfg = _default_config(head_dim, group, q.dtype, num_seqs * num_kv_heads >= num_sms(q.device))
+    auto_block_n = block_n is None
     block_n = block_n or cfg["block_n"]
     num_warps = num_warps or cfg["num_warps"]
     num_stages = num_stages or cfg["num_stages"]
@@ -406,6 +535,13 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(num_seqs, num_kv_heads, eff_len, num_sms(device))
     num_splits = max(1, int(num_splits))
+    if auto_block_n and num_splits > 1:
+        # Splits cover whole BLOCK_N tiles: with fewer than BLOCK_N tokens per split the trailing
+        # splits would be empty programs. Shrink the tile so every split gets work (batch 1, short
+        # context: the parallelism the split count asked for).
+        per_split = -(-eff_len // num_splits)
+        while block_n > 32 and block_n // 2 >= per_split:
+            block_n //= 2
     if stats is None:
         stats = torch.zeros(2, dtype=torch.int64, device=device)
 
@@ -416,19 +552,23 @@ def paged_decode_attention(
         part_acc = torch.empty(num_seqs * num_heads * num_splits, head_dim, dtype=torch.float32, device=device)
         part_m = torch.empty(num_seqs * num_heads * num_splits, dtype=torch.float32, device=device)
         part_l = torch.empty_like(part_m)
+    part_e = part_l if phi is None or single else torch.empty_like(part_m)
     counters = split_counters(device, num_seqs * num_kv_heads) if (not single and fused_reduce) else context_lens
     flags = torch.empty(num_seqs, num_heads, dtype=torch.int32, device=device) if phi is not None else context_lens
 
     scale_log2 = float(scale) * LOG2E
     lo, hi = window
+    if mass_tol is None:
+        mass_tol = MASS_TOL[q.dtype]
+    in_kernel_fallback = fallback and fused_fallback and (single or fused_reduce)
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grid = (num_seqs, num_kv_heads, num_splits)
 
     def launch(unified: bool, is_fallback: bool):
         paged_decode_kernel[grid](
             q, k_cache, v_cache, block_tables, context_lens,
-            out, part_acc, part_m, part_l, flags, counters, stats,
-            scale_log2, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E,
+            out, part_acc, part_m, part_l, part_e, flags, counters, stats,
+            scale_log2, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol),
             int(sliding_window or 0), num_splits,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -436,16 +576,17 @@ def paged_decode_attention(
             block_tables.stride(0), out.stride(0), out.stride(1),
             GROUP=group, BLOCK_G=block_g, BLOCK_GR=block_gr, SPLIT_CHUNK=split_chunk,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-            UNIFIED=unified, IS_FALLBACK=is_fallback, SINGLE_SPLIT=single,
+            UNIFIED=unified, IS_FALLBACK=is_fallback, FUSED_FALLBACK=unified and in_kernel_fallback,
+            SINGLE_SPLIT=single,
             FUSED_REDUCE=fused_reduce, USE_DOT=use_dot, HAS_SLIDING=sliding_window is not None,
             DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_bf16_dot(q.dtype),
             num_warps=num_warps, num_stages=num_stages,
         )
         if not single and not fused_reduce:
             paged_decode_reduce_kernel[(num_seqs, num_kv_heads)](
-                part_acc, part_m, part_l, context_lens, out, flags, stats,
-                (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, num_splits, out.stride(0), out.stride(1),
-                GROUP=group, BLOCK_GR=block_gr, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                part_acc, part_m, part_l, part_e, context_lens, out, flags, stats,
+                (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol), num_splits,
+                out.stride(0), out.stride(1), GROUP=group, BLOCK_G=block_gr, HEAD_DIM=head_dim, BLOCK_D=block_d,
                 SPLIT_CHUNK=split_chunk, UNIFIED=unified, IS_FALLBACK=is_fallback, num_warps=4,
             )
 
@@ -455,7 +596,7 @@ def paged_decode_attention(
         if not math.isfinite(phi):
             raise ValueError(f"decode attention: phi must be finite, got {phi}")
         launch(unified=True, is_fallback=False)
-        if fallback:
+        if fallback and not in_kernel_fallback:
             launch(unified=False, is_fallback=True)
         if flags_out is not None:
             flags_out.append(flags)

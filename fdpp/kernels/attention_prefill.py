@@ -11,10 +11,18 @@ head // GROUP; the query heads of a group re-read the same K/V tiles, mostly fro
 
 Unified max (phi given): each KV tile adds P V with P = e^{s - phi}, no running max and no rescale of
 the accumulator; the output is acc / l once at the end. P is cast to the K/V dtype for the tensor-core
-dot with V, so the window (lo, hi) must keep e^{s - phi} inside that type: for fp16, e^{11.09}
-overflows. The row max is tracked (off the critical path: P does not depend on it) only to check the
-window; a query tile with any row outside it is flagged, and a second, always-launched launch of the
-synchronized (online-softmax) kernel recomputes only flagged tiles: its other programs exit at once.
+dot with V. The row max is tracked (off the critical path: P does not depend on it) only for the
+check below.
+
+Exactness guarantee (same as decode, see fdpp.kernels.attention_decode): a query row stays on the
+fast path only if its max m has lo < m - phi < hi, the P that entered the dot is within
+MASS_TOL * l of the exact fp32 P in l1 norm (sum_j |P_j - cast(P_j)| <= MASS_TOL * sum_j P_j: fp16
+underflow of mass far below the max is caught, rounding alone is not flagged), and l > 0. The test is
+NaN-propagating (a NaN anywhere fails it). A query tile with any failing row is flagged and a second,
+always-launched launch of the synchronized (online-softmax) kernel recomputes only flagged tiles (its
+other programs exit at once; no host sync, graph-safe), keeping P in fp32 for the dot with V (tf32 on
+a GPU), so NaN/inf in q or k reaches the output as NaN and a recomputed row is at least as exact as the
+synchronized kernel.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fdpp.kernels.attention_decode import MASS_TOL
 from fdpp.kernels.device import upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
@@ -31,13 +40,15 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _prefill_tile(
-    acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+    acc, l_i, m_i, e_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
     offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     BLOCK_SIZE: tl.constexpr, UNIFIED: tl.constexpr, CAUSAL_MASK: tl.constexpr,
-    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, P_FP32: tl.constexpr,
 ):
-    """Accumulate one KV tile [start, start + BLOCK_N) into (acc, l_i, m_i)."""
+    """Accumulate one KV tile [start, start + BLOCK_N) into (acc, l_i, m_i, e_i).
+
+    e_i (unified): sum of |P - P fed to the dot|. P_FP32 (fallback): P stays fp32 for the dot with V."""
     tok = start + offs_n
     mask_n = tok < kv_hi
     block = tl.load(bt_row + tok // BLOCK_SIZE, mask=mask_n, other=0).to(tl.int64)
@@ -73,18 +84,24 @@ def _prefill_tile(
         l_i = l_i * alpha
         m_i = m_new
     l_i += tl.sum(p, 1)
-    if UPCAST_DOT:
-        acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+    if P_FP32:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_i
+        p_in = p.to(v.dtype)
+        if UNIFIED:
+            e_i += tl.sum(tl.abs(p - p_in.to(tl.float32)), 1)
+        if UPCAST_DOT:
+            acc = tl.dot(p_in.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p_in, v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i, e_i
 
 
 @triton.jit
 def paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
     out_ptr, flags_ptr, stats_ptr,
-    scale_log2, phi_log2, lo_log2, hi_log2, sliding_window, max_q_tiles,
+    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, sliding_window, max_q_tiles,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -130,27 +147,31 @@ def paged_prefill_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    e_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_row = block_tables_ptr + seq * stride_bts
     for start in range(kv_lo, full_end, BLOCK_N):
-        acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+        acc, l_i, m_i, e_i = _prefill_tile(
+            acc, l_i, m_i, e_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
             offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            BLOCK_SIZE, UNIFIED, False, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT)
+            BLOCK_SIZE, UNIFIED, False, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
     for start in range(full_end, kv_hi, BLOCK_N):
-        acc, l_i, m_i = _prefill_tile(
-            acc, l_i, m_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
+        acc, l_i, m_i, e_i = _prefill_tile(
+            acc, l_i, m_i, e_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
             offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            BLOCK_SIZE, UNIFIED, True, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT)
+            BLOCK_SIZE, UNIFIED, True, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
 
-    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    # NOTE: no `l > 0` test: a NaN l must reach the output (every query sees itself, so l > 0 else).
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
     tl.store(out_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     if UNIFIED:
-        rel = tl.where(mask_m, m_i - phi_log2, 0.0)
-        bad = (rel >= hi_log2) | (rel <= lo_log2) | (rel != rel)  # noqa: PLR0124
+        rel = m_i - phi_log2
+        # NOTE: written as "all conditions hold" so any NaN (inf/NaN input, inf - inf) fails it.
+        ok = (rel > lo_log2) & (rel < hi_log2) & (e_i <= mass_tol * l_i) & (l_i > 0.0)
+        bad = (ok == 0) & mask_m
         is_bad = tl.max(bad.to(tl.int32), 0)
         tl.store(flags_ptr + flag_idx, is_bad)
         num_rows = tl.minimum(q_len - tile_m * BLOCK_M, BLOCK_M).to(tl.int64)
@@ -194,13 +215,15 @@ def paged_prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    mass_tol: float | None = None,
     flags_out: list | None = None,
 ) -> torch.Tensor:
     """Causal varlen prefill over the paged cache. Returns `[num_tokens, num_heads, head_dim]`.
 
     phi: unified max value for the scaled scores (None: synchronized online softmax). window (lo,
-    hi): query tiles where a row's max score m has m - phi outside (lo, hi) are flagged and, with
-    fallback=True, recomputed by the synchronized kernel (second graph-safe launch).
+    hi): query tiles where a row's max score m has m - phi outside (lo, hi), or whose P lost more than
+    mass_tol (relative l1; default MASS_TOL[dtype]) in the cast for the dot, are flagged and, with
+    fallback=True, recomputed by the synchronized kernel (second graph-safe launch, P in fp32).
     stats: int64 `[2]` device tensor, += (query rows checked, query rows recomputed) per head.
     """
     if q.dim() != 3:
@@ -243,13 +266,15 @@ def paged_prefill_attention(
     flags = (torch.empty(num_seqs * num_heads * max_q_tiles, dtype=torch.int32, device=device)
              if phi is not None else context_lens)
     lo, hi = window
+    if mass_tol is None:
+        mass_tol = MASS_TOL[q.dtype]
     grid = (max_q_tiles, num_heads, num_seqs)
 
     def launch(unified: bool, is_fallback: bool):
         paged_prefill_kernel[grid](
             q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
             out, flags, stats,
-            float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E,
+            float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol),
             int(sliding_window or 0), max_q_tiles,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -259,7 +284,8 @@ def paged_prefill_attention(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
             UNIFIED=unified, IS_FALLBACK=is_fallback, HAS_SLIDING=sliding_window is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_bf16_dot(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            # NOTE: the fallback's fp32 V tile needs twice the shared memory: one stage less.
+            num_warps=num_warps, num_stages=max(1, num_stages - 1) if is_fallback else num_stages,
         )
 
     if phi is None:

@@ -114,8 +114,10 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(x, weight_of(self.weight), self.bias, residual=residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """``norm``: an RMSNorm applied to x first, fused into the kernel's prologue on a GPU."""
+        return linear(x, weight_of(self.weight), self.bias, residual=residual, **_norm_args(norm))
 
 
 class MergedLinear(Linear):
@@ -174,5 +176,10 @@ class GateUpLinear(MergedLinear):
     def __init__(self, in_features: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size}, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul")
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul", **_norm_args(norm))
+
+
+def _norm_args(norm: nn.Module | None) -> dict:
+    """The ``linear`` keywords of a fused RMSNorm prologue (an RMSNorm layer: ``weight`` and ``eps``)."""
+    return {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}

@@ -49,6 +49,12 @@ def build_model(
     ``quant`` (a ``fdpp.quant.config.QuantPlan``): which weights are quantized (``mark_quantized_layers``).
     """
     cls = get_model_class(config)
+    from fdpp.distributed.state import current_tp
+
+    if current_tp() is not None and quant is not None and quant.is_quantized:
+        raise NotImplementedError(
+            "quantized weights cannot be sharded for tensor parallelism yet; use tensor_parallel_size=1, "
+            "or quantization='none' to dequantize the checkpoint")
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(config)
     if quant is not None and quant.is_quantized:
@@ -114,6 +120,10 @@ def _init_random(model: nn.Module, seed: int) -> None:
                 p.zero_()
             else:  # norm weights
                 p.fill_(1.0)
+        elif getattr(p, "tp_full_shape", None) is not None:
+            # a tensor-parallel shard: draw the whole tensor (as TP=1 does) and keep this rank's slice
+            whole = torch.empty(p.tp_full_shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+            p.weight_loader(p, whole, name)
         else:
             p.normal_(0.0, 0.02, generator=gen)
 

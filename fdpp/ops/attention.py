@@ -1,8 +1,9 @@
 """Attention ops: KV-cache writes and paged attention, dispatched to Triton or the PyTorch reference.
 
 Backends (fdpp.ops.backend.attention_backend): "reference" (plain PyTorch, fp32 softmax, any device),
-"triton" (asynchronized softmax with the layer's unified max phi and an exact fallback; the
-synchronized kernel when phi is None), "triton-sync" (always the synchronized online softmax).
+"triton" (asynchronized softmax with the layer's unified max phi and an exact fallback: rows whose
+max leaves the safe window or whose P lost mass in the fp16/bf16 cast are recomputed, see
+fdpp.kernels.attention_decode; the synchronized kernel when phi is None), "triton-sync" (always the synchronized online softmax).
 
 Fallback statistics are kept in device tensors updated by the kernels themselves (no host sync on
 the hot path, safe inside CUDA graphs); `fallback_stats()` reads them.
@@ -18,7 +19,9 @@ import torch
 from fdpp.ops.backend import attention_backend
 
 # Safe window (lo, hi) for s - phi, in nats, per KV dtype. A row is trusted when its max score m has
-# lo < m - phi < hi; otherwise it is recomputed with the synchronized softmax.
+# lo < m - phi < hi AND the P that entered the dot with V lost at most MASS_TOL of the row's mass
+# (fdpp.kernels.attention_decode: the kernels measure it per row); otherwise it is recomputed with the
+# synchronized softmax in the same launch (decode) or a second, always-launched one (prefill).
 # - fp16: P = e^{s-phi} is cast to fp16 for the tensor-core dot with V; fp16 overflows at e^{11.09}
 #   and is subnormal below e^{-9.7} (absolute precision 6e-8): hi = 10.5 keeps P finite, lo = -8
 #   keeps the row's largest P within 2 nats of the normal range.

@@ -34,8 +34,13 @@ def linear(
     *,
     residual: torch.Tensor | None = None,
     act: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``y = x @ weight.T (+ bias)``, then ``act``, then ``+ residual``.
+
+    ``norm_weight`` [K]: x is first replaced by ``rms_norm(x, norm_weight, norm_eps)``; the GEMV and
+    flat-GEMM kernels do it in their prologue (no launch of its own), the other backends call the norm op.
 
     x: ``[..., K]`` (leading dims are flattened into M); weight: ``[N, K]`` (dense or quantized); bias: ``[N]``.
     ``act="silu_and_mul"``: weight is a fused [gate; up] of ``2F`` rows and y is
@@ -44,6 +49,11 @@ def linear(
     """
     if act not in ACTS:
         raise ValueError(f"linear: act={act!r} is not supported; use one of {ACTS}")
+    if norm_weight is not None and (isinstance(weight, (QuantTensor, QuantParts))
+                                    or linear_backend(x.device) in ("reference", "cublas")):
+        from fdpp.ops.norm import rms_norm
+
+        x, norm_weight = rms_norm(x, norm_weight, norm_eps), None
     if isinstance(weight, (QuantTensor, QuantParts)):
         return quant_linear(x, weight, bias, residual=residual, act=act)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -82,12 +92,17 @@ def linear(
     if impl == "gemv":
         from fdpp.kernels.gemv import gemv
 
-        y = gemv(x2, weight, bias, residual=res2, act=act, config=config)
+        y = gemv(x2, weight, bias, residual=res2, act=act, config=config, norm_weight=norm_weight, norm_eps=norm_eps)
     elif impl == "flat":
         from fdpp.kernels.flat_gemm import flat_gemm
 
-        y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config)
+        y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config,
+                      norm_weight=norm_weight, norm_eps=norm_eps)
     elif impl == "cublas":
+        if norm_weight is not None:
+            from fdpp.ops.norm import rms_norm
+
+            x2 = rms_norm(x2, norm_weight, norm_eps)
         y = linear_reference(x2, weight, bias, res2, act)
     else:
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")

@@ -105,6 +105,9 @@ def test_choose_num_splits():
     assert choose_num_splits(1, 8, 32768, 132) > 8             # one long GQA sequence: split a lot
     assert choose_num_splits(1, 32, 100, 132) == 1             # too short to split
     assert choose_num_splits(1, 32, 1024, 132) <= 1024 // 128
+    # batch-1 GQA 32/8 on an H200: at least one program per SM from 4k on (8 KV heads x splits)
+    for kv_len in (4096, 16384, 32768):
+        assert 8 * choose_num_splits(1, 8, kv_len, 132) >= 132
 
 
 @pytest.mark.gpu
