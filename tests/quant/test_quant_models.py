@@ -70,7 +70,8 @@ def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
     twin = _twin(hf, deq)
     prompts = [random_prompt(9, 128, seed=s) for s in (1, 2)]
     check_against_hf(llm, twin, prompts, n_greedy=4)
-    check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1)
+    if fmt != "q4_k":  # its Q4_1 fallback runs through the Triton GEMV in the GGUF test below
+        check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1)
     # and the quantization itself is close to the fp32 model
     from tests.models import hf_logits, prefill_logits, rel_err
 
