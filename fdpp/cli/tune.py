@@ -39,7 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="profile the quantized-weight kernels for this packed format (fp8, int8, int4, q8_0, q4_0, "
                    "q4_1, q4_k, q5_k, q6_k) instead of dense weights; --dtype is then the activations' dtype")
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
-                   help="int4 group size for --weight-format int4 (default: %(default)s)")
+                   help="int4 / int8 group size for --weight-format int4 | int8 (default: %(default)s; "
+                        "int8 falls back to 64 / 32 / per channel where K is not a multiple)")
     p.add_argument("--max-m", type=int, default=512,
                    help="largest batch size M to profile; larger M uses the last range (default: %(default)s)")
     p.add_argument(

@@ -333,9 +333,9 @@ class GraphTimer:
             self._weights, self._x, self._key = [], {}, None
             torch.cuda.empty_cache()
             if self.weight_format is not None:
-                from fdpp.quant.formats import random_quant
+                from fdpp.quant.formats import online_group_size, random_quant
 
-                group = next(g for g in (self.group_size, 128, 64, 32) if k % g == 0)  # as online int4 picks
+                group = online_group_size(self.weight_format, k, self.group_size)  # as online quantization picks
                 first = random_quant(self.weight_format, n, k, group_size=group, device=self.device)
                 copies = max(2, math.ceil(self.rotate_bytes / first.nbytes))
                 self._weights = [first] + [random_quant(self.weight_format, n, k, group_size=group,

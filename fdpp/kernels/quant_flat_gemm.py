@@ -2,8 +2,8 @@
 
 The same transposed flat GEMM as flat_gemm.py (``y^T [N, M] = W [N, K] @ x^T [K, M]``: weight rows fill
 the large side of the MMA tile, M is padded only to 16), except that each W tile is read packed and
-dequantized in registers by ``_dequant_tile`` (quant_gemv.py) before ``tl.dot`` in x's dtype. fp8 / int8
-row scales are applied once to the accumulator. Split-K and the epilogue are shared with the GEMV.
+dequantized in registers by ``_dequant_tile`` (quant_gemv.py) before ``tl.dot`` in x's dtype. Per-channel
+fp8 / int8 row scales are applied once to the accumulator; per-group ones in the tile, once per group. Split-K and the epilogue are shared with the GEMV.
 """
 from __future__ import annotations
 
@@ -122,7 +122,8 @@ def quant_flat_gemm(
     kb_per_split, num_splits = split_k_grid(triton.cdiv(k, nsb * sb), int(cfg.get("SPLIT_K", 1)))
     use_ws = num_splits > 1
     ws = torch.empty((num_splits, m, n), device=x.device, dtype=torch.float32) if use_ws else out
-    args, flags = quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws)
+    args, flags = quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws,
+                                    group_size)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), num_splits)
     # NOTE: the interpreter's bf16/fp16 tl.dot is unreliable on the CPU: dot in fp32 there (never on a GPU).
     quant_flat_gemm_kernel[grid](

@@ -7,8 +7,9 @@ memory-bound kernel.
 
 Weights stay in their packed layout, row-major over N (``fdpp.quant.formats``):
 
-* ``fp8`` / ``int8``: one byte per weight [N, K] and a float32 scale per output row, applied once to the
-  reduced dot product (not per weight).
+* ``fp8`` / ``int8``: one byte per weight [N, K] and float32 scales: one per output row (GROUP = 1), applied
+  once to the reduced dot product, or one per group of GROUP weights along K ([N, K/GROUP]), loaded once per
+  group (the tile's sub-block is the group) and applied to its dequantized weights.
 * ``int4``: [N, K/2] bytes (k = 2j low nibble, 2j+1 high), float16 scale and uint8 zero per group of
   GROUP weights along K: w = (q - zero) * scale.
 * GGUF ``q8_0``, ``q4_0``, ``q4_1``, ``q4_k``, ``q5_k``, ``q6_k``: llama.cpp's blocks byte for byte, each
@@ -50,7 +51,8 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, rows, k0, K, stride_wn, stride_sn, FMT: t
                   NSB: tl.constexpr, SB: tl.constexpr, QK: tl.constexpr, BB: tl.constexpr):
     """Weights of rows ``rows`` [BLOCK_N] (int64) and k in [k0, k0 + NSB * SB) as float32 [BLOCK_N, NSB, SB].
 
-    Columns k >= K come back as 0. fp8 / int8 tiles are not scaled (the caller scales the reduced rows).
+    Columns k >= K come back as 0. Per-channel fp8 / int8 tiles (GROUP == 1) are not scaled (the caller scales
+    the reduced rows); per-group ones (GROUP > 1, SB == GROUP) are, one scale load per sub-block.
     ``w_ptr`` points at bytes (uint8) for every format; ``stride_wn`` is a row's length in bytes.
     QK, BB: weights and bytes per GGUF block (unused otherwise).
     """
@@ -64,8 +66,14 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, rows, k0, K, stride_wn, stride_sn, FMT: t
     if FMT == "fp8":
         b = tl.load(w_ptr + row + k3, mask=m3, other=0)
         w = b.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        if GROUP > 1:
+            w = w * tl.load(s_ptr + rows[:, None, None] * stride_sn + (ks // GROUP)[None, :, None], mask=msub,
+                            other=0.0)
     elif FMT == "int8":
         w = tl.load(w_ptr + row + k3, mask=m3, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+        if GROUP > 1:
+            w = w * tl.load(s_ptr + rows[:, None, None] * stride_sn + (ks // GROUP)[None, :, None], mask=msub,
+                            other=0.0)
     elif FMT == "int4":
         # NOTE: each byte is loaded once (SB/2 contiguous bytes per sub-block, so loads vectorize) and its two
         # nibbles are interleaved back into k order with join + reshape.
@@ -129,7 +137,7 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, rows, k0, K, stride_wn, stride_sn, FMT: t
 def quant_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # packed weight bytes, [N, row_bytes]
-    s_ptr,  # scales (fp8/int8: [N] fp32; int4: [N, K/GROUP] fp16) or dummy
+    s_ptr,  # scales (fp8/int8: [N] or [N, K/GROUP] fp32; int4: [N, K/GROUP] fp16) or dummy
     z_ptr,  # int4 zero points [N, K/GROUP] uint8, or dummy
     bias_ptr,
     res_ptr,
@@ -206,8 +214,19 @@ def quant_dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_s
 
 
 def sub_block(fmt: str, group_size: int = 0) -> int:
-    """SB of a format: the weights that share one scale (int4: its group size)."""
-    return group_size if fmt == "int4" else SUB_BLOCK[fmt]
+    """SB of a format: the weights that share one scale (int4 and per-group fp8 / int8: the group size)."""
+    if fmt == "int4" or (fmt in CHANNEL_SCALED and group_size):
+        return group_size
+    return SUB_BLOCK[fmt]
+
+
+def channel_scaled(fmt: str, group_size: int) -> bool:
+    """Whether the kernel applies one scale per output row to the reduced dot product (fp8 / int8 per channel)."""
+    return fmt in CHANNEL_SCALED and not group_size
+
+
+def _scale_stride(fmt: str, group_size: int, scale: torch.Tensor | None) -> int:
+    return scale.stride(0) if fmt == "int4" or (fmt in CHANNEL_SCALED and group_size) else 0
 
 
 def check_quant_args(op: str, x: torch.Tensor, data: torch.Tensor, fmt: str, n: int, k: int,
@@ -224,8 +243,15 @@ def check_quant_args(op: str, x: torch.Tensor, data: torch.Tensor, fmt: str, n: 
                          f"got {tuple(data.shape)} on {data.device}")
     if fmt in GGUF_BLOCKS and k % GGUF_BLOCKS[fmt][0]:
         raise ValueError(f"{op}: {fmt} needs K divisible by {GGUF_BLOCKS[fmt][0]}, got K={k}")
-    if fmt in CHANNEL_SCALED and (scale is None or scale.shape != (n,) or scale.dtype != torch.float32):
-        raise ValueError(f"{op}: {fmt} needs a float32 per-row scale of shape [{n}]")
+    if fmt in CHANNEL_SCALED:
+        if group_size and (group_size < 16 or group_size & (group_size - 1) or k % group_size):
+            raise ValueError(f"{op}: {fmt} group size {group_size} must be a power of two >= 16 dividing K={k} "
+                             "(0: per-channel scales)")
+        want = (n, k // group_size) if group_size else (n,)
+        if scale is None or tuple(scale.shape) != want or scale.dtype != torch.float32 or scale.stride(-1) != 1:
+            raise ValueError(f"{op}: {fmt} with group size {group_size} needs a row-major float32 scale of shape "
+                             f"{list(want)}, got "
+                             f"{None if scale is None else (list(scale.shape), str(scale.dtype))}")
     if fmt == "int4":
         if group_size < 16 or k % group_size or scale is None or zero is None:
             raise ValueError(f"{op}: int4 needs scale and zero [N, K/G] and K divisible by the group size")
@@ -234,7 +260,7 @@ def check_quant_args(op: str, x: torch.Tensor, data: torch.Tensor, fmt: str, n: 
             raise ValueError(f"{op}: int4 scale and zero must both be row-major [{n}, {k // group_size}]")
 
 
-def quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws):
+def quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws, group_size=0):
     """Positional arguments and epilogue flags of ``quant_gemv_kernel`` / ``quant_flat_gemm_kernel``."""
     m, k = x.shape
     w_bytes = data.view(torch.uint8)
@@ -245,14 +271,14 @@ def quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_
         bias if bias is not None else out,
         residual if residual is not None else out,
         out, ws, m, n, k,
-        x.stride(0), w_bytes.stride(0), scale.stride(0) if (fmt == "int4") else 0,
+        x.stride(0), w_bytes.stride(0), _scale_stride(fmt, group_size, scale),
         residual.stride(0) if residual is not None else 0, out.stride(0),
         kb_per_split,
     )
     qk, bb = GGUF_BLOCKS.get(fmt, (1, 1))
     flags = dict(QK=qk, BB=bb, HAS_BIAS=bias is not None and not use_ws,
                  HAS_RESIDUAL=residual is not None and not use_ws, USE_WORKSPACE=use_ws,
-                 CHANNEL_SCALE=fmt in CHANNEL_SCALED)
+                 CHANNEL_SCALE=channel_scaled(fmt, group_size))
     return args, flags
 
 
@@ -308,7 +334,8 @@ def quant_gemv(
     kb_per_split, num_splits = split_k_grid(triton.cdiv(k, nsb * sb), int(cfg.get("SPLIT_K", 1)))
     use_ws = num_splits > 1
     ws = torch.empty((num_splits, m, n), device=x.device, dtype=torch.float32) if use_ws else out
-    args, flags = quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws)
+    args, flags = quant_launch_args(x, data, fmt, scale, zero, bias, residual, out, ws, n, kb_per_split, use_ws,
+                                    group_size)
     grid = (triton.cdiv(n, block_n) * m, num_splits)
     quant_gemv_kernel[grid](*args, FMT=fmt, GROUP=max(group_size, 1), BLOCK_N=block_n, NSB=nsb, SB=sb, **flags,
                             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
@@ -332,9 +359,9 @@ def quant_dequantize(data: torch.Tensor, fmt: str, n: int, k: int, scale: torch.
     qk, bb = GGUF_BLOCKS.get(fmt, (1, 1))
     quant_dequant_kernel[grid](
         w_bytes, scale if scale is not None else out, zero if zero is not None else out, out, n, k,
-        w_bytes.stride(0), scale.stride(0) if fmt == "int4" else 0, out.stride(0),
+        w_bytes.stride(0), _scale_stride(fmt, group_size, scale), out.stride(0),
         FMT=fmt, GROUP=max(group_size, 1), BLOCK_N=block_n, NSB=nsb, SB=sb, QK=qk, BB=bb,
-        CHANNEL_SCALE=fmt in CHANNEL_SCALED,
+        CHANNEL_SCALE=channel_scaled(fmt, group_size),
         num_warps=4,
     )
     return out

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fdpp.ops.linear import linear
-from fdpp.quant.formats import QuantParts, QuantTensor, online_format, quantize
+from fdpp.quant.formats import QuantParts, QuantTensor, online_format, online_group_size, quantize
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -51,18 +51,19 @@ def _as_stored(param: nn.Parameter, loaded, name: str):
         if isinstance(loaded, QuantTensor):  # re-quantizing a quantized checkpoint: the user asked for it
             loaded = loaded.dequantize(torch.float32)
         fmt = online_format(mode, int(loaded.shape[1]), name)
-        return quantize(loaded.to(param.device), fmt, _group_for(param.quant_group_size, loaded.shape[1], name))
+        return quantize(loaded.to(param.device), fmt, _group_for(fmt, param.quant_group_size, loaded.shape[1], name))
     return loaded.to(param.device) if isinstance(loaded, QuantTensor) else loaded.to(param.device, param.dtype)
 
 
-def _group_for(group_size: int, k: int, name: str) -> int:
-    """The int4 group size for K: the requested one, else the largest of 128/64/32 dividing K."""
-    for g in (group_size, 128, 64, 32):
-        if k % g == 0:
-            return g
-    from fdpp.errors import UnsupportedModelError
+def _group_for(fmt: str, group_size: int, k: int, name: str) -> int:
+    """The scale group size of ``fmt`` for K (``online_group_size``: int4 / int8 the requested one, else the
+    largest of 128/64/32 dividing K; int8 then per channel; fp8 per channel unless asked)."""
+    try:
+        return online_group_size(fmt, k, group_size)
+    except ValueError as e:
+        from fdpp.errors import UnsupportedModelError
 
-    raise UnsupportedModelError(f"cannot quantize {name or 'a weight'} to int4: its K={k} is not a multiple of 32")
+        raise UnsupportedModelError(f"cannot quantize {name or 'a weight'} to {fmt}: {e}") from None
 
 
 def set_quant_weight(param: nn.Parameter, parts: list, name: str = "") -> None:

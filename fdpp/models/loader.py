@@ -104,15 +104,15 @@ def mark_quantized_layers(model: nn.Module, quant: Any) -> None:
 @torch.no_grad()
 def _init_random(model: nn.Module, seed: int) -> None:
     from fdpp.layers.linear import set_quant_weight
-    from fdpp.quant.formats import online_format, random_quant
+    from fdpp.quant.formats import online_format, online_group_size, random_quant
 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
         mode = getattr(p, "quant_mode", None)
         if mode is not None:
             n, k = p.logical_shape
-            group = next(g for g in (p.quant_group_size, 128, 64, 32) if k % g == 0)
             fmt = online_format(mode, k, name)
+            group = online_group_size(fmt, k, p.quant_group_size)
             set_quant_weight(p, [random_quant(fmt, n, k, group_size=group, device=p.device, seed=seed)], name)
             seed += 1
         elif p.dim() == 1:

@@ -179,9 +179,10 @@ def _quant_matmul(x2: torch.Tensor, w: QuantTensor, bias, residual, backend: str
 
 def quant_large_m(x2: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The large-M ("cublas") path of a quantized weight: FP8 W8A8 on the FP8 tensor cores for fp8 weights
-    (where supported), else one dequantize kernel into a dense weight and the dense tensor-core GEMM."""
+    (where supported; per-channel scales only: per-group fp8 takes the dequantize path), else one dequantize
+    kernel into a dense weight and the dense tensor-core GEMM."""
     n, k = w.shape
-    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
+    if w.fmt == "fp8" and not w.group_size and fp8_w8a8_supported(x2, n, k):
         return fp8_w8a8_linear(x2, w.data, w.scale, bias)
     from fdpp.kernels.quant_gemv import quant_dequantize
 

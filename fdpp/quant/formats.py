@@ -8,8 +8,11 @@ concatenation of its shards, each keeping its own scales (``QuantTensor.cat``).
 
 Formats (``fmt``), with the tensors each keeps (``data`` / ``scale`` / ``zero``):
 
-* ``fp8``  -- data float8_e4m3fn [N, K]; scale float32 [N] (per output channel); w = data * scale.
-* ``int8`` -- data int8 [N, K]; scale float32 [N]; w = data * scale (symmetric).
+* ``fp8``  -- data float8_e4m3fn [N, K]; scale float32 [N] (per output channel, ``group_size`` 0) or
+  [N, K/G] (per group of G along K); w = data * scale.
+* ``int8`` -- data int8 [N, K]; scale float32 [N] or [N, K/G] as fp8; w = data * scale (symmetric).
+  Online quantization: int8 per group of 128 (else the largest of 64 / 32 dividing K, else per channel),
+  fp8 per channel with a searched scale (``online_group_size``, ``quantize``; why in docs/QUANTIZATION.md).
 * ``int4`` -- data uint8 [N, K/2] (byte j holds k = 2j in its low nibble and k = 2j+1 in its high one);
   scale float16 [N, K/G]; zero uint8 [N, K/G] (0..15); w = (q - zero) * scale per group of G along K.
   AWQ and GPTQ checkpoints are repacked into this layout at load (``fdpp.quant.packing``).
@@ -32,9 +35,10 @@ GGUF_BLOCKS: dict[str, tuple[int, int]] = {
     "q5_k": (256, 176),
     "q6_k": (256, 210),
 }
-CHANNEL_FORMATS = ("fp8", "int8")  # one float32 scale per output row
+CHANNEL_FORMATS = ("fp8", "int8")  # float32 scales: one per output row, or one per group along K
 FORMATS = (*CHANNEL_FORMATS, "int4", *GGUF_BLOCKS)
 INT4_GROUP_SIZES = (32, 64, 128)
+SCALED_GROUP_SIZES = (32, 64, 128, 256)  # fp8 / int8 groups (0: per channel)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
@@ -47,7 +51,7 @@ class QuantTensor:
     data: torch.Tensor
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
-    group_size: int = 0  # int4 only
+    group_size: int = 0  # int4; fp8 / int8 (0: per channel)
     # CPU reference path only: keep the dequantized weight after its first matmul (``plan_cpu_memoization``)
     memoize: bool = field(default=False, compare=False)
     _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -66,8 +70,11 @@ class QuantTensor:
                     or tuple(self.zero.shape) != groups:
                 raise ValueError(f"int4 weight [{n}, {k}] with group size {self.group_size} needs scale and "
                                  f"zero of shape {list(groups)}")
-        elif self.fmt in CHANNEL_FORMATS and (self.scale is None or tuple(self.scale.shape) != (n,)):
-            raise ValueError(f"{self.fmt} weight [{n}, {k}] needs a per-channel scale of shape [{n}]")
+        elif self.fmt in CHANNEL_FORMATS:
+            want_s = (n, k // self.group_size) if self.group_size else (n,)
+            if self.scale is None or tuple(self.scale.shape) != want_s:
+                raise ValueError(f"{self.fmt} weight [{n}, {k}] with group size {self.group_size or 'none'} needs a "
+                                 f"scale of shape {list(want_s)}")
 
     # ---- properties -----------------------------------------------------------------------------
     @property
@@ -134,7 +141,7 @@ class QuantTensor:
         return w
 
     def __repr__(self) -> str:
-        extra = f", group_size={self.group_size}" if self.fmt == "int4" else ""
+        extra = f", group_size={self.group_size}" if self.group_size else ""
         return f"QuantTensor({self.fmt}, shape={list(self.shape)}{extra}, {self.nbytes} bytes, {self.device})"
 
 
@@ -180,6 +187,10 @@ class QuantParts:
 def packed_shape(fmt: str, n: int, k: int, group_size: int = 0) -> tuple[int, int]:
     """Shape of ``data`` for a weight [N, K] in ``fmt``; raises ValueError when K does not fit the format."""
     if fmt in CHANNEL_FORMATS:
+        if group_size and (group_size not in SCALED_GROUP_SIZES or k % group_size):
+            raise ValueError(f"{fmt} with per-group scales needs K divisible by its group size (one of "
+                             f"{SCALED_GROUP_SIZES}); got K={k}, group size {group_size}; use group size 0 "
+                             "(per channel) or online_group_size()")
         return (n, k)
     if fmt == "int4":
         if group_size not in INT4_GROUP_SIZES or k % group_size:
@@ -263,7 +274,10 @@ def dequantize(qt: QuantTensor) -> torch.Tensor:
     """Float32 [N, K] of any ``QuantTensor``."""
     n, k = qt.shape
     if qt.fmt in CHANNEL_FORMATS:
-        return qt.data.float() * qt.scale.float()[:, None]
+        if not qt.group_size:
+            return qt.data.float() * qt.scale.float()[:, None]
+        g = qt.data.float().reshape(n, k // qt.group_size, qt.group_size)
+        return (g * qt.scale.float()[..., None]).reshape(n, k)
     if qt.fmt == "int4":
         lo, hi = _nibbles(qt.data)
         q = torch.stack([lo, hi], -1).reshape(n, k // qt.group_size, qt.group_size).float()
@@ -277,22 +291,78 @@ def dequantize(qt: QuantTensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantTensor:
+ONLINE_GROUP_SIZE = 128
+
+
+def online_group_size(fmt: str, k: int, requested: int | None = None) -> int:
+    """The scale group size online quantization uses for a weight with K inputs in ``fmt``.
+
+    int4: ``requested`` (default 128), else the largest of 128 / 64 / 32 dividing K (ValueError if none).
+    int8: the same, else 0 (per channel): per-group scales measured better (docs/QUANTIZATION.md).
+    fp8: 0 (per channel, with an MSE-searched scale) unless a group is requested; a requested group that
+    does not divide K falls back as for int8. Other formats: 0 (their blocks carry their scales)."""
+    if fmt not in ("int4", "int8", "fp8"):
+        return 0
+    if fmt == "fp8" and not requested:
+        return 0
+    req = ONLINE_GROUP_SIZE if requested is None or (fmt == "int4" and not requested) else int(requested)
+    if req == 0 and fmt != "int4":
+        return 0
+    allowed = INT4_GROUP_SIZES if fmt == "int4" else SCALED_GROUP_SIZES
+    for g in dict.fromkeys((req, 128, 64, 32)):
+        if g in allowed and g <= max(req, 32) and k % g == 0:
+            return g
+    if fmt == "int4":
+        raise ValueError(f"cannot quantize to int4: K={k} is not a multiple of 32")
+    return 0
+
+
+# fp8 scale candidates: absmax / 448 times 2^(i/16), i = 0..15 (one octave: every alignment of e4m3's grid)
+FP8_SCALE_STEPS = 16
+
+
+def _fp8_search(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 data, float32 scale) of ``g`` [..., G] with one scale per last-dim row, chosen among
+    ``FP8_SCALE_STEPS`` candidates from absmax / 448 up to an octave above it by the squared error.
+
+    NOTE: e4m3's relative step is fixed (1/16), so the scale's range hardly matters; what it sets is where
+    the logarithmic grid falls relative to the weights, and absmax / 448 is just one arbitrary alignment."""
+    amax = g.abs().amax(-1, keepdim=True)
+    best_s = best_e = None
+    for i in range(FP8_SCALE_STEPS):
+        s = (amax / FP8_MAX * 2.0 ** (i / FP8_SCALE_STEPS)).clamp_min(1e-12)
+        err = ((g / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * s - g).square().sum(-1, True)
+        if best_s is None:
+            best_s, best_e = s, err
+        else:
+            better = err < best_e
+            best_s, best_e = torch.where(better, s, best_s), torch.where(better, err, best_e)
+    return (g / best_s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), best_s.squeeze(-1)
+
+
+def quantize(w: torch.Tensor, fmt: str, group_size: int | None = None) -> QuantTensor:
     """Quantize a float weight [N, K] to ``fmt`` (fp8 | int8 | int4; GGUF q8_0 | q4_0 | q4_1 through the
-    ``gguf`` package, q4_k | q5_k | q6_k through ``fdpp.quant.kquants``). int4 uses asymmetric min/max
-    groups of ``group_size`` along K."""
+    ``gguf`` package, q4_k | q5_k | q6_k through ``fdpp.quant.kquants``).
+
+    ``group_size``: None = fdpp's online choice for K (``online_group_size``); else exact (it must divide K).
+    int4: asymmetric min/max groups along K. int8: symmetric absmax scales per group (0: per output
+    channel). fp8: one scale per group or channel (0), searched for the least squared error (``_fp8_search``)."""
     if w.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D weight [N, K], got shape {list(w.shape)}")
     n, k = w.shape
     wf = w.detach().float()
-    if fmt == "fp8":
-        scale = (wf.abs().amax(1) / FP8_MAX).clamp_min(1e-12)
-        data = (wf / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return QuantTensor("fp8", (n, k), data, scale)
-    if fmt == "int8":
-        scale = (wf.abs().amax(1) / 127.0).clamp_min(1e-12)
-        data = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
-        return QuantTensor("int8", (n, k), data, scale)
+    if group_size is None:
+        group_size = online_group_size(fmt, k)
+    if fmt in CHANNEL_FORMATS:
+        packed_shape(fmt, n, k, group_size)  # validates the group size
+        g = wf.reshape(n, k // group_size, group_size) if group_size else wf[:, None, :]
+        if fmt == "fp8":
+            data, scale = _fp8_search(g)
+        else:
+            scale = (g.abs().amax(-1) / 127.0).clamp_min(1e-12)
+            data = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8)
+        scale = scale.contiguous() if group_size else scale[:, 0].contiguous()
+        return QuantTensor(fmt, (n, k), data.reshape(n, k).contiguous(), scale, group_size=group_size)
     if fmt == "int4":
         packed_shape("int4", n, k, group_size)
         g = wf.reshape(n, k // group_size, group_size)
@@ -331,12 +401,12 @@ def online_format(fmt: str, k: int, name: str = "") -> str:
     return fmt
 
 
-def random_quant(fmt: str, n: int, k: int, *, group_size: int = 128, device: torch.device | str = "cpu",
+def random_quant(fmt: str, n: int, k: int, *, group_size: int | None = None, device: torch.device | str = "cpu",
                  seed: int = 0) -> QuantTensor:
     """A random weight directly in ``fmt`` (benchmarks with real shapes; weights of magnitude ~0.02).
 
     GGUF blocks get random quant bits and small float16 block scales; nothing is quantized, so a 7B
-    model's worth is built in seconds."""
+    model's worth is built in seconds. ``group_size``: as ``quantize`` (None: the online choice)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     if fmt in CHANNEL_FORMATS or fmt in ("int4", "q4_k", "q5_k", "q6_k"):
         # NOTE: k-quants are quantized for real (in PyTorch, on the device): random 6-bit sub-block scales

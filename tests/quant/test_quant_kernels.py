@@ -16,6 +16,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = [
     ("fp8", 37, 200, 0),
     ("int8", 37, 200, 0),
+    ("int8", 37, 192, 64),  # per-group scales (the online default: group 128, else 64 / 32)
+    ("int8", 21, 384, 128),
+    ("fp8", 19, 96, 32),
     ("int4", 37, 192, 64),
     ("int4", 21, 384, 128),
     ("int4", 19, 96, 32),
