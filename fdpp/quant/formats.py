@@ -299,11 +299,9 @@ def online_group_size(fmt: str, k: int, requested: int | None = None) -> int:
 
     int4: ``requested`` (default 128), else the largest of 128 / 64 / 32 dividing K (ValueError if none).
     int8: the same, else 0 (per channel): per-group scales measured better (docs/QUANTIZATION.md).
-    fp8: 0 (per channel, with an MSE-searched scale) unless a group is requested; a requested group that
-    does not divide K falls back as for int8. Other formats: 0 (their blocks carry their scales)."""
-    if fmt not in ("int4", "int8", "fp8"):
-        return 0
-    if fmt == "fp8" and not requested:
+    fp8: always 0 (per channel, with an MSE-searched scale: it measured better than per-group scales;
+    ``quantize(w, "fp8", G)`` still makes per-group fp8). Other formats: 0 (their blocks carry their scales)."""
+    if fmt not in ("int4", "int8"):
         return 0
     req = ONLINE_GROUP_SIZE if requested is None or (fmt == "int4" and not requested) else int(requested)
     if req == 0 and fmt != "int4":

@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=q, show_progress=False,
                   calibration="off")
         qkv = getattr(llm.engine.model.model.layers[0].self_attn, "qkv_proj", None)
-        stored = getattr(getattr(getattr(qkv, "weight", None), "quant", None), "fmt", "dense")
+        qt = getattr(getattr(qkv, "weight", None), "quant", None)
+        stored = getattr(qt, "fmt", "dense")
+        if getattr(qt, "group_size", 0) and stored in ("fp8", "int8"):
+            stored = f"{stored} g{qt.group_size}"  # per-group scales (per channel otherwise)
         ppl, n = perplexity(llm)
         rows.append({"quantization": q, "stored_as": stored, "perplexity": ppl, "tokens": n,
                      "device": str(llm.engine.device), "dtype": str(llm.engine.dtype).removeprefix("torch.")})

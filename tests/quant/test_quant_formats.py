@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from fdpp.errors import UnsupportedModelError
-from fdpp.quant.formats import GGUF_BLOCKS, QuantParts, QuantTensor, dequantize, quantize, random_quant
+from fdpp.quant.formats import (
+    FP8_MAX,
+    GGUF_BLOCKS,
+    QuantParts,
+    QuantTensor,
+    dequantize,
+    online_group_size,
+    quantize,
+    random_quant,
+)
 from fdpp.quant.packing import (
     AWQ_ORDER,
     awq_to_quant,
@@ -41,22 +50,75 @@ def test_gguf_dequant_matches_gguf_package_bit_for_bit(fmt):
     np.testing.assert_array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("fmt,group", [("fp8", 0), ("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128),
-                                       ("q8_0", 0), ("q4_0", 0), ("q4_1", 0)])
+@pytest.mark.parametrize("fmt,group", [("fp8", 0), ("fp8", 32), ("int8", 0), ("int8", 64), ("int8", 128),
+                                       ("int4", 32), ("int4", 64), ("int4", 128), ("q8_0", 0), ("q4_0", 0),
+                                       ("q4_1", 0)])
 def test_quantize_error_is_within_the_format_step(fmt, group):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(7, 256, generator=g) * 0.05
     w[3] *= 20  # rows of very different scale: per-channel / per-group scales must follow
-    qt = quantize(w, fmt, group or 128)
+    qt = quantize(w, fmt, group)
+    assert qt.group_size == (group if fmt in ("fp8", "int8", "int4") else 0)
     err = (qt.dequantize() - w).abs()
     if fmt == "fp8":  # 3 mantissa bits: relative step 2^-3, rounding error half of it
         assert (err <= w.abs() * 2**-4 + 1e-6).all()
     else:
         span = {"int8": 127, "q8_0": 127, "int4": 7.5, "q4_0": 7.5, "q4_1": 7.5}[fmt]
-        block = {"int8": 256, "q8_0": 32, "int4": group, "q4_0": 32, "q4_1": 32}[fmt]
+        block = {"int8": group or 256, "q8_0": 32, "int4": group, "q4_0": 32, "q4_1": 32}[fmt]
         amax = w.abs().reshape(7, -1, block).amax(-1, keepdim=True)
         step = (amax / span).expand(-1, -1, block).reshape(7, 256)
         assert (err <= step * 1.01 + 1e-6).all(), f"max error / step {(err / step).max():.3f}"
+
+
+def test_online_group_size_falls_back_where_k_is_not_a_multiple():
+    """int8: group 128, else the largest of 64 / 32 dividing K, else per channel (0); fp8: per channel
+    (whatever group is asked for); int4: as int8 but never per channel."""
+    assert [online_group_size("int8", k) for k in (4096, 1536, 576, 96, 200)] == [128, 128, 64, 32, 0]
+    assert online_group_size("int8", 4096, 0) == 0 and online_group_size("int8", 4096, 64) == 64
+    assert online_group_size("fp8", 4096) == 0 and online_group_size("fp8", 512, 128) == 0
+    assert online_group_size("int4", 576) == 64 and online_group_size("q4_k", 4096) == 0
+    with pytest.raises(ValueError, match="K=200 is not a multiple of 32"):
+        online_group_size("int4", 200)
+    assert quantize(torch.randn(3, 576), "int8").group_size == 64  # quantize's default is the online choice
+    assert quantize(torch.randn(3, 200), "int8").scale.shape == (3,)
+
+
+def test_grouped_scales_round_trip_and_refuse_wrong_shapes():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 256, generator=g) * torch.logspace(-2, 1, 256)  # scales that vary along K
+    per_group, per_channel = quantize(w, "int8", 64), quantize(w, "int8", 0)
+    assert per_group.scale.shape == (6, 4) and per_group.scale.dtype == torch.float32
+    assert per_group.nbytes == 6 * 256 + 6 * 4 * 4
+    # per-group scales follow the magnitude along K: a smaller error than one scale per row
+    assert (per_group.dequantize() - w).square().sum() < 0.5 * (per_channel.dequantize() - w).square().sum()
+    # the stored values come back exactly: re-quantizing the dequantized weight is the identity
+    again = quantize(per_group.dequantize(), "int8", 64)
+    assert torch.equal(again.data, per_group.data)
+    torch.testing.assert_close(again.scale, per_group.scale, rtol=1e-6, atol=0)
+    both = QuantTensor.cat([per_group, quantize(w[:2] * 3, "int8", 64)])
+    torch.testing.assert_close(both.dequantize()[6:], quantize(w[:2] * 3, "int8", 64).dequantize())
+    torch.testing.assert_close(both.rows(torch.tensor([1])).dequantize(), per_group.dequantize()[1:2])
+    with pytest.raises(ValueError, match="cannot concatenate"):
+        QuantTensor.cat([per_group, per_channel])
+    with pytest.raises(ValueError, match=r"needs a scale of shape \[6, 4\]"):
+        QuantTensor("int8", (6, 256), per_group.data, per_channel.scale, group_size=64)
+    with pytest.raises(ValueError, match="K divisible by its group size"):
+        quantize(w[:, :192], "int8", 128)
+
+
+def test_fp8_scale_search_never_loses_to_absmax():
+    """The searched fp8 scale has at most the squared error of absmax / 448 on every row (absmax is one of
+    its candidates) and clearly less in total; it stays finite and within e4m3's range."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 384, generator=g) * 0.02
+    absmax_scale = w.abs().amax(1) / FP8_MAX
+    naive = (w / absmax_scale[:, None]).to(torch.float8_e4m3fn).float() * absmax_scale[:, None]
+    qt = quantize(w, "fp8", 0)
+    row_err = (qt.dequantize() - w).square().sum(1)
+    assert (row_err <= (naive - w).square().sum(1) * (1 + 1e-6)).all()
+    assert row_err.sum() < 0.95 * (naive - w).square().sum()
+    assert (qt.scale >= absmax_scale * (1 - 1e-6)).all() and (qt.scale < 2 * absmax_scale).all()
+    assert torch.isfinite(qt.data.float()).all()
 
 
 def _int4(n=48, k=128, group=32, seed=0) -> QuantTensor:
