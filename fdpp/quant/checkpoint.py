@@ -1,8 +1,9 @@
 """Quantized Hugging Face checkpoints as a stream of ``(name, tensor | QuantTensor)``.
 
 AWQ / GPTQ store a quantized linear as several tensors (``<module>.qweight``, ``.qzeros``, ``.scales``,
-``.g_idx``) and FP8 checkpoints as ``<module>.weight`` (float8) + ``.weight_scale`` (+ ``.input_scale``,
-unused: activations are scaled per token at run time). ``group_quantized`` collects a module's parts
+``.g_idx``) and FP8 / INT8 (compressed-tensors) checkpoints as ``<module>.weight`` (float8 / int8) +
+``.weight_scale`` (+ ``.input_scale``, unused: activations are scaled per token at run time; + an all-zero
+``.weight_zero_point`` of symmetric INT8, dropped). ``group_quantized`` collects a module's parts
 (checkpoints store them next to each other, so few are pending at a time) and yields one
 ``<module>.weight`` ``QuantTensor`` in fdpp's layout, or its dequantized float tensor when the plan does not
 keep quantized weights. Everything else passes through, converted to the compute dtype.
@@ -54,8 +55,13 @@ def group_quantized(tensors: Iterable[tuple[str, torch.Tensor]], plan: QuantPlan
             raise UnsupportedModelError(f"tensor {name!r}: block-wise FP8 scales are not supported by fdpp")
         if method == "fp8-checkpoint" and part == "input_scale":
             continue  # static activation scales: fdpp quantizes activations per token at run time
+        if method == "fp8-checkpoint" and part == "weight_zero_point":
+            if t.bool().any():
+                raise UnsupportedModelError(f"tensor {name!r}: asymmetric (non-zero zero point) 8-bit weights are "
+                                            "not supported; fdpp reads symmetric INT8 compressed-tensors weights")
+            continue
         is_part = part in parts_of and (method != "fp8-checkpoint" or part == "weight_scale"
-                                        or t.dtype == torch.float8_e4m3fn or prefix in pending)
+                                        or t.dtype in (torch.float8_e4m3fn, torch.int8) or prefix in pending)
         if not is_part:
             yield name, (t.to(dtype) if t.is_floating_point() else t).contiguous()
             continue

@@ -3,12 +3,13 @@
 ``quantization`` (``LLM(..., quantization=...)``, ``--quantization``, vLLM's name):
 
 * ``None`` / ``"auto"``: keep the checkpoint's own format on every device: GGUF blocks, AWQ / GPTQ int4,
-  FP8 (compressed-tensors / fp8) checkpoints stay quantized; fp16/bf16 checkpoints stay dense. The CPU
+  FP8 / INT8 (compressed-tensors / fp8) checkpoints stay quantized; fp16/bf16 checkpoints stay dense. The CPU
   reference path dequantizes each weight at each matmul (memory stays at the packed size, ~0.6 bytes a
   weight for 4-bit blocks instead of 4 for float32; the price is one dequantization of every weight per
   step: see docs/QUANTIZATION.md). Nothing is dequantized at load unless ``"none"`` asks for it.
 * ``"fp8"`` | ``"int8"`` | ``"int4"`` | ``"q4_k"``: quantize the linear layers at load (online): FP8 e4m3 and
-  INT8 with per-output-channel scales, INT4 with per-group (128, else the largest of 64/32 dividing K)
+  INT8 with per-group float32 scales (128, else the largest of 64/32 dividing K, else per channel), FP8
+  with per-output-channel scales (MSE-searched), INT4 with per-group (128, else the largest of 64/32 dividing K)
   scales and zero points, Q4_K in llama.cpp's k-quant blocks. A quantized checkpoint is dequantized
   first, then re-quantized (you asked for it).
 * ``"gguf"`` | ``"awq"`` | ``"gptq"`` | ``"compressed-tensors"`` | ``"fp8-checkpoint"``: the checkpoint's
@@ -44,7 +45,7 @@ class QuantPlan:
     checkpoint: the checkpoint's own quantization (None, gguf, awq, gptq, fp8-checkpoint).
     online: the format float linear weights are quantized into at load, or None.
     keep: quantized checkpoint tensors are kept as they are (else dequantized at load).
-    group_size: int4 group size for online quantization.
+    group_size: int4 / int8 group size for online quantization (fp8 stays per channel).
     gptq_zero_offset: 1 for GPTQ v1 checkpoints (zeros stored minus one), 0 for gptq_v2.
     """
 
@@ -92,13 +93,21 @@ def checkpoint_quantization(hf_config: dict[str, Any], source_kind: str) -> tupl
                 f"FP8 checkpoint with block-wise weight scales (weight_block_size={qc['weight_block_size']}): fdpp "
                 "reads per-tensor and per-channel FP8 scales only")
         if method == "compressed-tensors":
+            fmt = qc.get("format")
+            if fmt not in (None, "float-quantized", "int-quantized"):
+                raise UnsupportedModelError(
+                    f"compressed-tensors checkpoint in format {fmt!r}: fdpp reads 'float-quantized' (FP8) and "
+                    "'int-quantized' (INT8) weights only")
             for name, group in (qc.get("config_groups") or {}).items():
                 w = group.get("weights") or {}
-                if w.get("type") != "float" or int(w.get("num_bits", 0)) != 8 or \
-                        w.get("strategy", "tensor") not in ("tensor", "channel"):
+                strategies = ("tensor", "channel", "group")
+                if w.get("type") not in ("float", "int") or int(w.get("num_bits", 0)) != 8 or \
+                        w.get("strategy", "tensor") not in strategies or \
+                        (w.get("type") == "int" and not w.get("symmetric", True)):
                     raise UnsupportedModelError(
                         f"compressed-tensors checkpoint group {name!r} quantizes weights as {w}: fdpp reads FP8 "
-                        "(8-bit float, per-tensor or per-channel) compressed-tensors checkpoints only")
+                        "and symmetric INT8 (8-bit, per-tensor, per-channel or per-group) compressed-tensors "
+                        "checkpoints only")
         return "fp8-checkpoint", qc
     raise UnsupportedModelError(
         f"the checkpoint is quantized with {method or 'an unnamed method'!r} (config.json quantization_config), "

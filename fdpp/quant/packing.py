@@ -8,10 +8,11 @@
   stores zero - 1 (format ``gptq_v2`` stores the zero itself); ``scales`` float16 [K/G, N]; ``g_idx``
   int32 [K] the group of each input row. Act-order checkpoints (``desc_act``, a g_idx that is not
   ``k // G``) are refused.
-* compressed-tensors FP8 (``float-quantized``): ``weight`` float8_e4m3fn [N, K] and ``weight_scale``
-  float32 of shape [] / [1] (per tensor) or [N] / [N, 1] (per channel).
+* compressed-tensors FP8 (``float-quantized``) and INT8 (``int-quantized``, symmetric): ``weight``
+  float8_e4m3fn / int8 [N, K] and ``weight_scale`` of shape [] / [1] (per tensor), [N] / [N, 1] (per
+  channel) or [N, K/G] (strategy ``group``, G a power of two in 32..256).
 
-All of them become fdpp's int4 / fp8 layouts (``fdpp.quant.formats``): packed along K, one row per
+All of them become fdpp's int4 / fp8 / int8 layouts (``fdpp.quant.formats``): packed along K, one row per
 output channel, so shards of a merged projection concatenate row-wise.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fdpp.errors import UnsupportedModelError
-from fdpp.quant.formats import QuantTensor
+from fdpp.quant.formats import SCALED_GROUP_SIZES, QuantTensor
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8
 
@@ -117,15 +118,24 @@ def _int4_kn(qt: QuantTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def fp8_to_quant(weight: torch.Tensor, weight_scale: torch.Tensor, name: str = "") -> QuantTensor:
-    """A compressed-tensors / vLLM FP8 weight [N, K] with a per-tensor or per-channel scale -> fp8 QuantTensor."""
-    if weight.dtype != torch.float8_e4m3fn:
-        raise UnsupportedModelError(f"FP8 tensor {name}: dtype {weight.dtype} is not float8_e4m3fn; fdpp reads "
-                                    "e4m3 FP8 checkpoints only")
+    """A compressed-tensors / vLLM FP8 or INT8 weight [N, K] with a per-tensor, per-channel or per-group
+    scale -> fp8 / int8 QuantTensor (float32 scales)."""
+    fmt = {torch.float8_e4m3fn: "fp8", torch.int8: "int8"}.get(weight.dtype)
+    if fmt is None:
+        raise UnsupportedModelError(f"quantized tensor {name}: dtype {weight.dtype} is neither float8_e4m3fn nor "
+                                    "int8; fdpp reads e4m3 FP8 and INT8 compressed-tensors checkpoints only")
     n, k = weight.shape
-    s = weight_scale.float().reshape(-1)
+    s = weight_scale.float()
+    group = 0
     if s.numel() == 1:
-        s = s.expand(n)
-    elif s.numel() != n:
-        raise UnsupportedModelError(f"FP8 tensor {name}: weight_scale has {s.numel()} values; fdpp supports "
-                                    f"per-tensor (1) or per-channel ({n}) scales, not block-wise ones")
-    return QuantTensor("fp8", (n, k), weight.contiguous(), s.contiguous())
+        s = s.reshape(1).expand(n)
+    elif s.numel() == n:
+        s = s.reshape(n)
+    elif s.dim() == 2 and s.shape[0] == n and k % s.shape[1] == 0 and k // s.shape[1] in SCALED_GROUP_SIZES:
+        group = k // s.shape[1]
+    else:
+        raise UnsupportedModelError(
+            f"{fmt} tensor {name}: weight_scale of shape {list(weight_scale.shape)} for a weight [{n}, {k}]; fdpp "
+            f"supports per-tensor (1), per-channel ({n}) or per-group ([{n}, K/G], G in {SCALED_GROUP_SIZES}) "
+            "scales, not block-wise ones")
+    return QuantTensor(fmt, (n, k), weight.contiguous(), s.contiguous(), group_size=group)

@@ -98,6 +98,12 @@ def _quantized_folder(path, hf, method: str, tmp_path, **qc) -> tuple[str, objec
                     parts["g_idx"] = parts["g_idx"].flip(0)
             tensors.update({f"{prefix}.{k}": v for k, v in parts.items()})
             deq[name] = qt.dequantize()
+        elif method == "int8":  # compressed-tensors INT8, strategy group (32), symmetric: zero points of 0
+            qt = quantize(w, "int8", 32)
+            tensors[f"{prefix}.weight"] = qt.data
+            tensors[f"{prefix}.weight_scale"] = qt.scale
+            tensors[f"{prefix}.weight_zero_point"] = torch.zeros(qt.scale.shape, dtype=torch.int8)
+            deq[name] = qt.dequantize()
         else:  # FP8: per-channel scales, except a per-tensor one on the down projections
             qt = quantize(w, "fp8")
             scale = qt.scale.max().reshape(()) if "down_proj" in name else qt.scale[:, None]
@@ -113,6 +119,10 @@ def _quantized_folder(path, hf, method: str, tmp_path, **qc) -> tuple[str, objec
         "fp8": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
             "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}},
             "ignore": ["lm_head"]},
+        "int8": {"quant_method": "compressed-tensors", "format": "int-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True,
+                                                           "strategy": "group", "group_size": 32}}},
+            "ignore": ["lm_head"]},
     }[method] | qc
     out = str(tmp_path / method)
     save_safetensors_checkpoint(out, tensors, config)
@@ -122,14 +132,15 @@ def _quantized_folder(path, hf, method: str, tmp_path, **qc) -> tuple[str, objec
     return out, _twin(hf, deq)
 
 
-@pytest.mark.parametrize("method,fmt", [("awq", "int4"), ("gptq", "int4"), ("fp8", "fp8")])
+@pytest.mark.parametrize("method,fmt", [("awq", "int4"), ("gptq", "int4"), ("fp8", "fp8"), ("int8", "int8")])
 def test_quantized_checkpoints_load_kept_quantized_and_match_their_twin(tiny, tmp_path, method, fmt):
     path, hf = tiny
     folder, twin = _quantized_folder(path, hf, method, tmp_path)
-    name = {"awq": "awq", "gptq": "gptq", "fp8": "compressed-tensors"}[method]
+    name = {"awq": "awq", "gptq": "gptq", "fp8": "compressed-tensors", "int8": "compressed-tensors"}[method]
     llm = load_llm(folder, quantization=name)
     gate_up = llm.engine.model.model.layers[1].mlp.gate_up_proj.weight
     assert gate_up.quant.fmt == fmt and gate_up.quant.shape == (192, 64)  # gate and up shards joined
+    assert gate_up.quant.group_size == (32 if method == "int8" else gate_up.quant.group_size)
     prompts = [random_prompt(9, 128, seed=3)]
     check_against_hf(llm, twin, prompts, n_greedy=3)
     check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1)
@@ -157,6 +168,13 @@ def test_unsupported_quantized_checkpoints_fail_at_load(tiny, tmp_path):
         load_llm(folder)
     with pytest.raises(UnsupportedModelError, match="quantization='awq' was requested but the checkpoint is not"):
         load_llm(path, quantization="awq")
+    folder, _ = _quantized_folder(path, hf, "int8", tmp_path)
+    cfg_path = os.path.join(folder, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(UnsupportedModelError, match="symmetric INT8"):
+        load_llm(folder)
 
 
 # ---- GGUF --------------------------------------------------------------------------------------------
