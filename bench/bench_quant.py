@@ -9,7 +9,8 @@ Method (shared/ANCHORS.md):
   through >= 400 MB (more than L2), CUDA-graph replay, median (``fdpp.dataflow.tuner.GraphTimer``). The
   bandwidth is the *packed* bytes streamed (data + scales + zero points + x + y) / time, against a 2 GB
   device-to-device copy (bytes read + written) measured in the same run. Each format's kernel is first
-  checked against a float64 dequantize-then-matmul reference.
+  checked against a float64 dequantize-then-matmul reference. int8 is the online default (per group of
+  128 along K); ``--int8-per-channel`` adds rows ``int8_ch`` (one scale per row) to compare (no target).
 * End to end: Llama-2-7B shapes with random weights (the preset), fp16 activations, quantized online
   at load; one request of 1024 random prompt tokens, greedy, ``ignore_eos``; decode tok/s =
   (N - 1) / (time of N new tokens - time of 1 new token), each the median of repeats; CUDA graphs on.
@@ -60,14 +61,14 @@ def log(*a) -> None:
 # ---- GEMV ---------------------------------------------------------------------------------------------
 
 
-def check_kernels(fmt: str) -> float:
+def check_kernels(fmt: str, group: int | None = None) -> float:
     """Max relative error of the GEMV and flat GEMM on one odd-ish shape vs float64; raises if off."""
     from fdpp.kernels.quant_flat_gemm import quant_flat_gemm
     from fdpp.kernels.quant_gemv import quant_gemv
     from fdpp.quant.formats import dequantize, random_quant
 
     n, k = 1000, 4096
-    w = random_quant(fmt, n, k, device="cuda", seed=3)
+    w = random_quant(fmt, n, k, device="cuda", seed=3, group_size=group)
     wd = dequantize(w).double()
     worst = 0.0
     for m, fn in ((1, quant_gemv), (16, quant_flat_gemm)):
@@ -81,16 +82,19 @@ def check_kernels(fmt: str) -> float:
     return worst
 
 
-def gemv_sweep(quick: bool, copy_tbps: float) -> list[dict]:
-    """Per format and shape: the best GEMV config's time and bandwidth on packed bytes at M = 1."""
+def gemv_sweep(quick: bool, copy_tbps: float, int8_per_channel: bool = False) -> list[dict]:
+    """Per format and shape: the best GEMV config's time and bandwidth on packed bytes at M = 1. Rows are
+    labelled by format (its online default scales) or ``int8_ch`` (int8 with one scale per row)."""
     from fdpp.dataflow.tuner import GraphTimer, quant_candidate_configs
     from fdpp.kernels.device import num_sms
 
     sms = num_sms(torch.device("cuda"))
     rows = []
-    for fmt in GEMV_FORMATS:
-        err = check_kernels(fmt)
-        timer = GraphTimer("cuda", weight_format=fmt, replays=7 if quick else 11)
+    variants = [(f, f, None) for f in GEMV_FORMATS] + ([("int8_ch", "int8", 0)] if int8_per_channel else [])
+    for label, fmt, group in variants:
+        err = check_kernels(fmt, group)
+        timer = GraphTimer("cuda", weight_format=fmt, replays=7 if quick else 11,
+                           group_size=128 if group is None else group)
         for name, (n, k) in SHAPES.items():
             cfgs = [None] + quant_candidate_configs("gemv", n, k, 1, fmt, num_sms=sms, quick=quick)
             best = (math.inf, None)
@@ -102,11 +106,11 @@ def gemv_sweep(quick: bool, copy_tbps: float) -> list[dict]:
             nbytes = w.nbytes + 2 * (k + n)  # packed weight + x + y (fp16)
             tbps = nbytes / (best[0] * 1e-6) / 1e12
             cublas_us = timer("cublas", None, n, k, 1, torch.float16) if name == "o" else None
-            rows.append({"format": fmt, "shape": name, "n": n, "k": k, "packed_mb": round(w.nbytes / 1e6, 2),
+            rows.append({"format": label, "weight_format": fmt, "group_size": w.group_size, "shape": name, "n": n, "k": k, "packed_mb": round(w.nbytes / 1e6, 2),
                          "us": round(best[0], 2), "tbps": round(tbps, 3), "frac_of_copy": round(tbps / copy_tbps, 3),
                          "config": best[1], "check_rel_err": err,
                          "dequant_plus_cublas_us": None if cublas_us is None else round(cublas_us, 2)})
-            log(f"  gemv {fmt:5s} {name:8s} {w.nbytes / 1e6:7.1f} MB  {best[0]:7.2f} us  {tbps:5.2f} TB/s "
+            log(f"  gemv {label:7s} {name:8s} {w.nbytes / 1e6:7.1f} MB  {best[0]:7.2f} us  {tbps:5.2f} TB/s "
                 f"({100 * tbps / copy_tbps:5.1f}% of copy)  {best[1]}")
         del timer
         gc.collect()
@@ -207,7 +211,7 @@ def render_markdown(result: dict) -> str:
     lines += ["", "## GEMV at M = 1 (packed bytes / time)", "",
               "| format | " + " | ".join(f"{s} MB / us / % copy" for s in SHAPES) + " |",
               "|---|" + "---|" * len(SHAPES)]
-    for fmt in GEMV_FORMATS:
+    for fmt in gemv_labels(result):
         cells = []
         for s in SHAPES:
             r = next((r for r in result["gemv"] if r["format"] == fmt and r["shape"] == s), None)
@@ -226,6 +230,12 @@ def render_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gemv_labels(result: dict) -> list[str]:
+    """The GEMV row labels of a result: the formats, then variants such as ``int8_ch``."""
+    extra = [r["format"] for r in result["gemv"] if r["format"] not in GEMV_FORMATS]
+    return list(dict.fromkeys([*GEMV_FORMATS, *extra]))
+
+
 def plot(result: dict, path: Path) -> None:
     try:
         import matplotlib
@@ -235,14 +245,15 @@ def plot(result: dict, path: Path) -> None:
     except ImportError:
         log("matplotlib is not installed: no plot")
         return
+    labels = gemv_labels(result)
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.5))
     width = 0.8 / len(SHAPES)
     for i, s in enumerate(SHAPES):
         vals = [next((r["frac_of_copy"] for r in result["gemv"] if r["format"] == f and r["shape"] == s), 0)
-                for f in GEMV_FORMATS]
-        a.bar([j + i * width for j in range(len(GEMV_FORMATS))], vals, width, label=s)
+                for f in labels]
+        a.bar([j + i * width for j in range(len(labels))], vals, width, label=s)
     a.axhline(GEMV_GOAL, color="k", ls="--", lw=1)
-    a.set_xticks([j + 0.4 - width / 2 for j in range(len(GEMV_FORMATS))], GEMV_FORMATS)
+    a.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
     a.set_ylabel("fraction of copy bandwidth (packed bytes)")
     a.set_title("quantized GEMV, M = 1")
     a.legend(fontsize=8)
@@ -262,6 +273,8 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer configs and tokens (< 4 min on an H200)")
     p.add_argument("--skip-gemv", action="store_true")
     p.add_argument("--skip-e2e", action="store_true")
+    p.add_argument("--int8-per-channel", action="store_true",
+                   help="also time int8 with one scale per row (rows int8_ch) next to the per-group default")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("bench_quant: needs a CUDA GPU", file=sys.stderr)
@@ -279,7 +292,7 @@ def main() -> int:
     result["copy_tbps"] = copy_bandwidth()
     log(f"bench_quant on {result['gpu']}: copy {result['copy_tbps']:.2f} TB/s")
     if not args.skip_gemv:
-        result["gemv"] = gemv_sweep(args.quick, result["copy_tbps"])
+        result["gemv"] = gemv_sweep(args.quick, result["copy_tbps"], args.int8_per_channel)
     if not args.skip_e2e:
         for q in E2E:
             try:
