@@ -49,8 +49,6 @@ def _twin(hf_model, weights: dict[str, torch.Tensor]):
     return twin
 
 
-def _group(k: int) -> int:
-    return next(g for g in (128, 64, 32) if k % g == 0)  # what online int4 picks for K
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "q4_k"])
@@ -65,7 +63,10 @@ def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
     stored = online_format(fmt, qkv.quant.shape[1])
     assert isinstance(qkv.quant, QuantTensor) and qkv.quant.fmt == stored and qkv.numel() == 0
     assert getattr(model.lm_head.weight, "quant", None) is None  # the LM head stays dense
-    deq = {n: quantize(w, online_format(fmt, w.shape[1]), _group(w.shape[1])).dequantize()
+    # the twin: each weight quantized independently with the scale groups online quantization picks
+    # (int8 / int4: 64 for K = 64, 32 for K = 96; fp8: per channel)
+    assert qkv.quant.group_size == {"fp8": 0, "int8": 64, "int4": 64, "q4_k": 0}[fmt]
+    deq = {n: quantize(w, online_format(fmt, w.shape[1])).dequantize()
            for n, w in hf.state_dict().items() if _is_linear(n)}
     twin = _twin(hf, deq)
     prompts = [random_prompt(9, 128, seed=s) for s in (1, 2)]
