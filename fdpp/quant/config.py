@@ -7,9 +7,9 @@
   reference path dequantizes each weight at each matmul (memory stays at the packed size, ~0.6 bytes a
   weight for 4-bit blocks instead of 4 for float32; the price is one dequantization of every weight per
   step: see docs/QUANTIZATION.md). Nothing is dequantized at load unless ``"none"`` asks for it.
-* ``"fp8"`` | ``"int8"`` | ``"int4"`` | ``"q4_k"``: quantize the linear layers at load (online): FP8 e4m3 and
+* ``"fp8"`` | ``"int8"`` | ``"int4"`` | ``"q4_k"``: quantize the linear layers at load (online):
   INT8 with per-group float32 scales (128, else the largest of 64/32 dividing K, else per channel), FP8
-  with per-output-channel scales (MSE-searched), INT4 with per-group (128, else the largest of 64/32 dividing K)
+  e4m3 with per-output-channel scales (MSE-searched), INT4 with per-group (128, else the largest of 64/32 dividing K)
   scales and zero points, Q4_K in llama.cpp's k-quant blocks. A quantized checkpoint is dequantized
   first, then re-quantized (you asked for it).
 * ``"gguf"`` | ``"awq"`` | ``"gptq"`` | ``"compressed-tensors"`` | ``"fp8-checkpoint"``: the checkpoint's
