@@ -2,7 +2,8 @@
 
     python bench/e2e.py --check --models llama-2-7b --batch-sizes 1 --input-lens 128 --peers --out $OUT
 
-Writes e2e_<gpu>_<date>.json (+ .md) into --out. Every number comes from this run on this GPU.
+Writes e2e_<gpu>_<date>.json (+ .md) into --out. Every number comes from this run on this GPU. Per-step
+figures only; the wall-clock view through LLM.generate is bench/e2e_latency.py.
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def bench_fdpp(out: dict, models: list[str], batch_sizes: list[int], input_lens:
                     from fdpp.ops.attention import fallback_stats, reset_fallback_stats
 
                     reset_fallback_stats()
-                    r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw).as_dict()
+                    r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw, wall_clock=False).as_dict()
                     r["eager"] = eager
                     r["attention_fallback"] = fallback_stats()
                     rows.append(r)

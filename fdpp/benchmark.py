@@ -71,14 +71,64 @@ class LatencyResult:
     copy_bw_gbs: float | None
     pct_of_copy_bw: float | None
     cuda_graphs: bool
+    # Wall clock through LLM.generate (what a user sees): TTFT = wall(1 token); decode tok/s =
+    # B x (N - 1) / (wall(N) - wall(1)), medians after a warm-up. host_overhead_ms: wall-clock step minus
+    # the per-step median above (the time the device waits for Python between steps, roughly).
+    wall_ttft_ms: float | None = None
+    wall_step_ms: float | None = None
+    wall_decode_tokens_per_s: float | None = None
+    host_overhead_ms: float | None = None
+    async_scheduling: bool | None = None
+    fuse_norm: bool | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+def wall_clock_decode(llm: Any, batch_size: int, input_len: int, output_len: int, repeats: int = 3,
+                      seed: int = 0) -> dict[str, float]:
+    """Time ``LLM.generate`` end to end for ``output_len`` tokens and for 1 token (same prompts, prefix
+    cache reset before each run, CUDA synchronized): returns wall_ttft_ms (median wall(1)),
+    wall_step_ms and wall_decode_tokens_per_s (B x (N - 1) / (wall(N) - wall(1)), medians), after one
+    warm-up of each."""
+    if output_len < 2:
+        raise ValueError(f"wall_clock_decode: output_len must be >= 2 (decode = wall(N) - wall(1)), got {output_len}")
+    eng = llm.engine
+    vocab = eng.model_config.vocab_size
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(batch_size)]
+    sync = torch.cuda.synchronize if eng.device.type == "cuda" else (lambda: None)
+
+    def wall(n: int) -> float:
+        eng.reset_prefix_cache()
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        sync()
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        dt = time.perf_counter() - t0
+        got = [len(o.outputs[0].token_ids) for o in outs]
+        if got != [n] * batch_size:
+            raise RuntimeError(f"wall_clock_decode: expected {n} tokens per prompt, got {got}")
+        return dt
+
+    wall(output_len)
+    wall(1)
+    t_n = sorted(wall(output_len) for _ in range(repeats))[repeats // 2]
+    t_1 = sorted(wall(1) for _ in range(repeats))[repeats // 2]
+    step = (t_n - t_1) / (output_len - 1)
+    return {
+        "wall_ttft_ms": t_1 * 1e3,
+        "wall_step_ms": step * 1e3,
+        "wall_decode_tokens_per_s": batch_size / step if step > 0 else float("nan"),
+    }
+
+
 def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, output_len: int,
-                warmup: bool = True, copy_bw: float | None = None) -> LatencyResult:
-    """Prefill ``batch_size`` random prompts of ``input_len`` tokens, then decode ``output_len`` tokens."""
+                warmup: bool = True, copy_bw: float | None = None, wall_clock: bool = True,
+                repeats: int = 3) -> LatencyResult:
+    """Prefill ``batch_size`` random prompts of ``input_len`` tokens, then decode ``output_len`` tokens,
+    timing each engine step; with ``wall_clock`` also the user's view (``wall_clock_decode``)."""
     eng = llm.engine
     vocab = eng.model_config.vocab_size
     rng = random.Random(0)
@@ -113,6 +163,9 @@ def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, outp
     per_tok = eng.stats()["kv_bytes_per_token"]
     kv = batch_size * per_tok * (input_len + output_len / 2)
     achieved = (wbytes + kv) / step if steps else None
+    wall = wall_clock_decode(llm, batch_size, input_len, output_len, repeats) if wall_clock and output_len > 1 else {}
+    if wall and steps:
+        wall["host_overhead_ms"] = wall["wall_step_ms"] - step * 1e3
     return LatencyResult(
         model=model_name,
         device=device_name(eng.device),
@@ -130,6 +183,9 @@ def run_latency(llm: Any, model_name: str, batch_size: int, input_len: int, outp
         copy_bw_gbs=copy_bw / 1e9 if copy_bw else None,
         pct_of_copy_bw=100 * achieved / copy_bw if achieved and copy_bw else None,
         cuda_graphs=bool(eng.runner.graphs),
+        async_scheduling=bool(getattr(eng, "async_scheduling", False)),
+        fuse_norm=bool(getattr(eng, "fuse_norm", False)),
+        **wall,
     )
 
 

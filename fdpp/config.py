@@ -169,6 +169,17 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
     enforce_eager: bool = False  # disable CUDA graphs
+    # Overlap the host with the device (vLLM v1's async scheduling): step t+1 is scheduled and
+    # launched while step t runs, its input ids taken from step t's sampled ids on the device, and
+    # step t's tokens are read one step late. None: on for CUDA, off on the CPU (nothing to overlap).
+    # Requests with a grammar or penalties run in synchronous steps (they need the previous token).
+    async_scheduling: bool | None = None
+    # RMSNorm (+ residual add) fused into the prologue of the qkv and gate_up GEMV / flat GEMM
+    # (one launch fewer per norm). None: on for Triton linear kernels unless FDPP_FUSED_NORM=0.
+    fuse_norm: bool | None = None
+    # Ranks one model is sharded over (vLLM's name; fdpp.distributed): on one node fdpp spawns them, under
+    # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
+    tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
     linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON

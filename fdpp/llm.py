@@ -29,8 +29,9 @@ class LLM:
         Other keyword arguments are EngineConfig fields (max_num_seqs, max_model_len, enforce_eager,
         attention_backend, linear_backend, calibration, seed, quantization, ...); ``block_size``, ``num_blocks``,
         ``kv_cache_memory`` (bytes) and ``gpu_memory_utilization`` configure the KV cache.
-        ``quantization``: None (the checkpoint's own format: GGUF blocks, AWQ, GPTQ, FP8), "fp8" | "int8" |
-            "int4" (quantize the linear layers at load), "none" (dequantize), ... (fdpp.quant.config).
+        ``quantization``: None (the checkpoint's own format, kept quantized on every device: GGUF blocks,
+            AWQ, GPTQ, FP8), "fp8" | "int8" | "int4" | "q4_k" (quantize the linear layers at load), "none"
+            (dequantize at load), ... (fdpp.quant.config, docs/QUANTIZATION.md).
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", device: str = "auto", **kwargs: Any):

@@ -160,6 +160,9 @@ def test_bench_latency_and_throughput_print_tables_on_cpu(capsys, tiny_preset, t
     assert "GB/s" in header
     gbs = row.split()[5]
     assert gbs != "-" and float(gbs) > 0  # a CPU's fraction of a GB/s is not rounded to 0
+    assert "wall tok/s" in header and "host ms" in header
+    wall_ttft, wall_ms, wall_tok_s, host_ms = (float(v) for v in row.split()[7:11])
+    assert wall_ttft > 0 and wall_ms > 0 and wall_tok_s > 0 and abs(wall_ms - host_ms - float(row.split()[3])) < 1e-2
     out_json = tmp_path / "thr.json"
     rc = main(["bench", "throughput", "--model", tiny_preset, "--num-prompts", "3", "--input-len", "4", "8",
                "--output-len", "2", "4", "-q", "--device", "cpu", "--json", str(out_json)])

@@ -42,3 +42,60 @@ def test_gpu_engine_matches_transformers(tmp_path, dtype, eager):
         _greedy_is_argmax_up_to_rounding(hf, pr, out.outputs[0].token_ids, 0.05 if dtype == "float16" else 0.2)
     eng.check_integrity()
     llm.close()
+
+
+@pytest.mark.parametrize("eager", [True, False])
+def test_async_scheduling_gives_the_sync_tokens_on_cuda(tmp_path, eager):
+    """Overlapped steps (input ids from the device, tokens read one step late, double-buffered graph
+    staging) give exactly the tokens of synchronous steps, stops and n > 1 included."""
+    write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    llm = LLM(str(tmp_path), dtype="float16", device="cuda", show_progress=False, enforce_eager=eager,
+              max_num_seqs=8, gpu_memory_utilization=0.3, async_scheduling=True)
+    eng = llm.engine
+    assert eng.async_scheduling  # the CUDA default
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 77, 200, 31)]
+    params = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=17, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0.9, top_k=50, seed=4, n=3, max_tokens=25, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=1)]
+
+    def run(flag, ps=params, prs=prompts):
+        eng.async_scheduling = flag
+        outs = llm.generate(prs, ps, use_tqdm=False)
+        eng.check_integrity()
+        assert eng.block_manager.num_used_blocks == 0
+        return [[(c.token_ids, c.finish_reason, c.logprobs) for c in o.outputs] for o in outs]
+
+    sync = run(False)
+    assert run(True) == sync
+    stop = sync[0][0][0][9]
+    one = [SamplingParams(temperature=0, max_tokens=40, stop_token_ids=[stop], ignore_eos=True)]
+    stopped_sync, stopped_async = run(False, one, prompts[:1]), run(True, one, prompts[:1])
+    assert stopped_async == stopped_sync
+    tokens, reason, _ = stopped_async[0][0]
+    assert reason == "stop" and tokens[-1] == stop and stop not in tokens[:-1]
+    llm.close()
+
+
+def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
+    """The decoder with RMSNorm in the qkv / gate_up prologue (and residual adds in the o / down
+    epilogues) gives the separate-norm logits within fp16 rounding, eager and in CUDA graphs."""
+    hf = write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    hf = hf.to("cuda", torch.float32)
+    prompt = torch.randint(3, 512, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    logits = {}
+    for fuse in (False, True):
+        llm = LLM(str(tmp_path), dtype="float16", device="cuda", show_progress=False, max_num_seqs=8,
+                  gpu_memory_utilization=0.3, fuse_norm=fuse)
+        assert llm.engine.fuse_norm == fuse
+        logits[fuse] = llm.engine.prompt_logits(prompt).double()
+        prompts = [prompt, prompt[:9]]
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+        for pr, out in zip(prompts, outs):  # decode through the captured graphs
+            _greedy_is_argmax_up_to_rounding(hf, pr, out.outputs[0].token_ids, 0.05)
+        llm.close()
+    err = ((logits[True] - logits[False]).norm() / logits[False].norm()).item()
+    assert err < 5e-3, err

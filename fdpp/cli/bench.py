@@ -22,6 +22,11 @@ def add_parser(sub) -> None:
     lat.add_argument("--input-len", type=int, nargs="+", default=[128], help="prompt length(s) in tokens")
     lat.add_argument("--output-len", type=int, default=128, help="tokens to generate")
     lat.add_argument("--json", default=None, metavar="FILE", help="also write the results to this JSON file")
+    lat.add_argument("--wall-clock", action=argparse.BooleanOptionalAction, default=True,
+                     help="also time LLM.generate end to end: TTFT = wall(1 token), decode tok/s = "
+                     "B x (N-1) / (wall(N) - wall(1)), medians of --repeats runs after a warm-up, and the "
+                     "host overhead per step (wall-clock step - per-step median)")
+    lat.add_argument("--repeats", type=int, default=3, help="wall-clock runs per figure (median)")
     add_model_args(lat)
     lat.set_defaults(func=run_latency)
     thr = bsub.add_parser("throughput", help="many requests with random lengths: output tokens/s",
@@ -60,15 +65,30 @@ def run_latency(args: argparse.Namespace) -> int:
     llm = _llm(args, max(args.input_len) + args.output_len + 8)
     bw = copy_bandwidth(llm.engine.device)
     results = []
-    print(f"{'batch':>5} {'input':>6} {'TTFT ms':>9} {'step ms':>8} {'tok/s':>9} {'GB/s':>8} {'% copy':>7}")
+    eng = llm.engine
+    print(f"async scheduling: {'on' if eng.async_scheduling else 'off'}, "
+          f"fused norm: {'on' if eng.fuse_norm else 'off'}")
+    if args.wall_clock:
+        print("wall: LLM.generate end to end (TTFT = wall(1); tok/s = B x (N-1) / (wall(N) - wall(1)));"
+              " host ms = wall step - per-step median")
+    wall_head = f" {'wall TTFT':>9} {'wall ms':>8} {'wall tok/s':>10} {'host ms':>8}" if args.wall_clock else ""
+    print(f"{'batch':>5} {'input':>6} {'TTFT ms':>9} {'step ms':>8} {'tok/s':>9} {'GB/s':>8} {'% copy':>7}"
+          + wall_head)
     for bs in args.batch_size:
         for n_in in args.input_len:
-            r = bench(llm, args.model or "smollm2-135m", bs, n_in, args.output_len, copy_bw=bw)
+            r = bench(llm, args.model or "smollm2-135m", bs, n_in, args.output_len, copy_bw=bw,
+                      wall_clock=args.wall_clock, repeats=args.repeats)
             results.append(r.as_dict())
             pct = f"{r.pct_of_copy_bw:.1f}" if r.pct_of_copy_bw else "-"  # no copy bandwidth off CUDA
             gbs = _fmt_gbs(r.achieved_bw_gbs)
+            wall = ""
+            if r.wall_step_ms is not None:
+                host = f"{r.host_overhead_ms:.3f}" if r.host_overhead_ms is not None else "-"
+                wall = (f" {r.wall_ttft_ms:>9.2f} {r.wall_step_ms:>8.3f} {r.wall_decode_tokens_per_s:>10.1f} "
+                        f"{host:>8}")
             print(f"{bs:>5} {n_in:>6} {r.prefill_ms:>9.2f} {r.decode_step_ms:>8.3f} "
-                  f"{r.decode_tokens_per_s * 1:>9.1f} {gbs:>8} {pct:>7}", flush=True)
+                  f"{r.decode_tokens_per_s * 1:>9.1f} {gbs:>8} {pct:>7}" + wall, flush=True)
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -46,6 +46,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory fdpp may use (weights + activations + KV cache)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step t+1 while step t runs on the GPU, reading tokens one step late "
+                   "(default: on for CUDA, off on CPU)")
+    g.add_argument("--fuse-norm", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse RMSNorm (+ residual) into the qkv / gate_up GEMV prologue "
+                   "(default: on with Triton linear kernels; env FDPP_FUSED_NORM=0 disables)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks (GPUs; gloo processes on the CPU); under torchrun the "
+                   "ranks join its rendezvous (docs/TENSOR_PARALLEL.md)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV cache of repeated prompt prefixes (on by default; "
                    "--no-enable-prefix-caching turns it off)")
@@ -60,9 +69,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
                    help="linear layer implementation (auto: the tuned lookup table on GPU)")
     g.add_argument("--quantization", default=None, metavar="METHOD",
-                   help="weight quantization: auto (the checkpoint's own: GGUF blocks, AWQ, GPTQ, FP8), fp8 | int8 | "
-                   "int4 (quantize at load), none (dequantize a quantized checkpoint), gguf | awq | gptq | "
-                   "compressed-tensors (require that format)")
+                   help="weight quantization: auto (the checkpoint's own, kept quantized on every device: GGUF "
+                   "blocks, AWQ, GPTQ, FP8), fp8 | int8 | int4 | q4_k (quantize at load), none (dequantize a "
+                   "quantized checkpoint at load), gguf | awq | gptq | compressed-tensors (require that format); "
+                   "see docs/QUANTIZATION.md")
     g.add_argument("--calibration", default="auto",
                    help="unified-max calibration: auto (cached, made on first use), off, or a JSON path")
     g.add_argument("--seed", type=int, default=0, help="global random seed")
@@ -122,6 +132,9 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
         block_size=args.block_size,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
+        fuse_norm=args.fuse_norm,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,

@@ -35,6 +35,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--dtype", choices=DTYPES, default="float16",
                    help="weight and activation dtype to tune for (default: %(default)s)")
+    p.add_argument("--weight-format", default=None, metavar="FORMAT",
+                   help="profile the quantized-weight kernels for this packed format (fp8, int8, int4, q8_0, q4_0, "
+                   "q4_1, q4_k, q5_k, q6_k) instead of dense weights; --dtype is then the activations' dtype")
+    p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
+                   help="int4 group size for --weight-format int4 (default: %(default)s)")
     p.add_argument("--max-m", type=int, default=512,
                    help="largest batch size M to profile; larger M uses the last range (default: %(default)s)")
     p.add_argument(
@@ -45,6 +50,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true",
                    help="profile fewer M values and tile configs (about 4x faster, slightly worse choices)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                   help="profile one rank's shapes of the model sharded over N ranks (what each rank looks up)")
     p.add_argument("--no-lm-head", action="store_true",
                    help="skip the LM head shape (its weight is the largest; it runs once per step)")
     p.set_defaults(func=run)
@@ -100,21 +107,41 @@ def run(args: argparse.Namespace) -> int:
     if args.max_m < 1:
         print(f"fdpp tune: --max-m must be >= 1, got {args.max_m}", file=sys.stderr)
         return 2
+    weight_format = getattr(args, "weight_format", None)
+    if weight_format is not None:
+        from fdpp.quant.formats import FORMATS
+
+        weight_format = weight_format.lower()
+        if weight_format not in FORMATS:
+            print(f"fdpp tune: --weight-format {args.weight_format!r} is not a packed format; choose one of "
+                  f"{', '.join(FORMATS)}", file=sys.stderr)
+            return 2
     try:
         shapes = resolve_shapes(args.model, with_lm_head=not args.no_lm_head)
+        tp = getattr(args, "tensor_parallel_size", 1)
+        if tp > 1:
+            from fdpp.distributed.shapes import model_config_for, rank_linear_shapes
+
+            shapes = rank_linear_shapes(model_config_for(args.model), tp, with_lm_head=not args.no_lm_head)
     except (KeyError, FileNotFoundError, ValueError) as exc:
         print(f"fdpp tune: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     gpu = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else user_table_dir() / f"{gpu_slug(gpu)}.json"
     table = DispatchTable.load(out) if out.is_file() else DispatchTable(gpu)
-    print(f"fdpp tune: {gpu}, {args.dtype}, {len(shapes)} shapes of {args.model}, M <= {args.max_m}"
+    if weight_format is not None:
+        from fdpp.dataflow.tuner import tunable_shapes
+
+        shapes = tunable_shapes(shapes, weight_format)
+    fmt_note = f", weights {weight_format}" if weight_format else ""
+    print(f"fdpp tune: {gpu}, {args.dtype}{fmt_note}, {len(shapes)} shapes of {args.model}, M <= {args.max_m}"
           f"{' (quick)' if args.quick else ''}")
-    table = tune_model(shapes, getattr(torch, args.dtype), max_m=args.max_m, quick=args.quick, table=table)
+    table = tune_model(shapes, getattr(torch, args.dtype), max_m=args.max_m, quick=args.quick, table=table,
+                       weight_format=weight_format, group_size=args.group_size)
     table.meta["torch"] = torch.__version__
     path = table.save(out)
     for name, (n, k) in shapes.items():
-        e = table.get(args.dtype, n, k)
+        e = table.get(args.dtype, n, k, weight_format)
         print(f"  {name:8s} {n:6d}x{k:<6d} M1={e.m1} M2={e.m2}  "
               + ", ".join(f"{r.m_min}-{r.m_max}:{r.impl}" for r in e.ranges))
     print(f"fdpp tune: wrote {path}")

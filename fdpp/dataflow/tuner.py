@@ -94,6 +94,47 @@ def candidate_configs(
     raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
 
 
+def quant_candidate_configs(
+    impl: str, n: int, k: int, m: int, weight_format: str, *, group_size: int = 128, num_sms: int = 132,
+    quick: bool = False, gemv_max_m: int = GEMV_MAX_M,
+) -> list[dict | None]:
+    """Tile configs of the quantized kernels (quant_gemv.py, quant_flat_gemm.py) for one weight format.
+
+    BLOCK_K stays a multiple of the format's scale group (its sub-block); the dequantized tile lives in
+    registers, so the flat GEMM's tiles are smaller than the dense ones."""
+    from fdpp.kernels.quant_gemv import sub_block
+
+    if impl == "cublas":
+        return [None]
+    sb = sub_block(weight_format, group_size)
+    out: list[dict] = []
+    if impl == "gemv":
+        if m > gemv_max_m:
+            return []
+        tiles = [(8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (2, 1024, 4)]
+        if quick or m > 8:
+            tiles = tiles[:2]
+        for bn, bk, warps in tiles:
+            bk = max(bk, sb)
+            progs = -(-n // bn) * m
+            for s in _splits(progs, -(-k // bk), num_sms, max_split=16):
+                out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps, "num_stages": 2})
+        return out
+    if impl == "flat":
+        bm = max(16, min(64, _next_pow2(m)))
+        tiles = [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8), (32, 128, 4, 4)]
+        if quick:
+            tiles = tiles[:3]
+        for bn, bk, stages, warps in tiles:
+            bk = max(bk, sb)
+            progs = -(-n // bn) * -(-m // bm)
+            for s in _splits(progs, -(-k // bk), num_sms):
+                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps,
+                            "num_stages": stages})
+        return out
+    raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
+
+
 def ranges_from_choices(ms: Sequence[int], choices: Sequence[tuple[str, dict | None]]) -> list[MRange]:
     """Turn the best (impl, config) at each profiled M into contiguous ranges: profiled M_i covers
     (M_{i-1}, M_i] (an M between grid points takes the choice of the next larger one); equal neighbours merge."""
@@ -120,8 +161,10 @@ def tune_shape(
     candidates: Candidates | None = None,
     progress=None,
     confirm: int = 0,
+    weight_format: str | None = None,
 ) -> ShapeEntry:
-    """Profile one [N, K] shape over ``ms`` and return its table entry (raw timings kept in ``.timings``)."""
+    """Profile one [N, K] shape over ``ms`` and return its table entry (raw timings kept in ``.timings``).
+    ``weight_format``: the packed format the timer runs (recorded in the entry; None for dense weights)."""
     candidates = candidates or candidate_configs
     ms = sorted({int(m) for m in ms})
     impls = tuple(impls)
@@ -155,7 +198,7 @@ def tune_shape(
         "config": {impl: [c for _, c in best[impl]] for impl in impls},
     }
     return ShapeEntry(dtype=dtype_name(dtype), n=n, k=k, name=name, ranges=ranges_from_choices(ms, choices),
-                      timings=timings)
+                      timings=timings, weight_format=weight_format)
 
 
 def count_candidates(shapes: dict[str, tuple[int, int]], ms: Sequence[int], impls=IMPLS, candidates=None,
@@ -183,9 +226,11 @@ def build_table(
     show_progress: bool = True,
     table: DispatchTable | None = None,
     confirm: int = 0,
+    weight_format: str | None = None,
 ) -> DispatchTable:
     """Tune every distinct [N, K] of ``shapes`` and add the entries to ``table`` (a new one by default).
-    ``confirm``: extra timings of each implementation's best config, averaged, before choosing."""
+    ``confirm``: extra timings of each implementation's best config, averaged, before choosing.
+    ``weight_format``: the entries' packed weight format (the timer must run that format)."""
     impls = tuple(impls)
     table = table if table is not None else DispatchTable(gpu_name)
     unique: dict[tuple[int, int], str] = {}
@@ -202,7 +247,7 @@ def build_table(
             if progress is not None:
                 progress.set_postfix_str(f"{name} {n}x{k}")
             table.add(tune_shape(n, k, dtype, ms, timer, name=name, impls=impls, candidates=candidates,
-                                 progress=progress, confirm=confirm))
+                                 progress=progress, confirm=confirm, weight_format=weight_format))
     finally:
         if progress is not None:
             progress.close()
@@ -238,6 +283,25 @@ def make_runner(impl: str, config: dict | None, act: str | None = None) -> Calla
     raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
 
 
+def make_quant_runner(impl: str, config: dict | None) -> Callable:
+    """``f(x, qweight) -> y`` running one quantized-weight implementation with a fixed config (no dispatch):
+    the packed GEMV, the packed flat GEMM, or ``cublas`` (FP8 W8A8 / dequantize + dense GEMM)."""
+    if impl == "gemv":
+        from fdpp.kernels.quant_gemv import quant_gemv
+
+        return lambda x, w: quant_gemv(x, w.data, w.fmt, *w.shape, w.scale, w.zero, w.group_size, config=config)
+    if impl == "flat":
+        from fdpp.kernels.quant_flat_gemm import quant_flat_gemm
+
+        return lambda x, w: quant_flat_gemm(x, w.data, w.fmt, *w.shape, w.scale, w.zero, w.group_size,
+                                            config=config)
+    if impl == "cublas":
+        from fdpp.ops.linear import quant_large_m
+
+        return lambda x, w: quant_large_m(x, w)
+    raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
+
+
 class GraphTimer:
     """Median time of one call, replayed from a CUDA graph, with weights rotated through more memory
     than L2 holds (``rotate_bytes`` of random copies), so that HBM streaming is what gets measured.
@@ -247,8 +311,11 @@ class GraphTimer:
     """
 
     def __init__(self, device: str | torch.device = "cuda", *, rotate_bytes: float = 400e6, replays: int = 11,
-                 min_graph_us: float = 800.0, act: str | None = None, strict: bool = False):
+                 min_graph_us: float = 800.0, act: str | None = None, strict: bool = False,
+                 weight_format: str | None = None, group_size: int = 128):
         self.device = torch.device(device)
+        self.weight_format = weight_format  # packed weights (fdpp.quant) instead of dense ones
+        self.group_size = group_size
         self.strict = strict  # False: a config that fails for any reason times as inf (with a warning)
         self.errors: list[str] = []
         self.rotate_bytes = rotate_bytes
@@ -265,11 +332,20 @@ class GraphTimer:
         if key != self._key:
             self._weights, self._x, self._key = [], {}, None
             torch.cuda.empty_cache()
-            nbytes = n * k * torch.finfo(dtype).bits // 8
-            copies = max(2, math.ceil(self.rotate_bytes / nbytes))
-            gen = torch.Generator(device=self.device).manual_seed(n * 7919 + k)
-            self._weights = [torch.randn(n, k, device=self.device, dtype=dtype, generator=gen) * 0.05
-                             for _ in range(copies)]
+            if self.weight_format is not None:
+                from fdpp.quant.formats import random_quant
+
+                group = next(g for g in (self.group_size, 128, 64, 32) if k % g == 0)  # as online int4 picks
+                first = random_quant(self.weight_format, n, k, group_size=group, device=self.device)
+                copies = max(2, math.ceil(self.rotate_bytes / first.nbytes))
+                self._weights = [first] + [random_quant(self.weight_format, n, k, group_size=group,
+                                                        device=self.device, seed=i) for i in range(1, copies)]
+            else:
+                nbytes = n * k * torch.finfo(dtype).bits // 8
+                copies = max(2, math.ceil(self.rotate_bytes / nbytes))
+                gen = torch.Generator(device=self.device).manual_seed(n * 7919 + k)
+                self._weights = [torch.randn(n, k, device=self.device, dtype=dtype, generator=gen) * 0.05
+                                 for _ in range(copies)]
             self._key = key
         return self._weights
 
@@ -280,6 +356,8 @@ class GraphTimer:
         return x
 
     def __call__(self, impl: str, config: dict | None, n: int, k: int, m: int, dtype: torch.dtype) -> float:
+        if self.weight_format is not None:
+            return self.time_fn(make_quant_runner(impl, config), n, k, m, dtype)
         return self.time_fn(make_runner(impl, config, self.act), n, k, m, dtype)
 
     def time_fn(self, fn: Callable, n: int, k: int, m: int, dtype: torch.dtype) -> float:
@@ -346,11 +424,14 @@ def tune_model(
     show_progress: bool = True,
     table: DispatchTable | None = None,
     gemv_max_m: int = 8,
+    weight_format: str | None = None,
+    group_size: int = 128,
 ) -> DispatchTable:
     """``fdpp tune``'s core: profile ``shapes`` on the current GPU with the graph timer, return the table.
 
     The GEMV is profiled only up to ``gemv_max_m`` (on Hopper it wins at M = 1 only; the benchmark
-    profiles it to 64 for the static all-GEMV comparison)."""
+    profiles it to 64 for the static all-GEMV comparison). ``weight_format``: profile the quantized kernels
+    on random weights packed in that format (fdpp.quant; int4 with ``group_size``) instead of dense ones."""
     from fdpp.kernels.device import num_sms
 
     device = torch.device(device)
@@ -358,10 +439,25 @@ def tune_model(
     ms = default_m_grid(max_m, quick=quick)
 
     def candidates(impl: str, n: int, k: int, m: int) -> list[dict | None]:
+        if weight_format is not None:
+            return quant_candidate_configs(impl, n, k, m, weight_format, group_size=group_size, num_sms=sms,
+                                           quick=quick, gemv_max_m=gemv_max_m)
         return candidate_configs(impl, n, k, m, num_sms=sms, quick=quick, gemv_max_m=gemv_max_m)
 
+    if weight_format is not None:
+        shapes = tunable_shapes(shapes, weight_format)
     gpu = torch.cuda.get_device_name(device)
     table = table if table is not None else DispatchTable(gpu)
     table.gpu = gpu
-    return build_table(shapes, dtype, ms, GraphTimer(device), gpu_name=gpu, candidates=candidates,
-                       show_progress=show_progress, table=table, confirm=2)
+    timer = GraphTimer(device, weight_format=weight_format, group_size=group_size)
+    return build_table(shapes, dtype, ms, timer, gpu_name=gpu, candidates=candidates,
+                       show_progress=show_progress, table=table, confirm=2, weight_format=weight_format)
+
+
+def tunable_shapes(shapes: dict[str, tuple[int, int]], weight_format: str) -> dict[str, tuple[int, int]]:
+    """The shapes a weight format can hold (K a multiple of its block: GGUF blocks hold 32 or 256 weights,
+    fp8 / int8 / int4 any K the model has)."""
+    from fdpp.quant.formats import GGUF_BLOCKS
+
+    qk = GGUF_BLOCKS.get(weight_format, (32,))[0]
+    return {name: (n, k) for name, (n, k) in shapes.items() if k % qk == 0}

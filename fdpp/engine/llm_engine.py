@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -10,7 +11,13 @@ import torch
 
 from fdpp.config import EngineConfig, ModelConfig, resolve_device
 from fdpp.engine.block_manager import BlockManager
-from fdpp.engine.model_runner import ModelRunner, kv_bytes_per_token, num_blocks_for_budget
+from fdpp.engine.model_runner import (
+    DeviceTokens,
+    ModelRunner,
+    PendingSample,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+)
 from fdpp.engine.scheduler import ScheduledBatch, Scheduler
 from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError, FdppError, InvalidRequestError
@@ -43,15 +50,34 @@ class _Request:
     error: str | None = None  # why a sequence of this request ended with finish_reason "error"
 
 
+@dataclass
+class _InFlight:
+    """A launched step whose tokens the host has not applied yet (async scheduling)."""
+
+    batch: ScheduledBatch
+    seqs: list[Sequence]  # the sampled sequences, in the rows of ``pending``
+    pending: PendingSample | None  # None: nothing was sampled (prompt chunks only)
+    is_resolved: bool = False
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         config = replace(config or EngineConfig(), **kwargs)
         self.config = config
-        self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
-        from fdpp.engine.loading import load_model_and_tokenizer
+        from fdpp.engine.executor import create_executor
 
-        loaded, self.tokenizer = load_model_and_tokenizer(config, self.device)
+        # where the model runs: in this process (TP=1) or on tensor_parallel_size ranks (rank 0 here)
+        self.executor = create_executor(config, resolve_device(config.device))
+        self.device = self.executor.device
+        try:
+            self._init(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _init(self, config: EngineConfig) -> None:
+        loaded, self.tokenizer = self.executor.load_model_and_tokenizer()
         self.model_config: ModelConfig = loaded.model_config
         self.model = loaded.model
         self.dtype = loaded.dtype
@@ -64,7 +90,7 @@ class LLMEngine:
             self.device.type, 2048)
         if self.max_num_batched_tokens < 1:
             raise InvalidRequestError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
-        num_blocks = self._num_blocks(block_size)
+        num_blocks = self.executor.num_blocks(self, block_size)
         self.block_manager = BlockManager(num_blocks, block_size, enable_caching=config.enable_prefix_caching)
         threshold = config.long_prefill_token_threshold
         if threshold is None:
@@ -73,10 +99,19 @@ class LLMEngine:
             raise InvalidRequestError(f"long_prefill_token_threshold must be >= 0 (0: no cap), got {threshold}")
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, self.max_num_batched_tokens,
                                    long_prefill_token_threshold=threshold)
-        self.runner = ModelRunner(
-            self.model, mc, self.dtype, self.device, block_size, num_blocks, self.max_model_len,
-            self.eos_token_ids,
-        )
+        tp = getattr(self.executor, "tensor_parallel_size", 1)
+        # NOTE: with tensor parallelism the other ranks take their input ids from rank 0's broadcast
+        # (not from rank 0's device tensors), and the fused norm moves residual adds into the o/down
+        # epilogues, which a row-parallel all-reduce would add once per rank: both stay TP=1 features.
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.device.type == "cuda") and tp == 1
+        self._in_flight: _InFlight | None = None  # async scheduling: the step whose tokens are unread
+        self.fuse_norm = (tp == 1 and _resolve_fuse_norm(config.fuse_norm, self.device)
+                          and hasattr(self.model, "set_fuse_norm"))
+        if self.fuse_norm:
+            self.model.set_fuse_norm(True)
+        self.runner = self.executor.make_runner(loaded, block_size, num_blocks, self.max_model_len,
+                                                self.eos_token_ids)
         from fdpp.structured.backend import StructuredOutputBackend
 
         self.structured = StructuredOutputBackend(
@@ -88,6 +123,8 @@ class LLMEngine:
         from fdpp.engine.loading import apply_calibration
 
         self.calibration = apply_calibration(self, config.calibration)
+        if self.calibration is not None:
+            self.executor.set_calibration(self.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
         self.requests: dict[str, _Request] = {}
@@ -224,6 +261,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        for seq in req.seqs:
+            seq.drop_placeholder()  # its blocks are offered to the prefix cache: real tokens only
         for seq in self.scheduler.abort(request_id):
             self.runner.release(seq)
         return True
@@ -244,22 +283,39 @@ class LLMEngine:
         failure that no single request explains (every sequence of the batch fails even when run
         alone) is raised, and the caller aborts the batch.
         """
+        if self.async_scheduling or self._in_flight is not None:
+            return self._step_async()
         batch = self.scheduler.schedule()
         if batch is None:
-            if self.scheduler.waiting:
-                return self._truncate_oversized(self.scheduler.waiting[0])
-            return []
+            return self._nothing_scheduled()
+        self._note_scheduled(batch)
+        touched: dict[str, _Request] = {}
+        failed = self._run_sync(batch, touched)
+        return self._outputs(touched, failed)
+
+    def _nothing_scheduled(self) -> list[RequestOutput]:
+        """Nothing could be scheduled: a waiting prompt that can never fit is ended, else no output."""
+        if self.scheduler.waiting:
+            return self._truncate_oversized(self.scheduler.waiting[0])
+        return []
+
+    def _note_scheduled(self, batch: ScheduledBatch) -> None:
         now = time.time()
         for seq in batch.seqs:
             m = self.requests[seq.request_id].metrics
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
+
+    def _run_sync(self, batch: ScheduledBatch, touched: dict[str, _Request]) -> list[tuple[Sequence, BaseException]]:
+        """Run ``batch``, wait for its tokens and apply them; return the sequences that failed."""
         results, failed = self._execute(batch)
         for sub, _ in results:
             for seq, n in zip(sub.seqs, sub.num_new_tokens):
                 seq.num_computed_tokens += n
-        touched: dict[str, _Request] = {}
         failed += self._append_samples(results, touched)
+        return failed
+
+    def _outputs(self, touched: dict[str, _Request], failed: list[tuple[Sequence, BaseException]]) -> list[RequestOutput]:
         for seq, error in failed:
             touched[seq.request_id] = self._fail(seq, error)
         outputs = []
@@ -271,6 +327,129 @@ class LLMEngine:
                 req.metrics.finished_time = time.time()
                 del self.requests[req.request_id]
         return outputs
+
+    # ---- async scheduling (overlap) ---------------------------------------------------------------
+    # Step t+1 is scheduled and launched while step t runs: each sequence sampled in step t gets a
+    # placeholder token (it counts for scheduling and blocks), the placeholder rows of step t+1 take
+    # their input ids from step t's sampled ids on the device, and only then does the host wait for
+    # step t's tokens (pinned copies, an event) and apply them (stops, detokenizing, outputs). A
+    # sequence that step t ends has computed one slot too many in step t+1: its blocks are freed when
+    # it finishes and the token step t+1 samples for it is dropped, so nothing past a stop is returned.
+    # NOTE: grammar and penalty rows need the previous token on the host to build the next step's
+    # mask / counts, so a step that samples one is not overlapped (it is waited for at once); a step
+    # that would have to preempt is not overlapped either (the sync path preempts).
+    def _step_async(self) -> list[RequestOutput]:
+        touched: dict[str, _Request] = {}
+        failed: list[tuple[Sequence, BaseException]] = []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and not self.async_scheduling:  # switched off with a step in flight: drain it
+            self._resolve(prev, touched, failed)
+            return self._outputs(touched, failed)
+        if prev is None:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return self._nothing_scheduled()
+            self._note_scheduled(batch)
+            prev = self._launch(batch, None, touched, failed)
+            if prev is not None and not self._can_overlap(prev):
+                self._resolve(prev, touched, failed)
+                prev = None
+            if prev is None:
+                return self._outputs(touched, failed)
+        skip = self._add_placeholders(prev)
+        if skip is None:  # the next step cannot be planned before this one's tokens are known
+            self._resolve(prev, touched, failed)
+            return self._outputs(touched, failed)
+        batch = self.scheduler.schedule(skip)
+        launched = None
+        if batch is not None:
+            self._note_scheduled(batch)
+            launched = self._launch(batch, prev, touched, failed)
+        self._resolve(prev, touched, failed)
+        if launched is not None and launched.pending is not None:  # None: prompt chunks only
+            if not any(self._is_live(s) for s in launched.seqs):
+                launched.pending.wait()  # everything it sampled was ended by the step before
+            elif self._can_overlap(launched):
+                self._in_flight = launched
+            else:
+                self._resolve(launched, touched, failed)
+        return self._outputs(touched, failed)
+
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None, touched: dict[str, _Request],
+                failed: list[tuple[Sequence, BaseException]]) -> _InFlight | None:
+        """Launch ``batch`` without waiting for its tokens. If it raises, ``prev`` is resolved first
+        (placeholders become real tokens) and the batch is run synchronously, with the usual
+        per-request failure attribution; None is returned then."""
+        device_tokens = None
+        if prev is not None and prev.pending is not None:
+            src = {s.seq_id: row for row, s in enumerate(prev.seqs)}
+            rows, src_rows = [], []
+            for row, seq in enumerate(batch.seqs):
+                if seq.has_placeholder:
+                    rows.append(row)
+                    src_rows.append(src[seq.seq_id])
+            if rows:
+                device_tokens = DeviceTokens(prev.pending.device_token_ids, rows, src_rows)
+        try:
+            seqs, out = self.runner.execute(batch, device_tokens)
+        except Exception:  # noqa: BLE001 - rerun synchronously, which attributes the failure
+            if prev is not None:
+                self._resolve(prev, touched, failed)
+            live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
+            if live:
+                retry = ScheduledBatch([s for s, _ in live], [n for _, n in live], batch.is_prefill,
+                                       batch.copies, {k: v for k, v in batch.forks.items()})
+                failed += self._run_sync(retry, touched)
+            return None
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        pending = self.runner.copy_sample_to_host(out) if out is not None else None
+        return _InFlight(batch, seqs, pending)
+
+    def _resolve(self, launched: _InFlight, touched: dict[str, _Request],
+                 failed: list[tuple[Sequence, BaseException]]) -> None:
+        """Wait for a launched step's tokens and apply them (each at most once)."""
+        if launched.is_resolved or launched.pending is None:
+            launched.is_resolved = True
+            return
+        launched.is_resolved = True
+        out = launched.pending.wait()
+        failed += self._append_samples([(launched.batch, (launched.seqs, out))], touched)
+
+    def _is_live(self, seq: Sequence) -> bool:
+        req = self.requests.get(seq.request_id)
+        return req is not None and not seq.is_finished and seq in req.seqs
+
+    @staticmethod
+    def _can_overlap(launched: _InFlight) -> bool:
+        """Whether the step after ``launched`` may be planned before its tokens are read."""
+        return launched.pending is not None and all(
+            s.grammar is None and not s.params.has_penalties for s in launched.seqs)
+
+    def _add_placeholders(self, prev: _InFlight) -> set[int] | None:
+        """Give each live sequence ``prev`` sampled a placeholder for its token in flight; return
+        the seq_ids the next step must skip (their token in flight surely ends them: max_tokens or
+        the context). None (and no placeholder added) if the next step could need a preemption."""
+        skip: set[int] = set()
+        grow: list[Sequence] = []
+        for seq in prev.seqs:
+            if not self._is_live(seq):
+                continue
+            p = seq.params
+            if ((p.max_tokens is not None and seq.num_output_tokens + 1 >= p.max_tokens)
+                    or seq.num_tokens + 1 >= self.max_model_len):
+                skip.add(seq.seq_id)
+            else:
+                grow.append(seq)
+        bm = self.block_manager
+        growing = {s.seq_id for s in grow}
+        need = sum(bm.blocks_needed(s, s.num_tokens + (s.seq_id in growing))
+                   for s in self.scheduler.running if s.seq_id not in skip)
+        if need > bm.num_free_blocks:
+            return None
+        for seq in grow:
+            seq.append_placeholder()
+        return skip
 
     def _execute(self, batch: ScheduledBatch) -> tuple[list, list[tuple[Sequence, BaseException]]]:
         """Run ``batch``; return ``[(sub_batch, (sampled_seqs, sampler_output))]`` for what ran and
@@ -319,7 +498,9 @@ class LLMEngine:
             top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
             top_ids = out.top_ids.tolist() if out.top_ids is not None else None
             for row, (seq, tok) in enumerate(zip(sampled_seqs, ids)):
-                req = self.requests[seq.request_id]
+                req = self.requests.get(seq.request_id)
+                if req is None or seq.is_finished:
+                    continue  # aborted, or (async scheduling) ended by the step before: dropped
                 touched[req.request_id] = req
                 try:
                     seq.append_token(tok)
@@ -456,7 +637,11 @@ class LLMEngine:
         """Abort every request and free the engine's device memory; the engine is unusable after."""
         for rid in list(self.requests):
             self.abort_request(rid)
+        if self._in_flight is not None and self._in_flight.pending is not None:
+            self._in_flight.pending.wait()
+        self._in_flight = None
         self.runner.shutdown()
+        self.executor.shutdown()
 
     # ---- introspection ---------------------------------------------------------------------------
     def check_integrity(self) -> None:
@@ -471,7 +656,7 @@ class LLMEngine:
             "num_total_blocks": bm.num_blocks,
             "kv_usage": bm.num_used_blocks / bm.num_blocks,
             "num_preemptions": self.scheduler.num_preemptions,
-            "kv_bytes_per_token": kv_bytes_per_token(self.model_config, self.dtype),
+            "kv_bytes_per_token": kv_bytes_per_token(self.runner.config, self.dtype),  # one rank's (its KV heads)
             # prefix cache, in tokens (vLLM's prefix_cache_queries / prefix_cache_hits)
             "prefix_caching": bm.enable_caching,
             "prefix_cache_queries": bm.num_queried_tokens,
@@ -485,6 +670,14 @@ class LLMEngine:
         """Drop every cached block that no running request holds (e.g. a cold-cache benchmark).
         Returns how many blocks were dropped."""
         return self.block_manager.reset_cache()
+
+
+def _resolve_fuse_norm(fuse_norm: bool | None, device: torch.device) -> bool:
+    """EngineConfig.fuse_norm: None is on for CUDA (Triton kernels) unless FDPP_FUSED_NORM=0; on the
+    CPU the reference path gains nothing from it."""
+    if fuse_norm is not None:
+        return fuse_norm
+    return device.type == "cuda" and os.environ.get("FDPP_FUSED_NORM", "1") != "0"
 
 
 def _nth_seed(seed: int | None, i: int) -> int | None:

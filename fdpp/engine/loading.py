@@ -25,16 +25,21 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> tupl
     """The model and its tokenizer (a transformers tokenizer; None for random weights or a folder
     without tokenizer files)."""
     loaded = load_model(config, device)
+    return loaded, load_tokenizer(config, loaded)
+
+
+def load_tokenizer(config: EngineConfig, loaded: LoadedModel) -> Any:
+    """The tokenizer of ``loaded`` (or ``config.tokenizer``); None for random weights or no tokenizer files."""
     from fdpp.tokenizer import load_tokenizer
 
     if config.tokenizer is not None:
         with phase("Loading the tokenizer", config.show_progress):
             tokenizer = load_tokenizer(config.tokenizer)
         _check_vocab(tokenizer, loaded.model_config.vocab_size, config.tokenizer)
-        return loaded, tokenizer
+        return tokenizer
     src = loaded.source
     if src is None:
-        return loaded, None
+        return None
 
     tokenizer = None
     if _has_tokenizer(src):
@@ -42,7 +47,7 @@ def load_model_and_tokenizer(config: EngineConfig, device: torch.device) -> tupl
             tokenizer = load_tokenizer(src)
     if tokenizer is None:
         logger.warning("%s has no tokenizer files: prompts must be token ids and outputs have no text", src.path)
-    return loaded, tokenizer
+    return tokenizer
 
 
 def _check_vocab(tokenizer: Any, vocab_size: int, where: str) -> None:

@@ -3,6 +3,7 @@ KV cache, samples. The only engine part that touches tensors."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -22,6 +23,48 @@ logger = logging.getLogger(__name__)
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     elem = torch.empty(0, dtype=dtype).element_size()
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * elem
+
+
+@dataclass
+class DeviceTokens:
+    """Input ids that are still on the device (async scheduling): row ``rows[i]`` of the next step
+    takes ``token_ids[src_rows[i]]``, a token sampled by the step before that the host has not read."""
+
+    token_ids: torch.Tensor  # [num_sampled] int64, on the runner's device
+    rows: list[int]  # rows of the step being launched (decode rows: one token each)
+    src_rows: list[int]  # rows of ``token_ids``
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.src_rows):
+            raise ValueError(f"DeviceTokens: {len(self.rows)} rows but {len(self.src_rows)} source rows")
+
+
+class PendingSample:
+    """A step's sampler output on its way to the host: pinned copies made without blocking and an
+    event recorded after them. ``wait()`` blocks until they landed and returns them."""
+
+    def __init__(self, out: SamplerOutput, device: torch.device) -> None:
+        self.device_token_ids = out.token_ids  # stays on the device: the next step's input ids
+        if device.type != "cuda":
+            self._host, self._event = out, None
+            return
+        host = {}
+        for f in fields(out):
+            t = getattr(out, f.name)
+            if t is not None:
+                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                h.copy_(t, non_blocking=True)
+                t = h
+            host[f.name] = t
+        self._host = SamplerOutput(**host)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def wait(self) -> SamplerOutput:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
 
 
 class ModelRunner:
@@ -49,6 +92,7 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._pin = device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._num_replays = 0  # picks the staging buffer set of the next replay (double-buffered)
         # Set by the engine: fills the grammar bitmask of constrained rows (fdpp.structured).
         self.structured: StructuredOutputBackend | None = None
         self._bitmask_host: torch.Tensor | None = None
@@ -176,8 +220,8 @@ class ModelRunner:
             rows = max(len(seqs), 64)
             self._bitmask_host = torch.empty(rows, width, dtype=torch.int32, pin_memory=self._pin)
         host = self._bitmask_host[: len(seqs)]
-        # NOTE: the pinned buffer is reusable: the previous step's copy finished when its sampled
-        # tokens were read on the host.
+        # NOTE: the pinned buffer is reusable: the previous step that used it was not overlapped
+        # (grammar rows run in synchronous steps), so its copy finished when its tokens were read.
         self.structured.fill_bitmask([s.grammar for s in seqs], host)
         return host.to(self.device, non_blocking=True) if self._pin else host.clone()
 
@@ -264,12 +308,18 @@ class ModelRunner:
         self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], SamplerOutput | None]:
+    def execute(
+        self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None
+    ) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Run ``batch``; return the sequences sampled (row order) and their samples on the device.
+
+        ``device_tokens``: decode rows whose input id is a placeholder take it from the device
+        (async scheduling); every other row's id comes from ``seq.token_ids``."""
         if batch.copies:
             self.copy_blocks(batch.copies)
         if (self.graphs and len(batch) <= self.graph_batch_sizes[-1]
                 and self.num_decode_rows(batch) == len(batch)):
-            logits = self._replay(batch)
+            logits = self._replay(batch, device_tokens)
             seqs = batch.seqs
             if batch.forks:  # a one-token final prompt chunk of an n > 1 request: its samples too
                 rows, seqs = [], []
@@ -282,6 +332,8 @@ class ModelRunner:
             bitmask = self.grammar_bitmask(seqs)
             return seqs, sample(logits, self.sampling_batch(seqs, bitmask))
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
+        if device_tokens is not None:
+            self._scatter_device_tokens(ids, device_tokens)
         with forward_context(meta):
             hidden = self.model(ids, pos)
         if batch.is_prefill and any(s.prompt_logprobs is not None for s in batch.seqs):
@@ -291,6 +343,23 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         bitmask = self.grammar_bitmask(sample_seqs)
         return sample_seqs, sample(logits, self.sampling_batch(sample_seqs, bitmask))
+
+    def _scatter_device_tokens(self, ids: torch.Tensor, src: DeviceTokens) -> None:
+        """``ids[src.rows] = src.token_ids[src.src_rows]`` on the device, without a host sync (a
+        slice copy in the common case of the same sequences in the same order)."""
+        k = len(src.rows)
+        if not k:
+            return
+        if src.rows == list(range(k)) and src.src_rows == list(range(k)):
+            ids[:k].copy_(src.token_ids[:k], non_blocking=True)
+            return
+        rows = self._to_device(src.rows, torch.int64)
+        src_rows = self._to_device(src.src_rows, torch.int64)
+        ids.index_copy_(0, rows, src.token_ids.index_select(0, src_rows))
+
+    def copy_sample_to_host(self, out: SamplerOutput) -> PendingSample:
+        """Start copying ``out`` to the host without waiting; ``PendingSample.wait()`` reads it."""
+        return PendingSample(out, self.device)
 
     def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Append to ``seq.prompt_logprobs`` the log-probabilities of the prompt tokens this prefill
@@ -351,9 +420,15 @@ class ModelRunner:
         self.g_ids, self.g_pos, self.g_slots = self.g_long[0], self.g_long[1], self.g_long[2]
         self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        self.h_long = torch.zeros(3, n, dtype=torch.int64, pin_memory=True)
-        self.h_ctx = torch.zeros(n, dtype=torch.int32, pin_memory=True)
-        self.h_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        # NOTE: two sets of pinned staging buffers, used in turn: with async scheduling step t+1's
+        # inputs are written while step t's host->device copies may still be queued; the set of
+        # step t-1 is free again because the host waited on step t-1's event before launching t+1.
+        self.h_staging = [
+            (torch.zeros(3, n, dtype=torch.int64, pin_memory=True),
+             torch.zeros(n, dtype=torch.int32, pin_memory=True),
+             torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True))
+            for _ in range(2)
+        ]
         pool = None
         bar = tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
         for bs in bar:
@@ -382,15 +457,16 @@ class ModelRunner:
         self.graph_batch_sizes = sizes
         torch.cuda.synchronize(dev)
 
-    def _replay(self, batch: ScheduledBatch) -> torch.Tensor:
+    def _replay(self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         seqs = batch.seqs
         bs = len(seqs)
         bucket = next(b for b in self.graph_batch_sizes if b >= bs)
         bsz = self.block_size
-        h_long, h_ctx, h_tables = self.h_long.numpy(), self.h_ctx.numpy(), self.h_tables.numpy()
+        pinned = self.h_staging[self._num_replays % 2]
+        self._num_replays += 1
+        t_long, t_ctx, t_tables = pinned
+        h_long, h_ctx, h_tables = t_long.numpy(), t_ctx.numpy(), t_tables.numpy()
         width = 0
-        # NOTE: the pinned buffers are reusable: the previous step's copies finished when its sampled
-        # tokens were read on the host.
         for i, s in enumerate(seqs):
             t = s.num_tokens - 1
             h_long[0, i] = s.token_ids[-1]
@@ -403,9 +479,11 @@ class ModelRunner:
         h_long[:, bs:bucket] = 0
         h_long[2, bs:bucket] = -1  # padding rows: no cache write
         h_ctx[bs:bucket] = 0  # and no cache read
-        self.g_long[:, :bucket].copy_(self.h_long[:, :bucket], non_blocking=True)
-        self.g_ctx[:bucket].copy_(self.h_ctx[:bucket], non_blocking=True)
-        self.g_tables[:bs, :width].copy_(self.h_tables[:bs, :width], non_blocking=True)
+        self.g_long[:, :bucket].copy_(t_long[:, :bucket], non_blocking=True)
+        self.g_ctx[:bucket].copy_(t_ctx[:bucket], non_blocking=True)
+        self.g_tables[:bs, :width].copy_(t_tables[:bs, :width], non_blocking=True)
+        if device_tokens is not None:
+            self._scatter_device_tokens(self.g_ids, device_tokens)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:bs]

@@ -101,12 +101,14 @@ class Scheduler:
             heir.pending_forks = rest
             self._requeue(heir)
 
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, skip: frozenset[int] | set[int] = frozenset()) -> ScheduledBatch | None:
+        """The next step. ``skip``: seq_ids of running sequences not to decode in it (async
+        scheduling: their token in flight is their last one, so they have nothing to compute)."""
         self._commit_last()
         seqs: list[Sequence] = []
         counts: list[int] = []
         copies: list[tuple[int, int]] = []
-        preempted = self._schedule_decode(seqs, counts, copies)
+        preempted = self._schedule_decode(seqs, counts, copies, skip)
         num_decode = len(seqs)
         forks: dict[int, list[Sequence]] = {}
         # NOTE: after a preemption, admit nothing new this step: the blocks just freed would be
@@ -138,7 +140,8 @@ class Scheduler:
                     self.running.remove(child)
                     self._requeue(child)
 
-    def _schedule_decode(self, seqs: list[Sequence], counts: list[int], copies: list[tuple[int, int]]) -> bool:
+    def _schedule_decode(self, seqs: list[Sequence], counts: list[int], copies: list[tuple[int, int]],
+                         skip: frozenset[int] | set[int] = frozenset()) -> bool:
         """One token for each running sequence, preempting the latest admitted ones when the cache is
         full. Returns whether anything was preempted."""
         preempted = False
@@ -146,6 +149,8 @@ class Scheduler:
         bm = self.bm
         while queue:
             seq = queue.popleft()
+            if seq.seq_id in skip:
+                continue
             need = bm.blocks_needed(seq, seq.num_tokens)  # 0, or 1 (a new block or a copy-on-write)
             if need:
                 while not bm.can_allocate(need):

@@ -16,6 +16,10 @@ class SequenceStatus(enum.Enum):
 
 _counter = itertools.count()
 
+# A token sampled on the device whose value the host has not read yet (async scheduling): it
+# counts as a token for scheduling and block accounting, and is replaced by the real id one step late.
+PLACEHOLDER_TOKEN = -1
+
 
 class Sequence:
     """Token ids and KV-cache bookkeeping of one sequence.
@@ -85,8 +89,28 @@ class Sequence:
         return self.num_tokens - self.num_computed_tokens
 
     def append_token(self, token_id: int) -> None:
-        self.token_ids.append(token_id)
+        """Add a sampled token; it replaces the placeholder of the last token if there is one."""
+        if self.token_ids[-1] == PLACEHOLDER_TOKEN:
+            self.token_ids[-1] = token_id
+        else:
+            self.token_ids.append(token_id)
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+
+    def append_placeholder(self) -> None:
+        """Reserve the next token, sampled on the device but not read yet (async scheduling)."""
+        if self.token_ids[-1] == PLACEHOLDER_TOKEN:
+            raise RuntimeError(f"{self!r} already has a token the host has not read")
+        self.token_ids.append(PLACEHOLDER_TOKEN)
+
+    def drop_placeholder(self) -> None:
+        """Forget an unread token (an aborted sequence), so no block is hashed with it."""
+        if self.token_ids[-1] == PLACEHOLDER_TOKEN:
+            self.token_ids.pop()
+            self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
+
+    @property
+    def has_placeholder(self) -> bool:
+        return self.token_ids[-1] == PLACEHOLDER_TOKEN
 
     def __repr__(self) -> str:
         return (

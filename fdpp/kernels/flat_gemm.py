@@ -46,6 +46,8 @@ def flat_gemm_kernel(
     stride_rm,
     stride_om,
     KB_PER_SPLIT,
+    nw_ptr,  # [K] RMSNorm weight (HAS_NORM) or dummy
+    eps,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -55,6 +57,7 @@ def flat_gemm_kernel(
     USE_WORKSPACE: tl.constexpr,
     IEEE_FP32: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    HAS_NORM: tl.constexpr = False,  # RMSNorm prologue: x * w_norm in the K loop, rstd per row after it
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -81,6 +84,9 @@ def flat_gemm_kernel(
         mask_k = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
         xt = tl.load(xt_cols + offs_k[:, None], mask=mask_k[:, None], other=0.0)  # [BLOCK_K, BLOCK_M]
+        if HAS_NORM:
+            wn = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            xt = (xt.to(tl.float32) * wn[:, None]).to(xt.dtype)
         if UPCAST_DOT:
             w = w.to(tl.float32)
             xt = xt.to(tl.float32)
@@ -97,6 +103,16 @@ def flat_gemm_kernel(
             else:
                 acc_up = tl.dot(w_up, xt, acc_up)
 
+    if HAS_NORM:
+        # 1/rms of each of the BLOCK_M rows, by a pass over the whole rows (L2-resident, W is what streams)
+        ss = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + offs_kk
+            v = tl.load(xt_cols + offs_k[:, None], mask=(offs_k < K)[:, None], other=0.0).to(tl.float32)
+            ss += tl.sum(v * v, axis=0)
+        rstd = 1.0 / tl.sqrt(ss / K + eps)
+        acc *= rstd[None, :]
+        acc_up *= rstd[None, :]
     offs_m_e = offs_m[None, :]
     offs_n_e = offs_n[:, None]
     if USE_WORKSPACE:
@@ -138,13 +154,15 @@ def flat_gemm(
     residual: torch.Tensor | None = None,
     act: str | None = None,
     config: dict | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """``epilogue(x @ weight.T)`` on tensor cores. x [M, K], weight [N, K]; returns [M, N] or [M, N/2].
+    """``epilogue(x @ weight.T)`` on tensor cores; ``norm_weight``: RMSNorm of x in the prologue. x [M, K], weight [N, K]; returns [M, N] or [M, N/2].
 
     ``config`` keys (all optional): BLOCK_M (largest M tile, >= 16, power of 2), BLOCK_N, BLOCK_K,
     SPLIT_K, num_warps, num_stages (>= 2: the depth of the shared-memory pipeline over K).
     """
-    M, N, K, n_out = check_linear_args("flat_gemm", x, weight, bias, residual, act)
+    M, N, K, n_out = check_linear_args("flat_gemm", x, weight, bias, residual, act, norm_weight)
     is_gated = act == "silu_and_mul"
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     if M == 0:
@@ -172,7 +190,7 @@ def flat_gemm(
     # under TRITON_INTERPRET the bf16 tiles are upcast to fp32 before the dot. Never taken on a GPU.
     upcast_dot = upcast_bf16_dot(x.dtype)
     args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
-                                     kb_per_split, use_ws)
+                                     kb_per_split, use_ws, norm_weight, norm_eps)
     flat_gemm_kernel[grid](
         *args,
         BLOCK_M=block_m,

@@ -16,6 +16,12 @@ zero-filled buffer and no atomics, so results are deterministic.
 
 Epilogues (fused into the last pass): bias, ``silu_and_mul`` (W is a fused [gate; up] of 2F rows; the
 program loads gate rows j and up rows j + F and writes silu(gate) * up), residual add.
+
+Prologue (optional, ``norm_weight``): RMSNorm of x fused in front of the product, so the norm costs no
+launch of its own. ``rms_norm(x) @ W^T = rstd * ((x * w_norm) @ W^T)`` with one scalar ``rstd`` per row:
+each program first sums x^2 over the whole row (x is a few KB and stays in L1/L2, W is what streams from
+HBM), then multiplies every x chunk by the norm weight in the K loop and scales its partial sums by rstd
+before the epilogue. With split-K each split scales its own partial (the scaling is linear).
 """
 from __future__ import annotations
 
@@ -66,8 +72,9 @@ def _epilogue_store(
 
 
 @triton.jit
-def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M: tl.constexpr):
-    """One K chunk of up to 4 rows of x (rows past BLOCK_M alias row 0 and are never used)."""
+def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One K chunk of up to 4 rows of x (rows past BLOCK_M alias row 0 and are never used); with
+    HAS_NORM multiplied by the norm weight, in fp32."""
     xa = tl.load(x0 + offs_k, mask=mask_k, other=0.0)
     xb = xa
     xc = xa
@@ -77,7 +84,24 @@ def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M: tl.constexpr):
     if BLOCK_M > 2:
         xc = tl.load(x2 + offs_k, mask=mask_k, other=0.0)
         xd = tl.load(x3 + offs_k, mask=mask_k, other=0.0)
+    if HAS_NORM:
+        wn = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xa = xa.to(tl.float32) * wn
+        xb = xb.to(tl.float32) * wn
+        xc = xc.to(tl.float32) * wn
+        xd = xd.to(tl.float32) * wn
     return xa, xb, xc, xd
+
+
+@triton.jit
+def _row_rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row of x (fp32), by a pass over the whole row."""
+    offs = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        ss += v * v
+    return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
 
 
 @triton.jit
@@ -126,6 +150,8 @@ def gemv_kernel(
     stride_rm,
     stride_om,
     KB_PER_SPLIT,  # number of BLOCK_K chunks each split walks
+    nw_ptr,  # [K] RMSNorm weight (HAS_NORM) or dummy
+    eps,  # RMSNorm epsilon (HAS_NORM)
     BLOCK_M: tl.constexpr,  # rows of x per program: 1, 2 or 4
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -134,6 +160,7 @@ def gemv_kernel(
     IS_GATED: tl.constexpr,
     USE_WORKSPACE: tl.constexpr,
     PREFETCH: tl.constexpr,  # software double buffering of the W/x chunks in registers
+    HAS_NORM: tl.constexpr = False,  # RMSNorm prologue (see the module docstring)
 ):
     # Programs that share W rows (same pid_n, consecutive row blocks of x) are adjacent in launch order,
     # so when M > BLOCK_M the second read of a W tile comes from L2, not HBM.
@@ -178,7 +205,7 @@ def gemv_kernel(
         w_up = w
         if IS_GATED:
             w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-        xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+        xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
         for kb in range(1, KB_PER_SPLIT):
             offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
@@ -186,7 +213,7 @@ def gemv_kernel(
             w_up_next = w_next
             if IS_GATED:
                 w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            xa_n, xb_n, xc_n, xd_n = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+            xa_n, xb_n, xc_n, xd_n = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
             if IS_GATED:
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
@@ -204,12 +231,27 @@ def gemv_kernel(
             offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, BLOCK_M)
+            xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
             if IS_GATED:
                 w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
 
+    if HAS_NORM:
+        r0 = _row_rstd(x0, K, eps, BLOCK_K)
+        acc0 *= r0
+        up0 *= r0
+        if BLOCK_M > 1:
+            r1 = _row_rstd(x1, K, eps, BLOCK_K)
+            acc1 *= r1
+            up1 *= r1
+        if BLOCK_M > 2:
+            r2 = _row_rstd(x2, K, eps, BLOCK_K)
+            acc2 *= r2
+            up2 *= r2
+            r3 = _row_rstd(x3, K, eps, BLOCK_K)
+            acc3 *= r3
+            up3 *= r3
     _finish_row(acc0, up0, m0, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr, stride_rm,
                 stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
     if BLOCK_M > 1:
@@ -272,6 +314,7 @@ def check_linear_args(
     bias: torch.Tensor | None,
     residual: torch.Tensor | None,
     act: str | None,
+    norm_weight: torch.Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Validate the inputs of a linear kernel; returns (M, N, K, N_OUT).
 
@@ -296,6 +339,12 @@ def check_linear_args(
         raise ValueError(f"{op}: x is on {x.device} but weight is on {weight.device}")
     if x.stride(1) != 1 or weight.stride(1) != 1:
         raise ValueError(f"{op}: x and weight need unit stride along K; call .contiguous() first")
+    if norm_weight is not None and (norm_weight.shape != (K,) or norm_weight.device != x.device
+                                    or norm_weight.stride(0) != 1):
+        raise ValueError(
+            f"{op}: norm_weight must be a contiguous [{K}] tensor on {x.device} (the RMSNorm weight of x), "
+            f"got {tuple(norm_weight.shape)} on {norm_weight.device}"
+        )
     n_out = N
     if act == "silu_and_mul":
         if N % 2:
@@ -320,7 +369,8 @@ def check_linear_args(
 
 
 def linear_launch_args(x, weight, bias, residual, out, ws, kernel_n: int, n_gate: int, kb_per_split: int,
-                       use_ws: bool) -> tuple[tuple, dict]:
+                       use_ws: bool, norm_weight: torch.Tensor | None = None,
+                       norm_eps: float = 1e-6) -> tuple[tuple, dict]:
     """Positional arguments and epilogue flags shared by the GEMV and flat-GEMM kernels (same signature).
 
     Missing bias / residual pointers are replaced by ``out`` (never read: their flag is off); with a
@@ -334,8 +384,10 @@ def linear_launch_args(x, weight, bias, residual, out, ws, kernel_n: int, n_gate
         out, ws, M, kernel_n, K, n_gate,
         x.stride(0), weight.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
         kb_per_split,
+        norm_weight if norm_weight is not None else x, float(norm_eps),
     )
     flags = dict(
+        HAS_NORM=norm_weight is not None,
         HAS_BIAS=bias is not None and not use_ws,
         HAS_RESIDUAL=residual is not None and not use_ws,
         IS_GATED=n_gate > 0 and not use_ws,
@@ -408,14 +460,19 @@ def gemv(
     residual: torch.Tensor | None = None,
     act: str | None = None,
     config: dict | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``epilogue(x @ weight.T)`` on CUDA cores. x [M, K], weight [N, K]; returns [M, N] or [M, N/2] (gated).
+
+    ``norm_weight`` [K]: x is RMS-normalised first (``rms_norm(x, norm_weight, norm_eps)``), in the
+    kernel's prologue.
 
     ``config`` keys (all optional): BLOCK_M (max rows of x per program: 1, 2 or 4), BLOCK_N, BLOCK_K,
     SPLIT_K, PREFETCH (register double buffering of the K chunks, default on), num_warps, num_stages.
     Missing keys come from ``default_gemv_config``.
     """
-    M, N, K, n_out = check_linear_args("gemv", x, weight, bias, residual, act)
+    M, N, K, n_out = check_linear_args("gemv", x, weight, bias, residual, act, norm_weight)
     is_gated = act == "silu_and_mul"
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     if M == 0:
@@ -439,7 +496,7 @@ def gemv(
     kernel_n = n_ws if use_ws else n_out
     grid = (triton.cdiv(kernel_n, block_n) * triton.cdiv(M, block_m), num_splits)
     args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
-                                     kb_per_split, use_ws)
+                                     kb_per_split, use_ws, norm_weight, norm_eps)
     gemv_kernel[grid](
         *args,
         BLOCK_M=block_m,
@@ -461,9 +518,15 @@ def linear_reference(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     act: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """What every linear kernel here computes, in plain PyTorch and in x's dtype: x @ weight.T (+ bias),
-    then ``act`` ("silu_and_mul": silu(gate) * up of a fused [gate; up] weight), then + residual."""
+    then ``act`` ("silu_and_mul": silu(gate) * up of a fused [gate; up] weight), then + residual.
+    ``norm_weight``: x is replaced by RMSNorm(x) first (fp32 statistics, cast once, as Hugging Face)."""
+    if norm_weight is not None:
+        xf = x.float()
+        x = norm_weight.to(x.dtype) * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm_eps)).to(x.dtype)
     y = torch.nn.functional.linear(x, weight, bias)
     if act == "silu_and_mul":
         gate, up = y.chunk(2, dim=-1)
@@ -480,10 +543,12 @@ def gemv_reference(
     *,
     residual: torch.Tensor | None = None,
     act: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``linear_reference`` in float64 (returns float64): the yardstick of the kernel tests."""
 
     def f64(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.double()
 
-    return linear_reference(x.double(), weight.double(), f64(bias), f64(residual), act)
+    return linear_reference(x.double(), weight.double(), f64(bias), f64(residual), act, f64(norm_weight), norm_eps)

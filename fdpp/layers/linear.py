@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fdpp.ops.linear import linear
-from fdpp.quant.formats import QuantParts, QuantTensor, quantize
+from fdpp.quant.formats import QuantParts, QuantTensor, online_format, quantize
 
 
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
@@ -50,7 +50,8 @@ def _as_stored(param: nn.Parameter, loaded, name: str):
     if mode != "keep":
         if isinstance(loaded, QuantTensor):  # re-quantizing a quantized checkpoint: the user asked for it
             loaded = loaded.dequantize(torch.float32)
-        return quantize(loaded.to(param.device), mode, _group_for(param.quant_group_size, loaded.shape[1], name))
+        fmt = online_format(mode, int(loaded.shape[1]), name)
+        return quantize(loaded.to(param.device), fmt, _group_for(param.quant_group_size, loaded.shape[1], name))
     return loaded.to(param.device) if isinstance(loaded, QuantTensor) else loaded.to(param.device, param.dtype)
 
 
@@ -95,7 +96,7 @@ def _unexpected_quant(name: str, loaded: QuantTensor) -> Exception:
     from fdpp.errors import UnsupportedModelError
 
     return UnsupportedModelError(f"tensor {name!r} is quantized ({loaded.fmt}) but its layer takes only dense "
-                                 "weights; load with quantization='dequantize'")
+                                 "weights; load with quantization='none' (--quantization none) to dequantize it at load")
 
 
 class Linear(nn.Module):
@@ -113,8 +114,10 @@ class Linear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(x, weight_of(self.weight), self.bias, residual=residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                norm: nn.Module | None = None) -> torch.Tensor:
+        """``norm``: an RMSNorm applied to x first, fused into the kernel's prologue on a GPU."""
+        return linear(x, weight_of(self.weight), self.bias, residual=residual, **_norm_args(norm))
 
 
 class MergedLinear(Linear):
@@ -173,5 +176,10 @@ class GateUpLinear(MergedLinear):
     def __init__(self, in_features: int, intermediate_size: int, bias: bool = False) -> None:
         super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size}, bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul")
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul", **_norm_args(norm))
+
+
+def _norm_args(norm: nn.Module | None) -> dict:
+    """The ``linear`` keywords of a fused RMSNorm prologue (an RMSNorm layer: ``weight`` and ``eps``)."""
+    return {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}

@@ -28,10 +28,16 @@ import torch
 from torch import nn
 
 from fdpp.config import ModelConfig
+from fdpp.distributed.layers import (
+    attention_heads,
+    gate_up_linear,
+    lm_head,
+    qkv_linear,
+    row_linear,
+    vocab_embedding,
+)
 from fdpp.errors import UnsupportedModelError
 from fdpp.layers.attention import Attention
-from fdpp.layers.embedding import LMHead, VocabEmbedding
-from fdpp.layers.linear import GateUpLinear, Linear, MergedLinear
 from fdpp.layers.norm import LayerNorm, RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 from fdpp.models.llama import LlamaForCausalLM
@@ -69,24 +75,24 @@ class ChatGLMSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, opts: dict) -> None:
         super().__init__()
         c = config
-        self.q_size, self.kv_size, self.head_dim = c.q_size, c.kv_size, c.head_dim
-        self.query_key_value = MergedLinear(
-            c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=opts["qkv_bias"]
+        heads, kv_heads = attention_heads(c.num_attention_heads, c.num_key_value_heads)  # this rank's
+        self.q_size, self.kv_size, self.head_dim = heads * c.head_dim, kv_heads * c.head_dim, c.head_dim
+        self.query_key_value = qkv_linear(
+            c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, opts["qkv_bias"]
         )
         if opts["per_head_qkv"]:
             self.query_key_value.weight.weight_loader = self._load_per_head_qkv
             if self.query_key_value.bias is not None:
                 self.query_key_value.bias.weight_loader = self._load_per_head_qkv
-        self.dense = Linear(c.q_size, c.hidden_size, bias=opts["linear_bias"])
-        self.attn = Attention(
-            c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.head_dim**-0.5, layer_idx
-        )
+        self.dense = row_linear(c.q_size, c.hidden_size, bias=opts["linear_bias"])
+        self.attn = Attention(heads, kv_heads, c.head_dim, c.head_dim**-0.5, layer_idx)
 
     def _load_per_head_qkv(
         self, param: nn.Parameter, loaded: torch.Tensor, name: str = "", shard_id: str | None = None
     ) -> None:
         """Reorder a non-multi-query checkpoint's [Hq, (q, k, v), D] rows into fdpp's [(q, k, v), Hq, D]."""
-        rows = getattr(param, "logical_shape", param.shape)[0]  # a quantized weight's placeholder is empty
+        # the whole tensor's rows (a quantized weight's placeholder is empty; a TP shard has fewer)
+        rows = (getattr(param, "tp_full_shape", None) or getattr(param, "logical_shape", param.shape))[0]
         if shard_id is None and loaded.shape[0] == rows:
             heads = loaded.shape[0] // (3 * self.head_dim)
             if isinstance(loaded, torch.Tensor):
@@ -114,8 +120,8 @@ class ChatGLMMLP(nn.Module):
         if config.hidden_act not in ("silu", "swish"):
             raise UnsupportedModelError(f"ChatGLM hidden_act {config.hidden_act!r} is not supported (SwiGLU)")
         bias = opts["linear_bias"]
-        self.dense_h_to_4h = GateUpLinear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.dense_4h_to_h = Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.dense_h_to_4h = gate_up_linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.dense_4h_to_h = row_linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.dense_4h_to_h(self.dense_h_to_4h(x), residual=residual)
@@ -147,7 +153,7 @@ class GLMTransformer(nn.Module):
 class ChatGLMEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.word_embeddings = VocabEmbedding(vocab_size, hidden_size)
+        self.word_embeddings = vocab_embedding(vocab_size, hidden_size)
 
 
 class ChatGLMTransformer(nn.Module):
@@ -160,7 +166,7 @@ class ChatGLMTransformer(nn.Module):
         self.embedding = ChatGLMEmbedding(opts["vocab_size"], config.hidden_size)
         self.rotary_pos_emb = glm_rotary(config, config.head_dim // 2)
         self.encoder = GLMTransformer(config, opts)
-        self.output_layer = LMHead(opts["vocab_size"], config.hidden_size)
+        self.output_layer = lm_head(opts["vocab_size"], config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding.word_embeddings(input_ids)

@@ -9,9 +9,15 @@ import torch
 from torch import nn
 
 from fdpp.config import ModelConfig
+from fdpp.distributed.layers import (
+    attention_heads,
+    gate_up_linear,
+    lm_head,
+    qkv_linear,
+    row_linear,
+    vocab_embedding,
+)
 from fdpp.layers.attention import Attention
-from fdpp.layers.embedding import LMHead, VocabEmbedding
-from fdpp.layers.linear import GateUpLinear, Linear, MergedLinear
 from fdpp.layers.norm import RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 
@@ -34,26 +40,27 @@ class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int, qkv_bias: bool, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         c = config
-        self.q_size, self.kv_size = c.q_size, c.kv_size
-        self.qkv_proj = MergedLinear(
-            c.hidden_size, {"q": c.q_size, "k": c.kv_size, "v": c.kv_size}, bias=qkv_bias
-        )
-        self.o_proj = Linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
+        heads, kv_heads = attention_heads(c.num_attention_heads, c.num_key_value_heads)  # this rank's
+        self.q_size, self.kv_size = heads * c.head_dim, kv_heads * c.head_dim
+        self.qkv_proj = qkv_linear(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, qkv_bias)
+        self.o_proj = row_linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
         self.rotary_emb = rotary_emb  # NOTE: one module (one cos/sin cache) shared by all layers
         self.attn = Attention(
-            c.num_attention_heads,
-            c.num_key_value_heads,
+            heads,
+            kv_heads,
             c.head_dim,
             c.head_dim**-0.5,
             layer_idx,
             sliding_window=layer_sliding_window(c, layer_idx),
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``norm``: RMSNorm of ``hidden`` fused into the qkv projection; ``residual``: added by o_proj."""
+        qkv = self.qkv_proj(hidden, norm=norm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         out = self.attn(q, k, v, positions=positions, rotary=self.rotary_emb)
-        return self.o_proj(out)
+        return self.o_proj(out, residual=residual)
 
 
 class LlamaMLP(nn.Module):
@@ -63,11 +70,12 @@ class LlamaMLP(nn.Module):
             from fdpp.errors import UnsupportedModelError
 
             raise UnsupportedModelError(f"hidden_act {config.hidden_act!r} is not supported for Llama (silu)")
-        self.gate_up_proj = GateUpLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = gate_up_linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = row_linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x))
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj(x, norm=norm), residual=residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -77,8 +85,14 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.fuse_norm = False  # set by LlamaForCausalLM.set_fuse_norm
 
     def forward(self, positions, hidden, residual):
+        if self.fuse_norm:
+            # ``hidden`` is the residual stream itself: each norm runs in the prologue of the projection
+            # after it, each residual add in the epilogue of the projection before it (no norm launch).
+            hidden = self.self_attn(positions, hidden, norm=self.input_layernorm, residual=hidden)
+            return self.mlp(hidden, norm=self.post_attention_layernorm, residual=hidden), None
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
@@ -93,7 +107,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, qkv_bias: bool) -> None:
         super().__init__()
         c = config
-        self.embed_tokens = VocabEmbedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens = vocab_embedding(c.vocab_size, c.hidden_size)
         self.rotary_emb = RotaryEmbedding(
             c.head_dim, c.max_position_embeddings, c.rope_theta, c.rope_scaling, is_neox=True
         )
@@ -107,6 +121,8 @@ class LlamaModel(nn.Module):
         residual = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual)
+        if residual is None:  # fused norms: hidden is the residual stream
+            return self.norm(hidden)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -126,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.qkv_bias or config.attention_bias)
-        self.lm_head = LMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = lm_head(config.vocab_size, config.hidden_size)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -139,6 +155,12 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def set_fuse_norm(self, enabled: bool) -> None:
+        """Fuse each decoder layer's RMSNorms into the qkv / gate_up projections (and the residual adds
+        into o / down); same math, 64 fewer launches per step for a 32-layer model."""
+        for layer in self.model.layers:
+            layer.fuse_norm = enabled
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -49,6 +49,12 @@ def build_model(
     ``quant`` (a ``fdpp.quant.config.QuantPlan``): which weights are quantized (``mark_quantized_layers``).
     """
     cls = get_model_class(config)
+    from fdpp.distributed.state import current_tp
+
+    if current_tp() is not None and quant is not None and quant.is_quantized:
+        raise NotImplementedError(
+            "quantized weights cannot be sharded for tensor parallelism yet; use tensor_parallel_size=1, "
+            "or quantization='none' to dequantize the checkpoint")
     with _default_dtype(dtype), torch.device("meta"):
         model = cls(config)
     if quant is not None and quant.is_quantized:
@@ -69,6 +75,12 @@ def build_model(
         _init_random(model, seed)
     else:
         load_weights(model, weights, num_tensors=num_tensors, show_progress=show_progress)
+    if quant is not None and quant.is_quantized and torch.device(device).type == "cpu":
+        from fdpp.quant.cpu_cache import plan_cpu_memoization
+
+        stats = plan_cpu_memoization(model)
+        logger.info("quantized weights on the CPU: %.0f MB packed, %.0f MB of %.0f MB dense memoized",
+                    stats["packed_bytes"] / 1e6, stats["memoized_bytes"] / 1e6, stats["dense_bytes"] / 1e6)
     model.eval()
     return model
 
@@ -92,7 +104,7 @@ def mark_quantized_layers(model: nn.Module, quant: Any) -> None:
 @torch.no_grad()
 def _init_random(model: nn.Module, seed: int) -> None:
     from fdpp.layers.linear import set_quant_weight
-    from fdpp.quant.formats import random_quant
+    from fdpp.quant.formats import online_format, random_quant
 
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for name, p in model.named_parameters():
@@ -100,13 +112,18 @@ def _init_random(model: nn.Module, seed: int) -> None:
         if mode is not None:
             n, k = p.logical_shape
             group = next(g for g in (p.quant_group_size, 128, 64, 32) if k % g == 0)
-            set_quant_weight(p, [random_quant(mode, n, k, group_size=group, device=p.device, seed=seed)], name)
+            fmt = online_format(mode, k, name)
+            set_quant_weight(p, [random_quant(fmt, n, k, group_size=group, device=p.device, seed=seed)], name)
             seed += 1
         elif p.dim() == 1:
             if name.endswith("bias"):
                 p.zero_()
             else:  # norm weights
                 p.fill_(1.0)
+        elif getattr(p, "tp_full_shape", None) is not None:
+            # a tensor-parallel shard: draw the whole tensor (as TP=1 does) and keep this rank's slice
+            whole = torch.empty(p.tp_full_shape, dtype=p.dtype, device=p.device).normal_(0.0, 0.02, generator=gen)
+            p.weight_loader(p, whole, name)
         else:
             p.normal_(0.0, 0.02, generator=gen)
 

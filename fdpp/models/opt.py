@@ -21,10 +21,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fdpp.config import ModelConfig
+from fdpp.distributed.layers import (
+    attention_heads,
+    column_linear,
+    lm_head,
+    qkv_linear,
+    row_linear,
+    vocab_embedding,
+)
 from fdpp.errors import UnsupportedModelError
 from fdpp.layers.attention import Attention
-from fdpp.layers.embedding import LMHead, VocabEmbedding
-from fdpp.layers.linear import Linear, MergedLinear
+from fdpp.layers.embedding import VocabEmbedding
+from fdpp.layers.linear import Linear
 from fdpp.layers.norm import LayerNorm
 from fdpp.ops.norm import layer_norm
 
@@ -72,10 +80,10 @@ class OPTAttention(nn.Module):
         c = config
         if c.num_key_value_heads != c.num_attention_heads:
             raise UnsupportedModelError("OPT has no grouped-query attention: remove num_key_value_heads")
-        self.q_size = c.q_size
-        self.qkv_proj = MergedLinear(c.hidden_size, {"q": c.q_size, "k": c.q_size, "v": c.q_size}, bias=bias)
-        self.out_proj = Linear(c.q_size, c.hidden_size, bias=bias)
-        heads = c.num_attention_heads
+        heads, _ = attention_heads(c.num_attention_heads, c.num_attention_heads)  # this rank's
+        self.q_size = heads * c.head_dim
+        self.qkv_proj = qkv_linear(c.hidden_size, c.num_attention_heads, c.num_attention_heads, c.head_dim, bias)
+        self.out_proj = row_linear(c.q_size, c.hidden_size, bias=bias)
         self.attn = Attention(heads, heads, c.head_dim, c.head_dim**-0.5, layer_idx)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,8 +101,8 @@ class OPTDecoderLayer(nn.Module):
         self.pre_norm = opts["pre_norm"]
         self.self_attn = OPTAttention(config, layer_idx, opts["bias"])
         self.self_attn_layer_norm = _layer_norm(config.hidden_size, opts["affine"])
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, bias=opts["bias"])
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, bias=opts["bias"])
+        self.fc1 = column_linear(config.hidden_size, config.intermediate_size, bias=opts["bias"])
+        self.fc2 = row_linear(config.intermediate_size, config.hidden_size, bias=opts["bias"])
         self.final_layer_norm = _layer_norm(config.hidden_size, opts["affine"])
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -116,7 +124,7 @@ class OPTDecoder(nn.Module):
         super().__init__()
         opts = opt_options(config)
         hidden, embed_dim = config.hidden_size, opts["embed_dim"]
-        self.embed_tokens = VocabEmbedding(config.vocab_size, embed_dim)
+        self.embed_tokens = vocab_embedding(config.vocab_size, embed_dim)
         self.embed_positions = VocabEmbedding(config.max_position_embeddings + POSITION_OFFSET, hidden)
         self.project_in = Linear(embed_dim, hidden) if embed_dim != hidden else None
         self.project_out = Linear(hidden, embed_dim) if embed_dim != hidden else None
@@ -157,7 +165,7 @@ class OPTForCausalLM(nn.Module):
         opts = opt_options(config)
         self.tied = opts["tied"]
         self.model = OPTModel(config)
-        self.lm_head = LMHead(config.vocab_size, opts["embed_dim"])
+        self.lm_head = lm_head(config.vocab_size, opts["embed_dim"])
         self.tie_weights()
 
     def tie_weights(self) -> None:

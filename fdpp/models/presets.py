@@ -16,6 +16,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="float16",
         bos_token_id=1, eos_token_id=2,
     ),
+    "llama-2-70b": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=32000, hidden_size=8192,
+        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        max_position_embeddings=4096, rms_norm_eps=1e-5, rope_theta=10000.0, torch_dtype="float16",
+        bos_token_id=1, eos_token_id=2,
+    ),
     "llama-3-8b": dict(
         architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,

@@ -34,8 +34,13 @@ def linear(
     *,
     residual: torch.Tensor | None = None,
     act: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """``y = x @ weight.T (+ bias)``, then ``act``, then ``+ residual``.
+
+    ``norm_weight`` [K]: x is first replaced by ``rms_norm(x, norm_weight, norm_eps)``; the GEMV and
+    flat-GEMM kernels do it in their prologue (no launch of its own), the other backends call the norm op.
 
     x: ``[..., K]`` (leading dims are flattened into M); weight: ``[N, K]`` (dense or quantized); bias: ``[N]``.
     ``act="silu_and_mul"``: weight is a fused [gate; up] of ``2F`` rows and y is
@@ -44,6 +49,11 @@ def linear(
     """
     if act not in ACTS:
         raise ValueError(f"linear: act={act!r} is not supported; use one of {ACTS}")
+    if norm_weight is not None and (isinstance(weight, (QuantTensor, QuantParts))
+                                    or linear_backend(x.device) in ("reference", "cublas")):
+        from fdpp.ops.norm import rms_norm
+
+        x, norm_weight = rms_norm(x, norm_weight, norm_eps), None
     if isinstance(weight, (QuantTensor, QuantParts)):
         return quant_linear(x, weight, bias, residual=residual, act=act)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -82,12 +92,17 @@ def linear(
     if impl == "gemv":
         from fdpp.kernels.gemv import gemv
 
-        y = gemv(x2, weight, bias, residual=res2, act=act, config=config)
+        y = gemv(x2, weight, bias, residual=res2, act=act, config=config, norm_weight=norm_weight, norm_eps=norm_eps)
     elif impl == "flat":
         from fdpp.kernels.flat_gemm import flat_gemm
 
-        y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config)
+        y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config,
+                      norm_weight=norm_weight, norm_eps=norm_eps)
     elif impl == "cublas":
+        if norm_weight is not None:
+            from fdpp.ops.norm import rms_norm
+
+            x2 = rms_norm(x2, norm_weight, norm_eps)
         y = linear_reference(x2, weight, bias, res2, act)
     else:
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
@@ -110,7 +125,7 @@ def quant_linear(
     lead = x.shape[:-1]
     backend = linear_backend(x.device)
     if backend == "reference" or (backend == "cublas" and x.device.type != "cuda"):
-        return linear_reference(x, weight.dequantize(x.dtype), bias, residual, act)
+        return linear_reference(x, weight.dense_for_matmul(x.dtype), bias, residual, act)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -158,14 +173,20 @@ def _quant_matmul(x2: torch.Tensor, w: QuantTensor, bias, residual, backend: str
         return quant_flat_gemm(x2, *args, residual=residual, config=config)
     if impl != "cublas":
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
-    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
-        y = fp8_w8a8_linear(x2, w.data, w.scale, bias)
-    else:
-        from fdpp.kernels.quant_gemv import quant_dequantize
-
-        dense = quant_dequantize(w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, dtype=x2.dtype)
-        y = torch.nn.functional.linear(x2, dense, bias)
+    y = quant_large_m(x2, w, bias)
     return y if residual is None else y + residual
+
+
+def quant_large_m(x2: torch.Tensor, w: QuantTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The large-M ("cublas") path of a quantized weight: FP8 W8A8 on the FP8 tensor cores for fp8 weights
+    (where supported), else one dequantize kernel into a dense weight and the dense tensor-core GEMM."""
+    n, k = w.shape
+    if w.fmt == "fp8" and fp8_w8a8_supported(x2, n, k):
+        return fp8_w8a8_linear(x2, w.data, w.scale, bias)
+    from fdpp.kernels.quant_gemv import quant_dequantize
+
+    dense = quant_dequantize(w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, dtype=x2.dtype)
+    return torch.nn.functional.linear(x2, dense, bias)
 
 
 def fp8_w8a8_supported(x: torch.Tensor, n: int, k: int) -> bool:

@@ -2,18 +2,20 @@
 
 ``quantization`` (``LLM(..., quantization=...)``, ``--quantization``, vLLM's name):
 
-* ``None`` / ``"auto"``: keep the checkpoint's own format: GGUF blocks, AWQ / GPTQ int4, FP8
-  (compressed-tensors / fp8) checkpoints stay quantized; fp16/bf16 checkpoints stay dense. On the CPU a
-  quantized checkpoint is dequantized once at load instead (the reference path would otherwise
-  dequantize every weight at every matmul), which is exact in float32, the CPU's default dtype.
-* ``"fp8"`` | ``"int8"`` | ``"int4"``: quantize the linear layers at load (online): FP8 e4m3 and INT8 with
-  per-output-channel scales, INT4 with per-group (128, else the largest of 64/32 dividing K) scales and
-  zero points. A quantized checkpoint is dequantized first, then re-quantized (you asked for it).
+* ``None`` / ``"auto"``: keep the checkpoint's own format on every device: GGUF blocks, AWQ / GPTQ int4,
+  FP8 (compressed-tensors / fp8) checkpoints stay quantized; fp16/bf16 checkpoints stay dense. The CPU
+  reference path dequantizes each weight at each matmul (memory stays at the packed size, ~0.6 bytes a
+  weight for 4-bit blocks instead of 4 for float32; the price is one dequantization of every weight per
+  step: see docs/QUANTIZATION.md). Nothing is dequantized at load unless ``"none"`` asks for it.
+* ``"fp8"`` | ``"int8"`` | ``"int4"`` | ``"q4_k"``: quantize the linear layers at load (online): FP8 e4m3 and
+  INT8 with per-output-channel scales, INT4 with per-group (128, else the largest of 64/32 dividing K)
+  scales and zero points, Q4_K in llama.cpp's k-quant blocks. A quantized checkpoint is dequantized
+  first, then re-quantized (you asked for it).
 * ``"gguf"`` | ``"awq"`` | ``"gptq"`` | ``"compressed-tensors"`` | ``"fp8-checkpoint"``: the checkpoint's
   format, named explicitly: it must match, and it is kept quantized on every device (also the CPU).
 * ``"none"``: dense weights: a quantized checkpoint is dequantized to the compute dtype at load.
-* GGUF block names (``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q4_k"``, ``"q5_k"``, ``"q6_k"``): random-weight
-  presets in that block format (benchmarks); ``q8_0`` / ``q4_0`` / ``q4_1`` also quantize float weights.
+* the other GGUF block names (``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_k"``, ``"q6_k"``): quantize float
+  weights into that block format at load too (and fill random-weight presets with it, for benchmarks).
 
 The LM head stays dense under online quantization (as in vLLM); checkpoints decide for themselves.
 """
@@ -30,9 +32,9 @@ from fdpp.quant.formats import GGUF_BLOCKS
 
 logger = logging.getLogger(__name__)
 
-ONLINE_METHODS = ("fp8", "int8", "int4")
+ONLINE_METHODS = ("fp8", "int8", "int4", "q4_k")
 CHECKPOINT_METHODS = ("gguf", "awq", "gptq", "compressed-tensors", "fp8-checkpoint")
-QUANTIZATION_CHOICES = ("auto", "none", *ONLINE_METHODS, *CHECKPOINT_METHODS, *GGUF_BLOCKS)
+QUANTIZATION_CHOICES = tuple(dict.fromkeys(("auto", "none", *ONLINE_METHODS, *CHECKPOINT_METHODS, *GGUF_BLOCKS)))
 
 
 @dataclass(frozen=True)
@@ -120,11 +122,7 @@ def resolve_quant_plan(requested: str | None, hf_config: dict[str, Any], source_
         return QuantPlan(method, req, keep=False, gptq_zero_offset=offset)
     if req == "none":
         return QuantPlan(method, None, keep=False, gptq_zero_offset=offset)
-    if req == "auto":
-        if method is not None and device.type == "cpu":
-            logger.info("%s checkpoint on the CPU: dequantized once at load (pass quantization=%r to keep it "
-                        "quantized and dequantize per matmul)", method, method)
-            return QuantPlan(method, None, keep=False, gptq_zero_offset=offset)
+    if req == "auto":  # NOTE: on every device, the CPU included: nothing is dequantized unless asked for
         return QuantPlan(method, None, keep=method is not None, gptq_zero_offset=offset)
     if req != method and not (req == "compressed-tensors" and method == "fp8-checkpoint"):
         raise UnsupportedModelError(

@@ -19,7 +19,7 @@ Formats (``fmt``), with the tensors each keeps (``data`` / ``scale`` / ``zero``)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -48,6 +48,9 @@ class QuantTensor:
     scale: torch.Tensor | None = None
     zero: torch.Tensor | None = None
     group_size: int = 0  # int4 only
+    # CPU reference path only: keep the dequantized weight after its first matmul (``plan_cpu_memoization``)
+    memoize: bool = field(default=False, compare=False)
+    _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -121,6 +124,15 @@ class QuantTensor:
         """The weight as a dense ``[N, K]`` tensor of ``dtype`` (computed in float32)."""
         return dequantize(self).to(dtype)
 
+    def dense_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        """``dequantize(dtype)`` for the reference path's matmul; memoized when ``memoize`` is set."""
+        if not self.memoize:
+            return self.dequantize(dtype)
+        w = self._dense.get(dtype)
+        if w is None:
+            w = self._dense[dtype] = self.dequantize(dtype)
+        return w
+
     def __repr__(self) -> str:
         extra = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return f"QuantTensor({self.fmt}, shape={list(self.shape)}{extra}, {self.nbytes} bytes, {self.device})"
@@ -135,6 +147,8 @@ class QuantParts:
             raise ValueError("QuantParts needs parts with one K")
         self.parts = list(parts)
         self.shape = (sum(int(p.shape[0]) for p in parts), int(parts[0].shape[1]))
+        self.memoize = False  # as QuantTensor.memoize
+        self._dense: dict = {}
 
     @property
     def fmt(self) -> str:
@@ -149,6 +163,15 @@ class QuantParts:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return torch.cat([p.dequantize(dtype) if isinstance(p, QuantTensor) else p.to(dtype) for p in self.parts])
+
+    def dense_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        """The reference path's dense weight (memoized when ``memoize`` is set)."""
+        w = self._dense.get(dtype)
+        if w is None:
+            w = torch.cat([p.dequantize(dtype) if isinstance(p, QuantTensor) else p.to(dtype) for p in self.parts])
+            if self.memoize:
+                self._dense[dtype] = w
+        return w
 
     def __repr__(self) -> str:
         return f"QuantParts({self.parts})"
@@ -256,7 +279,8 @@ def dequantize(qt: QuantTensor) -> torch.Tensor:
 
 def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantTensor:
     """Quantize a float weight [N, K] to ``fmt`` (fp8 | int8 | int4; GGUF q8_0 | q4_0 | q4_1 through the
-    ``gguf`` package). int4 uses asymmetric min/max groups of ``group_size`` along K."""
+    ``gguf`` package, q4_k | q5_k | q6_k through ``fdpp.quant.kquants``). int4 uses asymmetric min/max
+    groups of ``group_size`` along K."""
     if w.dim() != 2:
         raise ValueError(f"quantize: expected a 2-D weight [N, K], got shape {list(w.shape)}")
     n, k = w.shape
@@ -284,8 +308,27 @@ def quantize(w: torch.Tensor, fmt: str, group_size: int = 128) -> QuantTensor:
 
         raw = gguf.quants.quantize(wf.cpu().numpy(), getattr(gguf.GGMLQuantizationType, fmt.upper()))
         return QuantTensor(fmt, (n, k), torch.from_numpy(raw.copy()).reshape(n, -1).to(w.device))
-    raise ValueError(f"cannot quantize to {fmt!r}; online quantization supports fp8, int8, int4 "
-                     "(and q8_0, q4_0, q4_1 through the gguf package)")
+    if fmt in ("q4_k", "q5_k", "q6_k"):
+        from fdpp.quant.kquants import quantize_k
+
+        return QuantTensor(fmt, (n, k), quantize_k(wf, fmt))
+    raise ValueError(f"cannot quantize to {fmt!r}; online quantization supports {', '.join(FORMATS)}")
+
+
+# llama.cpp's fallbacks for tensors whose K is not a multiple of a k-quant's 256-weight super-block
+K_QUANT_FALLBACK = {"q4_k": "q4_1", "q5_k": "q8_0", "q6_k": "q8_0"}
+
+
+def online_format(fmt: str, k: int, name: str = "") -> str:
+    """The format a weight with K inputs is quantized into when ``fmt`` is asked for: ``fmt`` itself, or for
+    a k-quant and a K that is not a multiple of 256, its 32-block fallback (as llama.cpp's quantizer does)."""
+    if fmt in K_QUANT_FALLBACK and k % GGUF_BLOCKS[fmt][0]:
+        import logging
+
+        logging.getLogger(__name__).debug("%s: K=%d is not a multiple of 256; %s instead of %s", name or "weight",
+                                          k, K_QUANT_FALLBACK[fmt], fmt)
+        return K_QUANT_FALLBACK[fmt]
+    return fmt
 
 
 def random_quant(fmt: str, n: int, k: int, *, group_size: int = 128, device: torch.device | str = "cpu",
@@ -295,7 +338,9 @@ def random_quant(fmt: str, n: int, k: int, *, group_size: int = 128, device: tor
     GGUF blocks get random quant bits and small float16 block scales; nothing is quantized, so a 7B
     model's worth is built in seconds."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    if fmt in CHANNEL_FORMATS or fmt == "int4":
+    if fmt in CHANNEL_FORMATS or fmt in ("int4", "q4_k", "q5_k", "q6_k"):
+        # NOTE: k-quants are quantized for real (in PyTorch, on the device): random 6-bit sub-block scales
+        # would make weights ~10x too large and a deep model's activations overflow fp16.
         w = torch.randn(n, k, generator=gen, device=device) * 0.02
         return quantize(w, fmt, group_size)
     qk, bb = GGUF_BLOCKS[fmt]

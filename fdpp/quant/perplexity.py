@@ -1,9 +1,10 @@
 """Perplexity of a model on a fixed built-in text, per quantization: how much a format costs in quality.
 
 ``python -m fdpp.quant.perplexity`` (defaults: the embedded SmolLM2-135M-Instruct GGUF, quantizations
-``gguf none fp8 int8 int4``): loads the model once per quantization, runs the text (data/perplexity_text.txt,
-a few hundred tokens, shipped with fdpp) through one prefill, and prints the perplexity of each next token
-and its change against ``none`` (the checkpoint's weights dequantized to the compute dtype).
+``auto none fp8 int8 int4 q8_0 q4_k``): loads the model once per quantization, runs the text
+(data/perplexity_text.txt, 350 tokens, shipped with fdpp) through one prefill, and prints the perplexity
+of each next token and its change against ``none`` (the checkpoint's weights dequantized to the compute
+dtype). ``--out bench/results/quant_perplexity_cpu_smollm2`` also writes JSON / markdown with targets.
 """
 from __future__ import annotations
 
@@ -37,34 +38,76 @@ def perplexity(llm, text: str | None = None) -> tuple[float, int]:
     return math.exp(nll.item()), len(ids) - 1
 
 
+# the issue's quality targets: perplexity increase over the dequantized float32 weights ("none")
+TARGETS = {"fp8": 1.0, "int8": 1.0, "int4": 6.0}
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """``quant.perplexity.<q>`` targets (percent change vs ``none``) for the quantizations that have a goal."""
+    base = next((r["perplexity"] for r in rows if r["quantization"] == "none"), None)
+    out = []
+    for r in rows:
+        goal = TARGETS.get(r["quantization"])
+        if base is None or goal is None:
+            continue
+        delta = 100 * (r["perplexity"] / base - 1)
+        out.append({"name": f"quant.perplexity.{r['quantization']}", "value": round(delta, 3),
+                    "goal": f"<= +{goal}% vs the dequantized float32 weights", "met": delta <= goal})
+    return out
+
+
+def markdown(rows: list[dict], model: str) -> str:
+    """A table of the results (percent vs ``none``) and the targets."""
+    base = next((r["perplexity"] for r in rows if r["quantization"] == "none"), None)
+    lines = [f"Perplexity of {model} on fdpp/quant/data/{TEXT_PATH.name} ({rows[0]['tokens']} tokens, "
+             f"{rows[0]['device']}, {rows[0]['dtype']})", "", "| quantization | stored as | perplexity | vs none |",
+             "|---|---|---|---|"]
+    for r in rows:
+        delta = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base else "-"
+        lines.append(f"| {r['quantization']} | {r['stored_as']} | {r['perplexity']:.3f} | {delta} |")
+    tg = targets(rows)
+    if tg:
+        lines += ["", "| target | value (%) | goal | met |", "|---|---|---|---|"]
+        lines += [f"| {t['name']} | {t['value']:+.2f} | {t['goal']} | {'yes' if t['met'] else 'NO'} |" for t in tg]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import datetime
+    import platform
+
     from fdpp import LLM
 
     p = argparse.ArgumentParser(prog="python -m fdpp.quant.perplexity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model path (default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--quantization", nargs="+", default=["gguf", "none", "fp8", "int8", "int4"],
-                   help="quantizations to compare (default: %(default)s)")
+    p.add_argument("--quantization", nargs="+", default=["auto", "none", "fp8", "int8", "int4", "q8_0", "q4_k"],
+                   help="quantizations to compare; auto = the checkpoint's own format (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="compute dtype (auto: float32 on the CPU)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--out", default=None, help="also write <OUT>.json and <OUT>.md (results and quant.* targets)")
     args = p.parse_args(argv)
+    model = args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"
     rows = []
     for q in args.quantization:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=q, show_progress=False,
                   calibration="off")
+        qkv = getattr(llm.engine.model.model.layers[0].self_attn, "qkv_proj", None)
+        stored = getattr(getattr(getattr(qkv, "weight", None), "quant", None), "fmt", "dense")
         ppl, n = perplexity(llm)
-        rows.append({"quantization": q, "perplexity": ppl, "tokens": n, "device": str(llm.engine.device),
-                     "dtype": str(llm.engine.dtype).removeprefix("torch.")})
+        rows.append({"quantization": q, "stored_as": stored, "perplexity": ppl, "tokens": n,
+                     "device": str(llm.engine.device), "dtype": str(llm.engine.dtype).removeprefix("torch.")})
         llm.close()
-        print(f"{q:>8s}: perplexity {ppl:.4f} over {n} tokens", flush=True)
-    base = next((r["perplexity"] for r in rows if r["quantization"] == "none"), None)
-    print("\n| quantization | perplexity | vs none |\n|---|---|---|")
-    for r in rows:
-        delta = f"{100 * (r['perplexity'] / base - 1):+.2f}%" if base else "-"
-        print(f"| {r['quantization']} | {r['perplexity']:.3f} | {delta} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)",
-                                               "text": TEXT_PATH.name, "results": rows}, indent=1) + "\n")
+        print(f"{q:>8s}: perplexity {ppl:.4f} over {n} tokens (first QKV stored as {stored})", flush=True)
+    text = markdown(rows, model)
+    print("\n" + text)
+    if args.out:
+        import torch as _torch
+
+        result = {"model": model, "text": TEXT_PATH.name, "date": datetime.date.today().isoformat(),
+                  "machine": platform.processor() or platform.machine(), "torch": _torch.__version__,
+                  "results": rows, "targets": targets(rows)}
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(f"{args.out}.md").write_text(text)
     return 0
 
 

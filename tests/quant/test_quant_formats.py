@@ -136,3 +136,56 @@ def test_shape_errors_name_the_problem():
 def test_random_quant_is_finite_and_small(fmt):
     w = random_quant(fmt, 4, 512, group_size=128).dequantize()
     assert torch.isfinite(w).all() and w.abs().max() < 1
+
+
+@pytest.mark.parametrize("fmt,rel_err", [("q4_k", 0.09), ("q5_k", 0.045), ("q6_k", 0.025)])
+def test_k_quant_quantizer_writes_blocks_ggml_reads(fmt, rel_err):
+    """fdpp writes Q4_K / Q5_K / Q6_K blocks itself (the gguf package cannot): the gguf package must read them
+    back to exactly what fdpp's dequantizer gives, and that must be close to the float weight. An all-positive
+    super-block and an all-zero row are included (the min clamps to 0; zero scales stay finite)."""
+    gguf = pytest.importorskip("gguf")
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(5, 512, generator=g) * 0.05
+    w[1, :256] = w[1, :256].abs() + 0.1
+    w[3] = 0.0
+    qt = quantize(w, fmt)
+    ours = dequantize(qt)
+    theirs = gguf.quants.dequantize(qt.data.numpy(), getattr(gguf.GGMLQuantizationType, fmt.upper()))
+    torch.testing.assert_close(ours, torch.from_numpy(np.ascontiguousarray(theirs)).reshape(5, 512), rtol=0, atol=0)
+    assert torch.isfinite(ours).all() and (ours[3] == 0).all()
+    assert ((ours - w).norm() / w.norm()).item() < rel_err
+    with pytest.raises(ValueError, match="divisible by 256"):
+        quantize(torch.randn(4, 320), fmt)
+
+
+def test_k_quant_online_format_falls_back_for_short_rows():
+    from fdpp.quant.formats import online_format
+
+    assert online_format("q4_k", 4096) == "q4_k" and online_format("q4_k", 576) == "q4_1"
+    assert online_format("q6_k", 576) == "q8_0" and online_format("int4", 576) == "int4"
+
+
+def test_cpu_memoization_stays_under_the_dense_size():
+    """The reference path memoizes dequantized weights only while packed + memoized bytes stay under the
+    budget (a fraction of the dense weights' bytes); memoized or not, the matmul's weight is the same."""
+    from torch import nn
+
+    from fdpp.quant.cpu_cache import plan_cpu_memoization
+
+    g = torch.Generator().manual_seed(8)
+    model = nn.Module()
+    model.a, model.b, model.c = (nn.Linear(64, 32, bias=False) for _ in range(3))
+    for lin in (model.a, model.b, model.c):
+        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
+    model.d = nn.Linear(64, 32, bias=False)
+    model.d.weight.quant = model.a.weight.quant  # tied: counted once
+    stats = plan_cpu_memoization(model, fraction=0.6)
+    assert stats["num_weights"] == 3 and stats["dense_bytes"] == 3 * 32 * 64 * 4
+    assert stats["packed_bytes"] + stats["memoized_bytes"] <= 0.6 * stats["dense_bytes"]
+    assert stats["num_memoized"] == 1 and model.a.weight.quant.memoize and not model.c.weight.quant.memoize
+    q = model.a.weight.quant
+    first = q.dense_for_matmul(torch.float32)
+    assert q.dense_for_matmul(torch.float32) is first and torch.equal(first, q.dequantize())
+    assert model.c.weight.quant.dense_for_matmul(torch.float32) is not model.c.weight.quant.dense_for_matmul(
+        torch.float32)
+    assert plan_cpu_memoization(model, fraction=0.0)["num_memoized"] == 0

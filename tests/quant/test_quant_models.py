@@ -17,9 +17,14 @@ import torch
 from fdpp.errors import UnsupportedModelError
 from fdpp.quant.formats import QuantParts, QuantTensor, quantize
 from fdpp.quant.packing import quant_to_awq, quant_to_gptq
-
 from tests.helpers import write_tiny_llama
-from tests.models import check_against_hf, check_triton_against_hf, load_llm, random_prompt, save_safetensors_checkpoint
+from tests.models import (
+    check_against_hf,
+    check_triton_against_hf,
+    load_llm,
+    random_prompt,
+    save_safetensors_checkpoint,
+)
 
 gguf = pytest.importorskip("gguf")
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,24 +53,30 @@ def _group(k: int) -> int:
     return next(g for g in (128, 64, 32) if k % g == 0)  # what online int4 picks for K
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4"])
+@pytest.mark.parametrize("fmt", ["fp8", "int8", "int4", "q4_k"])
 def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
+    """(q4_k: the tiny model's K = 64 / 96 are not multiples of 256, so its weights take the Q4_1 fallback.)"""
+    from fdpp.quant.formats import online_format
+
     path, hf = tiny
     llm = load_llm(path, quantization=fmt)
     model = llm.engine.model
     qkv = model.model.layers[0].self_attn.qkv_proj.weight
-    assert isinstance(qkv.quant, QuantTensor) and qkv.quant.fmt == fmt and qkv.numel() == 0
+    stored = online_format(fmt, qkv.quant.shape[1])
+    assert isinstance(qkv.quant, QuantTensor) and qkv.quant.fmt == stored and qkv.numel() == 0
     assert getattr(model.lm_head.weight, "quant", None) is None  # the LM head stays dense
-    deq = {n: quantize(w, fmt, _group(w.shape[1])).dequantize() for n, w in hf.state_dict().items() if _is_linear(n)}
+    deq = {n: quantize(w, online_format(fmt, w.shape[1]), _group(w.shape[1])).dequantize()
+           for n, w in hf.state_dict().items() if _is_linear(n)}
     twin = _twin(hf, deq)
     prompts = [random_prompt(9, 128, seed=s) for s in (1, 2)]
     check_against_hf(llm, twin, prompts, n_greedy=4)
-    check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1)
+    if fmt != "q4_k":  # its Q4_1 fallback runs through the Triton GEMV in the GGUF test below
+        check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1)
     # and the quantization itself is close to the fp32 model
     from tests.models import hf_logits, prefill_logits, rel_err
 
     err = rel_err(prefill_logits(llm, prompts[0]), hf_logits(hf, prompts[0]))
-    assert err < {"fp8": 0.08, "int8": 0.02, "int4": 0.25}[fmt], err
+    assert err < {"fp8": 0.08, "int8": 0.02, "int4": 0.25, "q4_k": 0.25}[fmt], err
     llm.close()
 
 
@@ -123,8 +134,11 @@ def test_quantized_checkpoints_load_kept_quantized_and_match_their_twin(tiny, tm
     check_against_hf(llm, twin, prompts, n_greedy=3)
     check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1)
     llm.close()
-    # auto on the CPU: the same weights, dequantized once at load
+    # auto (the default) keeps it quantized on the CPU too; "none" asks for dense weights
     llm = load_llm(folder)
+    assert llm.engine.model.model.layers[1].mlp.gate_up_proj.weight.quant.fmt == fmt
+    llm.close()
+    llm = load_llm(folder, quantization="none")
     assert getattr(llm.engine.model.model.layers[1].mlp.gate_up_proj.weight, "quant", None) is None
     check_against_hf(llm, twin, prompts, n_greedy=2)
     llm.close()

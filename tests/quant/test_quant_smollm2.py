@@ -13,7 +13,7 @@ from fdpp.quant.perplexity import perplexity
 
 @pytest.fixture(scope="module")
 def quantized():
-    llm = LLM(quantization="gguf", device="cpu", show_progress=False, calibration="off")
+    llm = LLM(device="cpu", show_progress=False, calibration="off")  # the default keeps the GGUF blocks
     yield llm
     llm.close()
 

@@ -1,0 +1,210 @@
+"""Async scheduling (step t+1 planned while step t runs, tokens read one step late) gives the same
+tokens as synchronous steps: stops, max_tokens, n > 1, streaming, abort, preemption and structured
+output. On the CPU nothing overlaps in time, but every bookkeeping path runs: placeholders, input
+ids taken from the previous step's sampled tensor, dropped samples past a stop, rollback of blocks."""
+import pytest
+import torch
+
+from fdpp import LLM, SamplingParams
+from fdpp.engine.model_runner import ModelRunner
+from fdpp.engine.sequence import PLACEHOLDER_TOKEN
+
+PROMPTS = [[5, 9, 13, 17], [3, 3, 8, 21, 34, 55, 89, 4, 7], [11] * 20, [60, 61]]
+
+
+@pytest.fixture(scope="module")
+def small_cache_llm(tiny_llama_dir):
+    """The tiny model with 6 blocks of 8 tokens: four streams of ~30 tokens must preempt."""
+    llm = LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off",
+              num_blocks=6, block_size=8)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture
+def device_token_steps(monkeypatch):
+    """Counts the steps that ran with input ids from the previous step's device tensor (counted
+    after they return: a launch that raises is rerun synchronously and does not count)."""
+    calls = {"device": 0, "host": 0}
+    original = ModelRunner.execute
+
+    def execute(self, batch, device_tokens=None):
+        result = original(self, batch, device_tokens)
+        calls["device" if device_tokens is not None else "host"] += 1
+        return result
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    return calls
+
+
+def _generate(llm, prompts, params, use_async):
+    llm.engine.async_scheduling = use_async
+    try:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    finally:
+        llm.engine.async_scheduling = False
+    _assert_idle(llm)
+    return [[(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs] for o in outs]
+
+
+def _assert_idle(llm):
+    eng = llm.engine
+    eng.check_integrity()
+    bm = eng.block_manager
+    assert bm.num_used_blocks == 0, "blocks still held after every request ended"
+    assert eng._in_flight is None or not any(eng._is_live(s) for s in eng._in_flight.seqs)
+    assert not eng.has_unfinished_requests()
+
+
+def test_greedy_seeded_logprobs_and_n_match_sync(tiny_llm, device_token_steps):
+    params = [
+        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=9, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, n=3, max_tokens=7, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1),
+    ]
+    sync = _generate(tiny_llm, PROMPTS, params, False)
+    assert device_token_steps["device"] == 0
+    overlapped = _generate(tiny_llm, PROMPTS, params, True)
+    assert overlapped == sync
+    assert device_token_steps["device"] >= 5, device_token_steps  # the overlap path really ran
+    assert [len(c[0]) for c in sync[0]] == [12] and [len(c[0]) for c in sync[2]] == [7, 7, 7]
+
+
+def test_stop_token_and_eos_end_exactly(tiny_llm):
+    free = _generate(tiny_llm, PROMPTS[:2], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), False)
+    stop_a, stop_b = free[0][0][0][4], free[1][0][0][2]  # tokens that occur mid-generation
+    params = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_a]),
+              SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_b], min_tokens=4),
+              # samples of one request that stop at different steps (the others keep decoding)
+              SamplingParams(temperature=1.0, seed=11, n=4, max_tokens=16, stop_token_ids=list(range(0, 128, 9)))]
+    sync = _generate(tiny_llm, PROMPTS[:3], params, False)
+    overlapped = _generate(tiny_llm, PROMPTS[:3], params, True)
+    assert overlapped == sync
+    lengths = [len(c[0]) for c in sync[2]]
+    assert len(set(lengths)) > 1 and min(lengths) < 16, lengths
+    tokens, reason, stop_reason, _ = sync[0][0]
+    assert reason == "stop" and stop_reason == stop_a and tokens[-1] == stop_a
+    assert len(tokens) <= 5 and stop_a not in tokens[:-1]  # nothing past the stop is returned
+    assert PLACEHOLDER_TOKEN not in tokens
+
+
+def test_streaming_outputs_match_step_by_step(tiny_llm):
+    def stream(use_async):
+        eng = tiny_llm.engine
+        eng.async_scheduling = use_async
+        try:
+            eng.add_request("a", PROMPTS[0], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            eng.add_request("b", PROMPTS[1], SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+            steps = []
+            while eng.has_unfinished_requests():
+                steps.append(sorted((o.request_id, tuple(o.outputs[0].token_ids), o.finished) for o in eng.step()))
+        finally:
+            eng.async_scheduling = False
+        _assert_idle(tiny_llm)
+        return steps
+
+    sync = stream(False)
+    assert stream(True) == sync
+    assert len(sync) == 9  # one token per step and per call, async or not
+
+
+def test_abort_while_a_step_is_in_flight(tiny_llm):
+    def run(use_async):
+        eng = tiny_llm.engine
+        eng.async_scheduling = use_async
+        try:
+            eng.add_request("keep", PROMPTS[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+            eng.add_request("drop", PROMPTS[2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+            seen = []
+            for _ in range(3):
+                seen += [(o.request_id, list(o.outputs[0].token_ids)) for o in eng.step()]
+            if use_async:
+                assert eng._in_flight is not None  # the abort lands while a step holds its row
+            assert eng.abort_request("drop")
+            eng.check_integrity()
+            while eng.has_unfinished_requests():
+                seen += [(o.request_id, list(o.outputs[0].token_ids)) for o in eng.step()]
+        finally:
+            eng.async_scheduling = False
+        _assert_idle(tiny_llm)
+        return seen
+
+    sync = run(False)
+    assert run(True) == sync
+    assert [len(t) for r, t in sync if r == "keep"][-1] == 10
+
+
+def test_switching_async_off_mid_stream_drains_the_step_in_flight(tiny_llm):
+    eng = tiny_llm.engine
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = _generate(tiny_llm, PROMPTS[:2], params, False)
+    eng.async_scheduling = True
+    try:
+        eng.add_request("x", PROMPTS[0], params)
+        eng.add_request("y", PROMPTS[1], params)
+        eng.step()
+        eng.step()
+        assert eng._in_flight is not None
+        eng.async_scheduling = False
+        final = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.finished:
+                    final[o.request_id] = [(c.token_ids, c.finish_reason, c.stop_reason, c.logprobs) for c in o.outputs]
+    finally:
+        eng.async_scheduling = False
+    _assert_idle(tiny_llm)
+    assert [final["x"], final["y"]] == expected
+
+
+def test_preemption_falls_back_and_matches(small_cache_llm, device_token_steps):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[7, 8, 9, 10, 11, 12], [20, 21, 22], [30, 31, 32, 33, 34], [40]]
+    sync = _generate(small_cache_llm, prompts, params, False)
+    before = small_cache_llm.engine.scheduler.num_preemptions
+    assert before > 0
+    overlapped = _generate(small_cache_llm, prompts, params, True)
+    assert overlapped == sync
+    assert small_cache_llm.engine.scheduler.num_preemptions > before
+    assert device_token_steps["device"] > 0
+
+
+def test_structured_output_and_penalties_run_in_sync_steps(smollm2_llm):
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    prompts = ["Is the sky blue? Answer:", "Count: one, two,", "Say hi:"]
+    params = [
+        SamplingParams(temperature=0, max_tokens=8, structured_outputs=SO(choice=["yes", "no", "maybe"])),
+        SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3),
+        SamplingParams(temperature=0, max_tokens=6, stop=[" "]),  # a stop string, read one step late
+    ]
+    sync = _generate(smollm2_llm, prompts, params, False)
+    overlapped = _generate(smollm2_llm, prompts, params, True)
+    assert overlapped == sync
+    texts = [o.outputs[0].text for o in smollm2_llm.generate(prompts[:1], params[:1], use_tqdm=False)]
+    assert texts[0] in ("yes", "no", "maybe")
+
+
+def test_config_defaults_and_cli_flags(tiny_llama_dir, small_cache_llm, monkeypatch):
+    import argparse
+
+    import fdpp.cli.common as common
+
+    assert small_cache_llm.engine.async_scheduling is False  # the CPU default: nothing to overlap
+    assert small_cache_llm.engine.fuse_norm is False
+    p = argparse.ArgumentParser()
+    common.add_model_args(p)
+    seen = {}
+    monkeypatch.setattr("fdpp.llm.LLM", lambda *a, **kw: seen.update(kw))
+    common.llm_from_args(p.parse_args(["--model", tiny_llama_dir, "--async-scheduling", "--no-fuse-norm", "-q"]))
+    assert seen["async_scheduling"] is True and seen["fuse_norm"] is False
+    common.llm_from_args(p.parse_args(["--model", tiny_llama_dir, "-q"]))
+    assert seen["async_scheduling"] is None and seen["fuse_norm"] is None  # auto: on for CUDA
+    from fdpp.engine.llm_engine import _resolve_fuse_norm
+
+    monkeypatch.setenv("FDPP_FUSED_NORM", "0")
+    assert _resolve_fuse_norm(None, torch.device("cuda")) is False
+    monkeypatch.setenv("FDPP_FUSED_NORM", "1")
+    assert _resolve_fuse_norm(None, torch.device("cuda")) is True
+    assert _resolve_fuse_norm(None, torch.device("cpu")) is False
