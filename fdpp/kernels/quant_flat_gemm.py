@@ -14,7 +14,13 @@ import triton
 import triton.language as tl
 
 from fdpp.kernels.gemv import _epilogue_store, launch_splitk_epilogue, num_sms
-from fdpp.kernels.quant_gemv import _dequant_tile, check_quant_args, quant_launch_args, split_k_grid, sub_block
+from fdpp.kernels.quant_gemv import (
+    _dequant_tile,
+    check_quant_args,
+    quant_launch_args,
+    split_k_grid,
+    sub_block,
+)
 
 
 @triton.jit
