@@ -499,7 +499,7 @@ def plot(results, path: str) -> bool:
     pre_rows = [r for r in results.get("prefill", []) if isinstance(r.get("fdpp_unified_tflops"), float)]
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 0.35 * len(dec_rows)), 9))
     for ax, rows, unit, lab in ((axes[0], dec_rows, "tbs", "TB/s"), (axes[1], pre_rows, "tflops", "TFLOP/s")):
-        names = [f"{r['dtype'][:2]} {r['batch']}x{r.get('kv_len', r.get('seq_len'))} {r['num_heads']}/{r['num_kv_heads']}"
+        names = [f"{ {'float16': 'fp16', 'bfloat16': 'bf16'}.get(r['dtype'], r['dtype'])} {r['batch']}x{r.get('kv_len', r.get('seq_len'))} {r['num_heads']}/{r['num_kv_heads']}"
                  for r in rows]
         x = list(range(len(rows)))
         for key, label, off in ((f"fdpp_unified_{unit}", "fdpp unified", -0.3), (f"fdpp_sync_{unit}", "fdpp sync", -0.1),

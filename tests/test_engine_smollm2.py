@@ -14,8 +14,8 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def llm():
-    return LLM(dtype="float32", device="cpu", show_progress=False)
+def llm(smollm2_llm):
+    return smollm2_llm  # one loaded SmolLM2 per test session (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_preemption_under_tiny_cache_matches_ample_cache(llm):
     greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     ample = llm.generate(PROMPTS, greedy, use_tqdm=False)
     # 6 blocks of 8 tokens: the four sequences (up to ~35 tokens each) cannot all fit at once
-    tiny = LLM(dtype="float32", device="cpu", show_progress=False, block_size=8, num_blocks=6)
+    tiny = LLM(dtype="float32", device="cpu", show_progress=False, quantization="none", block_size=8, num_blocks=6)
     outs = tiny.generate(PROMPTS, greedy, use_tqdm=False)
     assert tiny.engine.scheduler.num_preemptions > 0
     for a, b in zip(ample, outs):
@@ -142,13 +142,13 @@ def test_bad_inputs_give_clear_errors(llm):
     with pytest.raises(InvalidRequestError, match="top_p"):
         SamplingParams(top_p=0)
     with pytest.raises(CacheTooSmallError):
-        LLM(dtype="float32", device="cpu", show_progress=False, kv_cache_memory=1000)
+        LLM(dtype="float32", device="cpu", show_progress=False, quantization="none", kv_cache_memory=1000)
     assert not llm.engine.has_unfinished_requests()
 
 
 def test_sequence_outgrowing_the_cache_ends_as_length():
     # 4 blocks of 8 tokens: a request may start (prompt fits) but cannot grow past 32 tokens
-    small = LLM(dtype="float32", device="cpu", show_progress=False, block_size=8, num_blocks=4)
+    small = LLM(dtype="float32", device="cpu", show_progress=False, quantization="none", block_size=8, num_blocks=4)
     out = small.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True),
                          use_tqdm=False)[0]
     c = out.outputs[0]

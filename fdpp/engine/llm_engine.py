@@ -13,10 +13,10 @@ from fdpp.config import EngineConfig, ModelConfig, resolve_device
 from fdpp.engine.block_manager import BlockManager
 from fdpp.engine.model_runner import (
     DeviceTokens,
-    ModelRunner,
     PendingSample,
     kv_bytes_per_token,
     num_blocks_for_budget,
+    profile_activation_bytes,
 )
 from fdpp.engine.scheduler import ScheduledBatch, Scheduler
 from fdpp.engine.sequence import Sequence
@@ -144,29 +144,13 @@ class LLMEngine:
                 used = total - free
                 # Activations of the largest step, measured by a profiling pass.
                 with phase("Measuring activation memory", self.config.show_progress):
-                    peak = self._profile_activation_bytes()
+                    peak = profile_activation_bytes(self.model, self.model_config, self.dtype, self.device,
+                                                    self.config.cache.block_size, self.max_num_batched_tokens,
+                                                    self.max_model_len)
                 budget = int(total * cc.gpu_memory_utilization - used - peak)
             else:
                 budget = _CPU_KV_BUDGET
         return num_blocks_for_budget(self.model_config, self.dtype, block_size, budget, self.max_model_len)
-
-    def _profile_activation_bytes(self) -> int:
-        """Run the largest prefill once with a throw-away cache; return its peak activation memory."""
-        n = min(self.max_num_batched_tokens, self.max_model_len)
-        bs = self.config.cache.block_size
-        blocks = -(-n // bs)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        runner = ModelRunner(self.model, self.model_config, self.dtype, self.device, bs, blocks, n)
-        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1), time.time())
-        seq.block_table = list(range(blocks))
-        runner.execute(ScheduledBatch([seq], [n], True))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del runner
-        torch.cuda.empty_cache()
-        return int(peak)
 
     # ---- requests --------------------------------------------------------------------------------
     def _new_request_id(self) -> str:

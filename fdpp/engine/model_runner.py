@@ -509,3 +509,27 @@ def num_blocks_for_budget(
             num_blocks * block_size, max_model_len,
         )
     return num_blocks
+
+
+def profile_activation_bytes(model: nn.Module, model_config: ModelConfig, dtype: torch.dtype,
+                             device: torch.device, block_size: int, max_num_batched_tokens: int,
+                             max_model_len: int) -> int:
+    """Run the largest prefill once with a throw-away cache; return its peak activation memory (CUDA)."""
+    import time
+
+    from fdpp.sampling_params import SamplingParams
+
+    n = min(max_num_batched_tokens, max_model_len)
+    blocks = -(-n // block_size)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    runner = ModelRunner(model, model_config, dtype, device, block_size, blocks, n)
+    seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1), time.time())
+    seq.block_table = list(range(blocks))
+    runner.execute(ScheduledBatch([seq], [n], True))
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del runner
+    torch.cuda.empty_cache()
+    return int(peak)

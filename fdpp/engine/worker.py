@@ -47,7 +47,7 @@ class Worker:
         import torch.distributed as dist
 
         from fdpp.engine.llm_engine import _CPU_KV_BUDGET
-        from fdpp.engine.model_runner import num_blocks_for_budget
+        from fdpp.engine.model_runner import num_blocks_for_budget, profile_activation_bytes
 
         cc = self.engine_config.cache
         mc = rank_model_config(self.loaded.model_config, self.tp.size)
@@ -58,7 +58,8 @@ class Worker:
             if budget is None:
                 if self.device.type == "cuda":
                     free, total = torch.cuda.mem_get_info(self.device)
-                    peak = self._profile_activation_bytes(block_size, max_num_batched_tokens, max_model_len)
+                    peak = profile_activation_bytes(
+                        self.loaded.model, mc, self.loaded.dtype, self.device, block_size, max_num_batched_tokens, max_model_len)
                     budget = int(total * cc.gpu_memory_utilization - (total - free) - peak)
                 else:
                     budget = _CPU_KV_BUDGET
@@ -66,28 +67,6 @@ class Worker:
         t = torch.tensor([n], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.tp.cpu_group)
         return int(t.item())
-
-    def _profile_activation_bytes(self, block_size: int, max_num_batched_tokens: int, max_model_len: int) -> int:
-        from fdpp.engine.model_runner import ModelRunner
-        from fdpp.engine.scheduler import ScheduledBatch
-        from fdpp.engine.sequence import Sequence
-        from fdpp.sampling_params import SamplingParams
-
-        n = min(max_num_batched_tokens, max_model_len)
-        blocks = -(-n // block_size)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        mc = rank_model_config(self.loaded.model_config, self.tp.size)
-        runner = ModelRunner(self.loaded.model, mc, self.loaded.dtype, self.device, block_size, blocks, n)
-        seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1), time.time())
-        seq.block_table = list(range(blocks))
-        runner.execute(ScheduledBatch([seq], [n], True))
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
-        del runner
-        torch.cuda.empty_cache()
-        return int(peak)
 
     def init_runner(self, block_size: int, num_blocks: int, max_model_len: int, eos_token_ids: tuple[int, ...]) -> None:
         """This rank's ModelRunner: its KV cache holds its KV heads only."""

@@ -32,6 +32,8 @@ A row stays on the fast path only if ALL of these hold (fp32, per row, over the 
   one-sidedly and accumulates; that is what the check catches (issue #11: one key at -5, thousands at
   -17.5 lost all of their 1.5% of the mass to fp16 underflow without a flag);
 - l > 0 (some P is nonzero in fp32).
+For bf16 the l1 bound holds by construction inside the window (bf16 has fp32's exponent range, see
+`mass_check`), so only fp16 kernels measure it.
 The test is written as `ok = (...) & (...)`, so a NaN anywhere in the row (NaN or inf in q or k, an
 inf - inf) makes it fail: the row is recomputed by the synchronized loop, which propagates the NaN
 into the output (`acc / l` with l NaN; no `l > 0` guard that would turn it into 0). A sequence with
@@ -73,13 +75,24 @@ MASS_TOL: dict[torch.dtype, float] = {
 }
 
 
+def mass_check(dtype: torch.dtype) -> bool:
+    """Whether the kernels must measure the mass P loses in the cast: only for fp16.
+
+    bf16 has fp32's exponent range, so inside the window (lo > -87 nats) a P that is subnormal in bf16
+    is subnormal in fp32 too (< 2^-126), while l > e^lo: such P hold < N * 2^-126 / e^-50 < 1e-7 of the
+    mass for N < 2^31. Every other P rounds by <= 2^-8 relative. So sum |P - cast(P)| <= 2^-8 l + 1e-7 l
+    < MASS_TOL * l holds by construction for every in-window bf16 row (fp32 P is not cast at all); NaN
+    and inf still fail the `l > 0` / window tests."""
+    return dtype == torch.float16
+
+
 @triton.jit
 def _decode_range(
     acc, l_i, m_i, e_i, q, lo, hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
     offs_n, offs_d, mask_d, scale_log2, phi_log2,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, UNIFIED: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, P_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, P_FP32: tl.constexpr, MASS_CHECK: tl.constexpr,
 ):
     """Accumulate the KV tokens [lo, hi) into (acc, l_i, m_i, e_i).
 
@@ -123,7 +136,7 @@ def _decode_range(
             acc += tl.dot(p, v.to(tl.float32), input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
         elif USE_DOT:
             p_in = p.to(v.dtype)
-            if UNIFIED:
+            if UNIFIED and MASS_CHECK:
                 e_i += tl.sum(tl.abs(p - p_in.to(tl.float32)), 1)
             if UPCAST_DOT:
                 acc += tl.dot(p_in.to(tl.float32), v.to(tl.float32), input_precision="ieee")
@@ -222,17 +235,20 @@ def _decode_recompute(
     q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row, k_cache_ptr, v_cache_ptr,
     out_ptr, kvh, scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_os, stride_oh,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N_FB: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Fused fallback: the whole (sequence, KV head) group with the synchronized loop (P kept in fp32),
-    stored."""
+    stored. Tiles of BLOCK_N_FB tokens: the fp32 V tile of this rare path must not raise the register
+    count (and so cut the occupancy) of the kernel's fast path (measured: 43 -> 50 us at 8 x 4k GQA with
+    128-token tiles here)."""
+    offs_n = tl.arange(0, BLOCK_N_FB)
     acc, l_i, m_i, e_i = _decode_range(
         tl.zeros([BLOCK_G, BLOCK_D], tl.float32), tl.zeros([BLOCK_G], tl.float32),
         tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
         q, kv_start, ctx_len, bt_row, k_cache_ptr, v_cache_ptr, kvh, offs_n, offs_d, mask_d, scale_log2, 0.0,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        BLOCK_SIZE, BLOCK_N, False, USE_DOT, DOT_PRECISION, UPCAST_DOT, True)
+        BLOCK_SIZE, BLOCK_N_FB, False, USE_DOT, DOT_PRECISION, UPCAST_DOT, True, False)
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
     out_ptrs = out_ptr + seq * stride_os + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
@@ -251,7 +267,7 @@ def paged_decode_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, FUSED_FALLBACK: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_DOT: tl.constexpr,
-    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASS_CHECK: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -291,7 +307,7 @@ def paged_decode_kernel(
         tl.full([BLOCK_G], float("-inf"), tl.float32), tl.zeros([BLOCK_G], tl.float32),
         q, lo, hi, bt_row, k_cache_ptr, v_cache_ptr, kvh, offs_n, offs_d, mask_d, scale_log2, phi_log2,
         stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-        BLOCK_SIZE, BLOCK_N, UNIFIED, USE_DOT, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
+        BLOCK_SIZE, BLOCK_N, UNIFIED, USE_DOT, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK, MASS_CHECK)
 
     if SINGLE_SPLIT:
         num_bad = _decode_epilogue(
@@ -304,7 +320,7 @@ def paged_decode_kernel(
                     q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row, k_cache_ptr,
                     v_cache_ptr, out_ptr, kvh, scale_log2, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                     stride_vh, stride_os, stride_oh,
-                    BLOCK_G, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, UPCAST_DOT)
+                    BLOCK_G, BLOCK_D, BLOCK_SIZE, 32, USE_DOT, DOT_PRECISION, UPCAST_DOT)
     else:
         idx = (seq * num_heads + heads) * num_splits + split
         tl.store(part_m_ptr + idx, m_i, mask=mask_g)
@@ -338,7 +354,7 @@ def paged_decode_kernel(
                             q, seq, heads, mask_g, offs_n, offs_d, mask_d, kv_start, ctx_len, bt_row,
                             k_cache_ptr, v_cache_ptr, out_ptr, kvh, scale_log2, stride_kb, stride_kt,
                             stride_kh, stride_vb, stride_vt, stride_vh, stride_os, stride_oh,
-                            BLOCK_G, BLOCK_D, BLOCK_SIZE, BLOCK_N, USE_DOT, DOT_PRECISION, UPCAST_DOT)
+                            BLOCK_G, BLOCK_D, BLOCK_SIZE, 32, USE_DOT, DOT_PRECISION, UPCAST_DOT)
 
 
 @triton.jit
@@ -395,7 +411,11 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     Programs = num_seqs * num_kv_heads * splits. With fewer (sequence, KV head) groups than
     `target_programs_per_sm * num_sms`, the KV length is split until the GPU is full, but no split
     gets fewer than `min_tokens_per_split` tokens (a tiny split costs its fixed overhead for little
-    data).
+    data). The count is rounded down to a power of 2 so the splits divide the tiles evenly: measured on
+    an H200 (bench/results/attention_NVIDIA_H200_2026-12-03_quick_notes.md), batch-1 GQA 32/8 at 16k
+    and 32k runs 35.8 / 52.0 us with 32 splits against 38.6 / 54.5 with 33, 8 x 4k GQA 44.1 (4) vs
+    50.1 (5), 1 x 4k MHA 24.8 (8) vs 25.2 (9). Batch-1 GQA 32/8 gets 8 KV heads x 32 splits = 256
+    programs from 4k on (two per SM on 132 SMs).
     """
     target = target_programs_per_sm or DECODE_TARGET_PROGRAMS_PER_SM
     min_tokens = min_tokens_per_split or DECODE_MIN_TOKENS_PER_SPLIT
@@ -403,7 +423,8 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     groups = max(1, num_seqs * num_kv_heads)
     want = -(-target * num_sms // groups)
     by_len = max(1, max_context_len // min_tokens)
-    return int(max(1, min(want, by_len, cap)))
+    n = int(max(1, min(want, by_len, cap)))
+    return 1 << (n.bit_length() - 1)
 
 
 def split_counters(device: torch.device, numel: int) -> torch.Tensor:
@@ -580,7 +601,7 @@ def paged_decode_attention(
             SINGLE_SPLIT=single,
             FUSED_REDUCE=fused_reduce, USE_DOT=use_dot, HAS_SLIDING=sliding_window is not None,
             DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_bf16_dot(q.dtype),
-            num_warps=num_warps, num_stages=num_stages,
+            MASS_CHECK=mass_check(q.dtype), num_warps=num_warps, num_stages=num_stages,
         )
         if not single and not fused_reduce:
             paged_decode_reduce_kernel[(num_seqs, num_kv_heads)](

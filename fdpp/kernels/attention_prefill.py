@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpp.kernels.attention_decode import MASS_TOL
+from fdpp.kernels.attention_decode import MASS_TOL, mass_check
 from fdpp.kernels.device import upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
@@ -45,6 +45,7 @@ def _prefill_tile(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     BLOCK_SIZE: tl.constexpr, UNIFIED: tl.constexpr, CAUSAL_MASK: tl.constexpr,
     HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, P_FP32: tl.constexpr,
+    MASS_CHECK: tl.constexpr,
 ):
     """Accumulate one KV tile [start, start + BLOCK_N) into (acc, l_i, m_i, e_i).
 
@@ -88,7 +89,7 @@ def _prefill_tile(
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee" if UPCAST_DOT else DOT_PRECISION)
     else:
         p_in = p.to(v.dtype)
-        if UNIFIED:
+        if UNIFIED and MASS_CHECK:
             e_i += tl.sum(tl.abs(p - p_in.to(tl.float32)), 1)
         if UPCAST_DOT:
             acc = tl.dot(p_in.to(tl.float32), v.to(tl.float32), acc, input_precision="ieee")
@@ -109,7 +110,7 @@ def paged_prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, HAS_SLIDING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASS_CHECK: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     head = tl.program_id(1)
@@ -155,13 +156,13 @@ def paged_prefill_kernel(
             acc, l_i, m_i, e_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
             offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            BLOCK_SIZE, UNIFIED, False, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
+            BLOCK_SIZE, UNIFIED, False, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK, MASS_CHECK)
     for start in range(full_end, kv_hi, BLOCK_N):
         acc, l_i, m_i, e_i = _prefill_tile(
             acc, l_i, m_i, e_i, q, q_pos, start, kv_hi, bt_row, k_cache_ptr, v_cache_ptr, kvh,
             offs_n, offs_d, mask_d, scale_log2, phi_log2, sliding_window,
             stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-            BLOCK_SIZE, UNIFIED, True, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK)
+            BLOCK_SIZE, UNIFIED, True, HAS_SLIDING, DOT_PRECISION, UPCAST_DOT, IS_FALLBACK, MASS_CHECK)
 
     # NOTE: no `l > 0` test: a NaN l must reach the output (every query sees itself, so l > 0 else).
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
@@ -284,6 +285,7 @@ def paged_prefill_attention(
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
             UNIFIED=unified, IS_FALLBACK=is_fallback, HAS_SLIDING=sliding_window is not None,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", UPCAST_DOT=upcast_bf16_dot(q.dtype),
+            MASS_CHECK=mass_check(q.dtype),
             # NOTE: the fallback's fp32 V tile needs twice the shared memory: one stage less.
             num_warps=num_warps, num_stages=max(1, num_stages - 1) if is_fallback else num_stages,
         )

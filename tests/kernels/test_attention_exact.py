@@ -267,17 +267,27 @@ def test_decode_property_vs_float64(data):
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     rows = []
     for _ in range(data.draw(st.integers(1, 3), label="rows")):
-        n = data.draw(st.integers(1, 160), label="n")
+        tail = data.draw(st.booleans(), label="tail")
+        n = data.draw(st.integers(9, 600) if tail else st.integers(1, 120), label="n")
         center = data.draw(st.floats(-25, 25), label="center")
         spread = data.draw(st.sampled_from([0.0, 0.5, 3.0, 10.0]), label="spread")
         gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16), label="seed"))
         s = center + spread * torch.randn(n, generator=gen, dtype=torch.float64)
         if n > 1 and data.draw(st.booleans(), label="spike"):
             s[data.draw(st.integers(0, n - 1), label="where")] = center + data.draw(st.floats(5, 40), label="h")
+        if tail:
+            # a long tail 8-16 nats below the max: fp16 subnormals (the issue's failure) or zeros
+            cut = data.draw(st.integers(1, n // 8), label="head")
+            s[cut:] = float(s[:cut].max()) - data.draw(st.floats(8, 16), label="gap")
         s = s.to(dtype).double()  # the scores the kernel sees
         v = (torch.rand(n, 16, generator=gen, dtype=torch.float64) * 2 - 1).to(dtype).double()
         rows.append((s.tolist(), v))
-    phi = data.draw(st.floats(-20, 20), label="phi")
+    if tail:  # the row max near the low edge: the tail lands in fp16's subnormals
+        phi = max(rows[-1][0]) - data.draw(st.floats(-7.5, 2), label="rel")
+    elif data.draw(st.booleans(), label="phi_near_max"):  # exercise the window edges
+        phi = max(rows[-1][0]) - data.draw(st.floats(-12, 12), label="rel")
+    else:
+        phi = data.draw(st.floats(-20, 20), label="phi")
     splits = data.draw(st.sampled_from([1, 2, 5]), label="splits")
     out, flags, stats = _decode(rows, dtype, phi, num_splits=splits)
     assert int(stats[0]) == len(rows) and int(stats[1]) == int(flags.sum())

@@ -5,10 +5,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def smollm2():
-    """The embedded model on the CPU in float32, loaded once per test session."""
-    from fdpp import LLM
-
-    llm = LLM(dtype="float32", device="cpu", show_progress=False)
-    yield llm
-    llm.close()
+def smollm2(smollm2_llm):
+    """The session's embedded model (tests/conftest.py): CPU, float32, loaded once."""
+    return smollm2_llm
