@@ -78,20 +78,27 @@ def candidate_configs(
                             "num_stages": 2, "PREFETCH": True})
         return out
     if impl == "flat":
-        bm = max(16, min(64, _next_pow2(m)))
         # (BLOCK_N, BLOCK_K, num_stages, num_warps); all fit Hopper's 227 KB of shared memory at BM <= 64.
         # Ordered by how often each won on an H200 (--quick keeps the first three).
         tiles = [(128, 128, 4, 4), (64, 128, 4, 4), (64, 256, 3, 4), (128, 64, 5, 4), (128, 128, 3, 8),
                  (32, 256, 4, 4), (32, 128, 6, 4), (64, 128, 6, 4)]
-        if quick:
-            tiles = tiles[:3]
-        for bn, bk, stages, warps in tiles:
-            progs = -(-n // bn) * -(-m // bm)
-            for s in _splits(progs, -(-k // bk), num_sms):
-                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps,
-                            "num_stages": stages})
-        return out
+        return _flat_configs(tiles[:3] if quick else tiles, n, k, m, num_sms)
     raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
+
+
+def _flat_configs(tiles: Sequence[tuple[int, int, int, int]], n: int, k: int, m: int, num_sms: int,
+                  min_block_k: int = 1) -> list[dict]:
+    """Flat-GEMM configs from (BLOCK_N, BLOCK_K, num_stages, num_warps) tiles, each with its split-K
+    candidates; BLOCK_K is raised to ``min_block_k`` (a quantized format's scale group)."""
+    bm = max(16, min(64, _next_pow2(m)))
+    out = []
+    for bn, bk, stages, warps in tiles:
+        bk = max(bk, min_block_k)
+        progs = -(-n // bn) * -(-m // bm)
+        for s in _splits(progs, -(-k // bk), num_sms):
+            out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps,
+                        "num_stages": stages})
+    return out
 
 
 def quant_candidate_configs(
@@ -121,17 +128,8 @@ def quant_candidate_configs(
                 out.append({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps, "num_stages": 2})
         return out
     if impl == "flat":
-        bm = max(16, min(64, _next_pow2(m)))
         tiles = [(64, 128, 3, 4), (128, 64, 3, 4), (64, 64, 4, 4), (128, 128, 3, 8), (32, 128, 4, 4)]
-        if quick:
-            tiles = tiles[:3]
-        for bn, bk, stages, warps in tiles:
-            bk = max(bk, sb)
-            progs = -(-n // bn) * -(-m // bm)
-            for s in _splits(progs, -(-k // bk), num_sms):
-                out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": s, "num_warps": warps,
-                            "num_stages": stages})
-        return out
+        return _flat_configs(tiles[:3] if quick else tiles, n, k, m, num_sms, min_block_k=sb)
     raise ValueError(f"unknown implementation {impl!r}; choose one of {IMPLS}")
 
 
