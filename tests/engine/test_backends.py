@@ -1,0 +1,170 @@
+"""Per-engine op backends (fdpp.ops.backend): resolved once from the config and the device, entered with
+the forward context; two engines in one process never see each other's choice."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from fdpp import LLM, SamplingParams
+from fdpp.config import EngineConfig
+from fdpp.ops import backend as B
+from fdpp.ops.backend import Backends, current_backends, engine_backends, use_backends
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")  # a device object only: nothing here runs on it
+
+
+def test_resolve_auto_follows_the_device_and_explicit_names_win():
+    assert Backends.resolve(EngineConfig(), CPU) == Backends("reference", "reference", "reference", "reference")
+    assert Backends.resolve(EngineConfig(), CUDA) == Backends("triton", "table", "triton", "triton")
+    b = Backends.resolve(EngineConfig(attention_backend="triton-sync", linear_backend="gemv"), CPU)
+    assert (b.attention, b.linear, b.norm, b.rotary) == ("triton-sync", "gemv", "reference", "reference")
+    assert Backends.default("cuda:1") == Backends.resolve(EngineConfig(), CUDA)
+
+
+def test_bad_names_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"attention backend 'flash' unknown; choose one of .*triton-sync"):
+        Backends.resolve(EngineConfig(attention_backend="flash"), CPU)
+    with pytest.raises(ValueError, match="linear backend 'cutlass' unknown"):
+        Backends.resolve(EngineConfig(linear_backend="cutlass"), CPU)
+    with pytest.raises(ValueError, match="not resolved"):
+        Backends("auto", "reference", "reference", "reference")
+    with pytest.raises(ValueError, match="use_backends forces an implementation"):
+        with use_backends(linear="auto"):
+            pass
+    with pytest.raises(ValueError, match="norm backend 'fast' unknown"):
+        with use_backends(norm="fast"):
+            pass
+
+
+def test_set_backends_is_gone_with_a_pointer_to_the_replacement():
+    with pytest.raises(RuntimeError, match=r"set_backends was removed.*attention_backend=.*use_backends"):
+        B.set_backends(attention="triton")
+
+
+def test_scope_precedence_and_restore():
+    """Outside a forward: the device default; an engine's backends inside its block; use_backends
+    fields win over both, nest, and everything is restored on exit (exceptions included)."""
+    ref = Backends.default(CPU)
+    eng = Backends("triton", "flat", "reference", "triton")
+    assert current_backends(CPU) == ref and current_backends(CUDA) == Backends.default(CUDA)
+    with engine_backends(eng):
+        assert current_backends(CPU) == eng and current_backends(CUDA) == eng  # the engine's, any tensor
+        with use_backends(attention="reference"):
+            assert current_backends(CPU) == Backends("reference", "flat", "reference", "triton")
+            with use_backends(linear="gemv"):
+                assert current_backends(CPU) == Backends("reference", "gemv", "reference", "triton")
+            assert current_backends(CPU).linear == "flat"
+        assert current_backends(CPU) == eng
+    with use_backends(norm="triton"):
+        assert current_backends(CPU) == Backends("reference", "reference", "triton", "reference")
+        with engine_backends(eng):  # entered inside the override: the override still wins
+            assert current_backends(CPU).norm == "triton" and current_backends(CPU).linear == "flat"
+    with pytest.raises(KeyError):
+        with engine_backends(eng), use_backends(linear="cublas"):
+            raise KeyError("boom")
+    assert current_backends(CPU) == ref
+    with pytest.raises(TypeError, match="expected a Backends"):
+        with engine_backends("triton"):
+            pass
+
+
+def test_the_choice_is_per_thread():
+    """A ContextVar, not a module global: another thread's block does not reach this one."""
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def other() -> None:
+        with engine_backends(Backends("triton", "flat", "triton", "triton")):
+            seen["other"] = current_backends(CPU)
+            entered.set()
+            release.wait(5)
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        assert entered.wait(5)
+        seen["main"] = current_backends(CPU)
+    finally:
+        release.set()
+        t.join(5)
+    assert seen["other"].linear == "flat" and seen["main"] == Backends.default(CPU)
+
+
+class _Spy:
+    """Counts the calls of the Triton attention / GEMM entry points and of the reference attention."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import fdpp.kernels.attention_decode as dec
+        import fdpp.kernels.attention_prefill as pre
+        import fdpp.kernels.flat_gemm as flat
+        import fdpp.ops.attention as attn
+
+        self.counts = {"triton_attention": 0, "flat_gemm": 0, "reference_attention": 0}
+        for mod, name, key in ((dec, "paged_decode_attention", "triton_attention"),
+                               (pre, "paged_prefill_attention", "triton_attention"),
+                               (flat, "flat_gemm", "flat_gemm"),
+                               (attn, "attention_reference", "reference_attention")):
+            monkeypatch.setattr(mod, name, self._wrap(getattr(mod, name), key))
+
+    def _wrap(self, fn, key):
+        def counted(*args, **kwargs):
+            self.counts[key] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def take(self) -> dict[str, int]:
+        out, self.counts = self.counts, dict.fromkeys(self.counts, 0)
+        return out
+
+
+def test_two_engines_in_one_process_keep_their_own_backends(tiny_llama_dir, tiny_llm, monkeypatch):
+    """A reference engine and a Triton engine (attention kernels and flat GEMM, interpreted on the CPU)
+    stepped in turn: every step of each runs its own implementations, LM head included, and both give
+    the same greedy tokens (same weights)."""
+    ref = tiny_llm
+    tri = LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off",
+              num_blocks=16, block_size=16, attention_backend="triton", linear_backend="flat")
+    try:
+        assert ref.engine.backends == Backends.default(CPU)
+        assert tri.engine.backends == Backends("triton", "flat", "reference", "reference")
+        assert tri.engine.runner.backends is tri.engine.backends
+        spy = _Spy(monkeypatch)
+        params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+        prompts = {"p0": [5, 9, 13, 40, 7], "p1": [3, 17, 22]}
+        for rid, p in prompts.items():
+            ref.engine.add_request(rid, p, params)
+            tri.engine.add_request(rid, p, params)
+        done: dict[str, dict[str, list[int]]] = {"ref": {}, "tri": {}}
+        steps = 0
+        while ref.engine.has_unfinished_requests() or tri.engine.has_unfinished_requests():
+            for name, llm in (("ref", ref), ("tri", tri)):
+                if not llm.engine.has_unfinished_requests():
+                    continue
+                for out in llm.engine.step():
+                    if out.finished:
+                        done[name][out.request_id] = list(out.outputs[0].token_ids)
+                c = spy.take()
+                if name == "ref":
+                    assert c["triton_attention"] == 0 and c["flat_gemm"] == 0 and c["reference_attention"] > 0, c
+                else:
+                    assert c["reference_attention"] == 0 and c["triton_attention"] > 0, c
+                    # every linear of the step, LM head included: 2 layers x (qkv, o, gate_up, down) + lm_head
+                    assert c["flat_gemm"] == 2 * 4 + 1, c
+                steps += 1
+        assert steps >= 6
+        assert done["tri"] == done["ref"] and all(len(t) == 3 for t in done["ref"].values())
+        # the logits path outside the step (calibration, checks) uses the engine's backends as well
+        tri.engine.prompt_logits([5, 9, 13])
+        c = spy.take()
+        assert c["triton_attention"] > 0 and c["flat_gemm"] == 9 and c["reference_attention"] == 0, c
+        ref.engine.prompt_logits([5, 9, 13])
+        c = spy.take()
+        assert c["triton_attention"] == 0 and c["flat_gemm"] == 0, c
+        # and nothing leaked out of either engine's forward passes
+        assert current_backends(CPU) == Backends.default(CPU)
+        ref.engine.check_integrity()
+        tri.engine.check_integrity()
+    finally:
+        tri.close()
