@@ -92,6 +92,45 @@ def test_the_choice_is_per_thread():
     assert seen["other"].linear == "flat" and seen["main"] == Backends.default(CPU)
 
 
+def test_norm_and_rotary_ops_dispatch_on_their_fields(monkeypatch):
+    """``norm`` / ``rotary`` pick the Triton kernel or the reference op (no device test in the op), and
+    both give the same result (the kernels interpreted on the CPU)."""
+    import fdpp.kernels.norm as knorm
+    import fdpp.kernels.rotary as krot
+    from fdpp.ops.norm import rms_norm
+    from fdpp.ops.rotary import build_cos_sin_cache, rope_and_store_kv
+
+    calls = {"norm": 0, "rotary": 0}
+
+    def counting(fn, key):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(knorm, "rms_norm_fused", counting(knorm.rms_norm_fused, "norm"))
+    monkeypatch.setattr(krot, "rope_store_kv", counting(krot.rope_store_kv, "rotary"))
+    g = torch.Generator().manual_seed(0)
+    x, w, res = (torch.randn(3, 32, generator=g), torch.randn(32, generator=g), torch.randn(3, 32, generator=g))
+    cache = build_cos_sin_cache(16, 64, 10000.0, None, CPU)
+    q, k, v = (torch.randn(3, h, 16, generator=g) for h in (4, 2, 2))
+    pos, slots = torch.tensor([0, 5, 9]), torch.tensor([1, -1, 6])
+
+    def run() -> tuple[torch.Tensor, ...]:
+        y, r = rms_norm(x, w, 1e-6, res.clone())
+        kc, vc = torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)
+        qr = rope_and_store_kv(q.clone(), k.clone(), v.clone(), pos, cache, True, kc, vc, slots)
+        return y, r, qr, kc, vc
+
+    ref = run()
+    assert calls == {"norm": 0, "rotary": 0}
+    with use_backends(norm="triton", rotary="triton"):
+        tri = run()
+    assert calls == {"norm": 1, "rotary": 1}
+    for a, b in zip(tri, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 class _Spy:
     """Counts the calls of the Triton attention / GEMM entry points and of the reference attention."""
 
