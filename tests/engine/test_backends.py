@@ -138,12 +138,14 @@ class _Spy:
         import fdpp.kernels.attention_decode as dec
         import fdpp.kernels.attention_prefill as pre
         import fdpp.kernels.flat_gemm as flat
+        import fdpp.kernels.gemv as gemv
         import fdpp.ops.attention as attn
 
-        self.counts = {"triton_attention": 0, "flat_gemm": 0, "reference_attention": 0}
+        self.counts = {"triton_attention": 0, "flat_gemm": 0, "gemv": 0, "reference_attention": 0}
         for mod, name, key in ((dec, "paged_decode_attention", "triton_attention"),
                                (pre, "paged_prefill_attention", "triton_attention"),
                                (flat, "flat_gemm", "flat_gemm"),
+                               (gemv, "gemv", "gemv"),
                                (attn, "attention_reference", "reference_attention")):
             monkeypatch.setattr(mod, name, self._wrap(getattr(mod, name), key))
 
@@ -207,3 +209,48 @@ def test_two_engines_in_one_process_keep_their_own_backends(tiny_llama_dir, tiny
         tri.engine.check_integrity()
     finally:
         tri.close()
+
+
+@pytest.mark.gpu
+def test_two_cuda_engines_capture_and_run_their_own_backends(tiny_llama_dir, monkeypatch):
+    """On a GPU: an engine forced to the reference attention and cuBLAS (eager: the reference attention
+    reads context lengths on the host, which a graph capture forbids) runs no Triton attention or GEMM
+    kernel, while a default engine in the same process captures its decode graphs with them; stepped in
+    turn, both finish, and their logits agree."""
+    spy = _Spy(monkeypatch)
+    kw = dict(dtype="float16", device="cuda", show_progress=False, calibration="off", num_blocks=32,
+              block_size=16, max_num_seqs=4)
+    ref = LLM(tiny_llama_dir, attention_backend="reference", linear_backend="cublas", enforce_eager=True, **kw)
+    tri = None
+    try:
+        c = spy.take()  # ref's activation profiling pass
+        assert c["reference_attention"] > 0 and c["triton_attention"] == c["flat_gemm"] == c["gemv"] == 0, c
+        tri = LLM(tiny_llama_dir, **kw)
+        c = spy.take()  # tri's profiling pass and decode-graph capture (M = batch rows: the GEMV)
+        assert tri.engine.runner.graphs and c["triton_attention"] > 0 and c["gemv"] > 0, c
+        assert c["reference_attention"] == 0, c
+        assert tri.engine.backends == Backends.default(torch.device("cuda"))
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        prompt = [5, 9, 13, 40, 7, 3, 17]
+        for llm in (ref, tri):
+            llm.engine.add_request("r", prompt, params)
+        ref_attention_calls = 0
+        while ref.engine.has_unfinished_requests() or tri.engine.has_unfinished_requests():
+            for name, llm in (("ref", ref), ("tri", tri)):
+                if llm.engine.has_unfinished_requests():
+                    llm.engine.step()
+                    c = spy.take()  # eager steps call the ops; graph replays call nothing
+                    if name == "ref":
+                        assert c["triton_attention"] == c["flat_gemm"] == c["gemv"] == 0, c
+                        ref_attention_calls += c["reference_attention"]
+                    else:
+                        assert c["reference_attention"] == 0, c
+        assert ref_attention_calls > 0
+        a, b = ref.engine.prompt_logits(prompt).float(), tri.engine.prompt_logits(prompt).float()
+        assert float((a - b).norm() / a.norm()) < 2e-2
+        ref.engine.check_integrity()
+        tri.engine.check_integrity()
+    finally:
+        ref.close()
+        if tri is not None:
+            tri.close()
