@@ -72,7 +72,7 @@ def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
     prompts = [random_prompt(9, 128, seed=s) for s in (1, 2)]
     check_against_hf(llm, twin, prompts, n_greedy=4)
     if fmt != "q4_k":  # its Q4_1 fallback runs through the Triton GEMV in the GGUF test below
-        check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1)
+        check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1, unified=False)
     # and the quantization itself is close to the fp32 model
     from tests.models import hf_logits, prefill_logits, rel_err
 
@@ -144,7 +144,7 @@ def test_quantized_checkpoints_load_kept_quantized_and_match_their_twin(tiny, tm
     assert gate_up.quant.group_size == (32 if method == "int8" else gate_up.quant.group_size)
     prompts = [random_prompt(9, 128, seed=3)]
     check_against_hf(llm, twin, prompts, n_greedy=3)
-    check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1)
+    check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1, unified=False)
     llm.close()
     # auto (the default) keeps it quantized on the CPU too; "none" asks for dense weights
     llm = load_llm(folder)
@@ -251,7 +251,7 @@ def test_gguf_blocks_kept_quantized_match_their_twin(tiny, tmp_path):
     assert llm.engine.model.model.embed_tokens.weight.quant.fmt == "q8_0"
     prompts = [random_prompt(9, 128, seed=4)]
     check_against_hf(llm, twin, prompts, n_greedy=3)
-    check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1)
+    check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1, unified=False)
     llm.close()
 
 
