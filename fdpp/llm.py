@@ -43,7 +43,6 @@ class LLM:
         }
         cache_kwargs = {cache_keys[k]: kwargs.pop(k) for k in list(kwargs) if k in cache_keys}
         config = EngineConfig(model=model, dtype=dtype, device=device, cache=CacheConfig(**cache_kwargs), **kwargs)
-        _apply_backends(config)
         self.engine = LLMEngine(config)
         self.llm_engine = self.engine  # vLLM's attribute name
 
@@ -132,16 +131,6 @@ class LLM:
                 if rid not in final:
                     self.engine.abort_request(rid)
         return [final[r] for r in request_ids]
-
-
-def _apply_backends(config: EngineConfig) -> None:
-    """Set the op backends the config names; "auto" leaves the current setting (e.g. a use_backends block)."""
-    from fdpp.ops.backend import set_backends
-
-    set_backends(
-        attention=None if config.attention_backend == "auto" else config.attention_backend,
-        linear=None if config.linear_backend == "auto" else config.linear_backend,
-    )
 
 
 def _as_prompt_list(prompts: Any) -> list[str | list[int]]:

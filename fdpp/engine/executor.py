@@ -34,8 +34,11 @@ class UniProcExecutor:
     tensor_parallel_size = 1
 
     def __init__(self, config: EngineConfig, device: torch.device) -> None:
+        from fdpp.ops.backend import Backends
+
         self.config = config
         self.device = device
+        self.backends = Backends.resolve(config, device)  # this engine's op implementations
 
     def load_model_and_tokenizer(self) -> tuple[Any, Any]:
         from fdpp.engine.loading import load_model_and_tokenizer
@@ -50,7 +53,7 @@ class UniProcExecutor:
         from fdpp.engine.model_runner import ModelRunner
 
         return ModelRunner(loaded.model, loaded.model_config, loaded.dtype, self.device, block_size, num_blocks,
-                           max_model_len, eos_token_ids)
+                           max_model_len, eos_token_ids, backends=self.backends)
 
     def set_calibration(self, result: Any) -> None:
         """Rank 0's calibration is already on the model (one rank)."""
@@ -118,6 +121,7 @@ class MultiprocExecutor:
         except BaseException:
             self._teardown()
             raise
+        self.backends = self.local.backends  # rank 0's (every rank resolves the same from the config)
         self.runner = RunnerProxy(self)
         import atexit
 

@@ -70,6 +70,7 @@ class LLMEngine:
         # where the model runs: in this process (TP=1) or on tensor_parallel_size ranks (rank 0 here)
         self.executor = create_executor(config, resolve_device(config.device))
         self.device = self.executor.device
+        self.backends = self.executor.backends  # the op implementations this engine's forward passes use
         try:
             self._init(config)
         except BaseException:
@@ -146,7 +147,7 @@ class LLMEngine:
                 with phase("Measuring activation memory", self.config.show_progress):
                     peak = profile_activation_bytes(self.model, self.model_config, self.dtype, self.device,
                                                     self.config.cache.block_size, self.max_num_batched_tokens,
-                                                    self.max_model_len)
+                                                    self.max_model_len, backends=self.backends)
                 budget = int(total * cc.gpu_memory_utilization - used - peak)
             else:
                 budget = _CPU_KV_BUDGET

@@ -73,11 +73,9 @@ def apply_calibration(engine: Any, mode: str) -> Any:
     model, calibrating on first use when attention runs the Triton kernels), or a path to a JSON file.
     Returns the CalibrationResult in use, or None.
     """
-    from fdpp.ops.backend import attention_backend
-
     if mode == "off":
         return None
-    if mode == "auto" and attention_backend(engine.device) != "triton":
+    if mode == "auto" and engine.backends.attention != "triton":
         return None  # only the Triton kernels use phi
     from fdpp import calibration as cal
 

@@ -15,6 +15,7 @@ from fdpp.errors import CacheTooSmallError
 from fdpp.layers.context import forward_context
 from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
 from fdpp.ops.attention import AttentionMetadata
+from fdpp.ops.backend import Backends
 from fdpp.structured.backend import StructuredOutputBackend
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,13 @@ class ModelRunner:
         num_blocks: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
+        backends: Backends | None = None,
     ) -> None:
+        """``backends``: the op implementations of this rank (its worker resolves them from the config);
+        None: the device's default (``Backends.default``)."""
         self.model = model
+        # entered with the forward context around every forward pass (LM head and graph capture included)
+        self.backends = backends if backends is not None else Backends.default(device)
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -334,13 +340,13 @@ class ModelRunner:
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
         if device_tokens is not None:
             self._scatter_device_tokens(ids, device_tokens)
-        with forward_context(meta):
+        with forward_context(meta, self.backends):
             hidden = self.model(ids, pos)
-        if batch.is_prefill and any(s.prompt_logprobs is not None for s in batch.seqs):
-            self._prompt_logprobs(batch, hidden)
-        if not sample_seqs:
-            return sample_seqs, None
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            if batch.is_prefill and any(s.prompt_logprobs is not None for s in batch.seqs):
+                self._prompt_logprobs(batch, hidden)
+            if not sample_seqs:
+                return sample_seqs, None
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
         bitmask = self.grammar_bitmask(sample_seqs)
         return sample_seqs, sample(logits, self.sampling_batch(sample_seqs, bitmask))
 
@@ -392,9 +398,9 @@ class ModelRunner:
     def forward_logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of every scheduled token (tests and calibration)."""
         ids, pos, meta, _, _ = self.prepare(batch)
-        with forward_context(meta):
+        with forward_context(meta, self.backends):
             hidden = self.model(ids, pos)
-        return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden)
 
 
     # ---- CUDA graphs (decode) ------------------------------------------------------------------------
@@ -442,9 +448,9 @@ class ModelRunner:
             )
 
             def step(bs=bs, meta=meta):
-                with forward_context(meta):
+                with forward_context(meta, self.backends):
                     hidden = self.model(self.g_ids[:bs], self.g_pos[:bs])
-                return self.model.compute_logits(hidden)
+                    return self.model.compute_logits(hidden)
 
             step()  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize(dev)
@@ -513,8 +519,9 @@ def num_blocks_for_budget(
 
 def profile_activation_bytes(model: nn.Module, model_config: ModelConfig, dtype: torch.dtype,
                              device: torch.device, block_size: int, max_num_batched_tokens: int,
-                             max_model_len: int) -> int:
-    """Run the largest prefill once with a throw-away cache; return its peak activation memory (CUDA)."""
+                             max_model_len: int, backends: Backends | None = None) -> int:
+    """Run the largest prefill once with a throw-away cache (through ``backends``: the engine's); return its
+    peak activation memory (CUDA)."""
     import time
 
     from fdpp.sampling_params import SamplingParams
@@ -524,7 +531,7 @@ def profile_activation_bytes(model: nn.Module, model_config: ModelConfig, dtype:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    runner = ModelRunner(model, model_config, dtype, device, block_size, blocks, n)
+    runner = ModelRunner(model, model_config, dtype, device, block_size, blocks, n, backends=backends)
     seq = Sequence("profile", [0] * n, SamplingParams(max_tokens=1), time.time())
     seq.block_table = list(range(blocks))
     runner.execute(ScheduledBatch([seq], [n], True))

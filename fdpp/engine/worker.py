@@ -26,11 +26,10 @@ class Worker:
         self.loaded: Any = None
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        # this process's op backends, from the config (each rank is its own process)
-        from fdpp.ops.backend import set_backends
+        # this rank's op implementations, from the config; its runner enters them around every forward
+        from fdpp.ops.backend import Backends
 
-        set_backends(attention=None if config.attention_backend == "auto" else config.attention_backend,
-                     linear=None if config.linear_backend == "auto" else config.linear_backend)
+        self.backends = Backends.resolve(config, device)
         torch.manual_seed(config.seed)
 
     def load_model(self) -> Any:
@@ -59,7 +58,8 @@ class Worker:
                 if self.device.type == "cuda":
                     free, total = torch.cuda.mem_get_info(self.device)
                     peak = profile_activation_bytes(
-                        self.loaded.model, mc, self.loaded.dtype, self.device, block_size, max_num_batched_tokens, max_model_len)
+                        self.loaded.model, mc, self.loaded.dtype, self.device, block_size, max_num_batched_tokens, max_model_len,
+                        backends=self.backends)
                     budget = int(total * cc.gpu_memory_utilization - (total - free) - peak)
                 else:
                     budget = _CPU_KV_BUDGET
@@ -74,7 +74,8 @@ class Worker:
 
         lm = self.loaded
         self.runner = ModelRunner(lm.model, rank_model_config(lm.model_config, self.tp.size), lm.dtype,
-                                  self.device, block_size, num_blocks, max_model_len, eos_token_ids)
+                                  self.device, block_size, num_blocks, max_model_len, eos_token_ids,
+                                  backends=self.backends)
 
     def set_phi(self, result: Any) -> None:
         """The unified max values of rank 0's calibration, on this rank's attention layers."""

@@ -1,30 +1,37 @@
-"""The forward context: per-step attention metadata, set by the model runner around a forward pass.
+"""The forward context: per-step attention metadata and the engine's op backends, set by the model
+runner around a forward pass.
 
-A context manager instead of a bare global; nesting is refused so a stale context can never leak
-into another forward pass.
+A context manager over ``contextvars`` instead of a bare global (each thread and asyncio task has its
+own); nesting is refused so a stale context can never leak into another forward pass.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
-_current: Any = None
+from fdpp.ops.backend import Backends, engine_backends
+
+_META: contextvars.ContextVar[Any] = contextvars.ContextVar("fdpp_forward_meta", default=None)
 
 
 @contextlib.contextmanager
-def forward_context(meta: Any) -> Iterator[Any]:
-    global _current
-    if _current is not None:
+def forward_context(meta: Any, backends: Backends | None = None) -> Iterator[Any]:
+    """Run a forward pass with ``meta`` (the step's ``AttentionMetadata``) and ``backends`` (the
+    engine's; None: the ops use their device's default, as in tests that call a model directly)."""
+    if _META.get() is not None:
         raise RuntimeError("forward_context entered twice: a forward pass is already in progress")
-    _current = meta
+    token = _META.set(meta)
     try:
-        yield meta
+        with engine_backends(backends):
+            yield meta
     finally:
-        _current = None
+        _META.reset(token)
 
 
 def get_attention_metadata() -> Any:
-    if _current is None:
+    meta = _META.get()
+    if meta is None:
         raise RuntimeError("attention called outside a forward_context (the model runner sets it)")
-    return _current
+    return meta

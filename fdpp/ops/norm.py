@@ -4,8 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Tests set this to run the Triton kernel on the CPU under TRITON_INTERPRET=1.
-_FORCE_TRITON = False
+from fdpp.ops.backend import norm_backend
 
 
 def rms_norm(
@@ -13,9 +12,10 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """y = x / rms(x) * weight. With ``residual``: x += residual first and return (y, x).
 
-    Computed in fp32 and cast once, as Hugging Face's Llama does.
+    Computed in fp32 and cast once, as Hugging Face's Llama does. The Triton kernel where the norm backend
+    is "triton" (``fdpp.ops.backend``: the CUDA default), else plain PyTorch.
     """
-    if x.is_cuda or _FORCE_TRITON:
+    if norm_backend(x.device) == "triton":
         from fdpp.kernels.norm import rms_norm_fused
 
         return rms_norm_fused(x, weight, eps, residual)

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fdpp.errors import UnsupportedModelError
+from fdpp.ops.backend import rotary_backend
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -84,10 +85,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_
     return torch.cat([out.to(x.dtype), x[..., rot:]], dim=-1)
 
 
-# Tests set this to run the fused Triton kernel on the CPU under TRITON_INTERPRET=1.
-_FORCE_TRITON = False
-
-
 def rope_and_store_kv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -101,9 +98,10 @@ def rope_and_store_kv(
 ) -> torch.Tensor:
     """Rotate q and k, write k and v into the paged cache; returns the rotated q [T, Hq, D].
 
-    On CUDA one fused kernel does it all (q rotated in place); elsewhere the reference ops.
+    With the "triton" rotary backend (``fdpp.ops.backend``: the CUDA default) one fused kernel does it all
+    (q rotated in place); otherwise the reference ops.
     """
-    if q.is_cuda or _FORCE_TRITON:
+    if rotary_backend(q.device) == "triton":
         from fdpp.kernels.rotary import rope_store_kv
 
         rope_store_kv(q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache, slot_mapping)

@@ -167,24 +167,21 @@ def test_mixed_step_through_the_triton_kernels(llama_path):
     """A mixed step splits attention between the decode kernel (decode rows) and the prefill kernel
     (chunks reading a cached prefix); in Triton's interpreter here, on the GPU in CI. Same tokens as
     the reference backend."""
-    from fdpp.ops.backend import use_backends
-
     prompts = [list(range(3, 12)), list(range(3, 30)), list(range(3, 25)) + [7]]
     results = {}
     for backend in ("reference", "triton"):
-        llm = load_llm(llama_path, block_size=4, max_num_batched_tokens=12)
+        llm = load_llm(llama_path, block_size=4, max_num_batched_tokens=12, attention_backend=backend)
         eng = llm.engine
-        with use_backends(attention=backend):
-            eng.add_request("a", prompts[0], greedy(6))
-            eng.step()  # a: prefill
-            eng.add_request("b", prompts[1], greedy(3))
-            eng.step()  # mixed: a decodes, b's first chunk
-            eng.step()
-            eng.add_request("c", prompts[2], greedy(3))  # shares b's first blocks
-            seen = {}
-            while eng.has_unfinished_requests():
-                for o in eng.step():
-                    seen[o.request_id] = o
+        eng.add_request("a", prompts[0], greedy(6))
+        eng.step()  # a: prefill
+        eng.add_request("b", prompts[1], greedy(3))
+        eng.step()  # mixed: a decodes, b's first chunk
+        eng.step()
+        eng.add_request("c", prompts[2], greedy(3))  # shares b's first blocks
+        seen = {}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                seen[o.request_id] = o
         assert seen["c"].num_cached_tokens > 0
         results[backend] = {k: v.outputs[0].token_ids for k, v in seen.items()}
     assert results["triton"] == results["reference"]

@@ -154,7 +154,6 @@ def test_engine_greedy_tokens_same_with_triton_attention(tmp_path):
     kernels with a phi so wrong that every row falls back."""
     from fdpp import SamplingParams
     from fdpp.ops import attention as attn_ops
-    from fdpp.ops.backend import use_backends
     from tests.helpers import write_tiny_llama
     from tests.models import load_llm, random_prompt
 
@@ -164,15 +163,14 @@ def test_engine_greedy_tokens_same_with_triton_attention(tmp_path):
     tokens = {}
     for name, backend, phi in (("reference", "reference", None), ("sync", "triton", None),
                                ("unified", "triton", 0.0), ("fallback", "triton", -60.0)):
-        with use_backends():  # LLM sets the process-wide backends: restore them afterwards
-            llm = load_llm(tmp_path / "m", attention_backend=backend)
-            for layer in llm.engine.model.attention_layers():
-                layer.phi = phi
-            attn_ops.reset_fallback_stats()
-            outs = llm.generate(prompts, params, use_tqdm=False)
-            tokens[name] = [o.outputs[0].token_ids for o in outs]
-            stats = attn_ops.fallback_stats()
-            llm.close()
+        llm = load_llm(tmp_path / "m", attention_backend=backend)  # the backend is this engine's own
+        for layer in llm.engine.model.attention_layers():
+            layer.phi = phi
+        attn_ops.reset_fallback_stats()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        tokens[name] = [o.outputs[0].token_ids for o in outs]
+        stats = attn_ops.fallback_stats()
+        llm.close()
         if name == "unified":
             assert stats["rows_checked"] > 0 and stats["rate"] == 0.0
         if name == "fallback":

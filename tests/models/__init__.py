@@ -83,8 +83,8 @@ def check_against_hf(
 
 @contextlib.contextmanager
 def triton_backends(linear: str) -> contextlib.AbstractContextManager[None]:
-    """Force the Triton attention kernels and one GEMM implementation (interpreted on the CPU).
-    Enter it after building the LLM: LLM() sets the process-wide backends from its own arguments."""
+    """Force the Triton attention kernels and one GEMM implementation (interpreted on the CPU) over the
+    LLM's own backends, for the engine steps run in the block (one loaded model, several backends)."""
     from fdpp.ops.backend import use_backends
 
     with use_backends(attention="triton", linear=linear):
