@@ -65,6 +65,38 @@ def set_variant(llm, use_async: bool, fuse_norm: bool, max_bs: int) -> None:
         runner.capture_cuda_graphs(max(have, max_bs), show_progress=False)
 
 
+def pdl_default() -> bool:
+    return os.environ.get("FDPP_PDL", "0") == "1"
+
+
+def set_pdl(llm, on: bool) -> None:
+    """Programmatic dependent launch on / off (FDPP_PDL, read at each kernel launch); the decode graphs
+    are re-captured so that they replay the launches of the new setting."""
+    os.environ["FDPP_PDL"] = "1" if on else "0"
+    runner = llm.engine.runner
+    have = runner.graph_batch_sizes[-1] if runner.graphs else 1
+    runner.graphs.clear()
+    torch.cuda.synchronize()
+    runner.capture_cuda_graphs(have, show_progress=False)
+
+
+def pdl_check(llm) -> bool:
+    """PDL changes launches, not arithmetic: greedy decode tokens with it on equal those with it off."""
+    from fdpp import SamplingParams
+
+    eng = llm.engine
+    prompt = torch.randint(0, eng.model_config.vocab_size, (300,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    toks = {}
+    for on in (False, True):
+        set_pdl(llm, on)
+        eng.reset_prefix_cache()
+        toks[on] = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+    set_pdl(llm, pdl_default())
+    assert toks[True] == toks[False], "programmatic dependent launch changed the decode tokens"
+    return True
+
+
 def self_check(llm, dtype: str) -> dict:
     """Async on/off give identical greedy tokens (several lengths, n > 1 seeded, a stop token); the fused
     norm forward gives the separate-norm prompt logits within rounding. Raises AssertionError."""
@@ -167,7 +199,8 @@ def compute_targets(result: dict) -> list[dict]:
     bw = result["copy_bandwidth_gbs"] * 1e9
     best = {}
     for r in result["fdpp"]:
-        if r.get("async_scheduling") and r.get("fuse_norm") and r.get("wall_decode_tokens_per_s"):
+        if (r.get("async_scheduling") and r.get("fuse_norm") and r.get("wall_decode_tokens_per_s")
+                and r.get("pdl", False) == result.get("pdl_default", False)):  # the shipped settings
             best[(r["model"], r["batch_size"], r["input_len"])] = r
     targets = []
 
@@ -206,15 +239,15 @@ def write_reports(result: dict, out_dir: str) -> str:
              f"torch {result['torch']}, triton {result['triton']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s "
              "(eager 2 GB copy). Wall clock through `LLM.generate`: TTFT = wall(1); decode tok/s = "
              "B x (N-1) / (wall(N) - wall(1)), medians after a warm-up.", "",
-             "| model | dtype | B | input | async | fused norm | wall TTFT ms | wall tok/s | bound tok/s | % bound "
+             "| model | dtype | B | input | async | fused norm | PDL | wall TTFT ms | wall tok/s | bound tok/s | % bound "
              "| step ms (per-step) | host ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["fdpp"]:
         if not r.get("wall_decode_tokens_per_s"):
             continue
         b = bound_tok_s(r, bw)
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {r['input_len']} | {r['async_scheduling']} | "
-                     f"{r['fuse_norm']} | {r['wall_ttft_ms']:.1f} | {r['wall_decode_tokens_per_s']:.1f} | {b:.0f} | "
+                     f"{r['fuse_norm']} | {r.get('pdl', False)} | {r['wall_ttft_ms']:.1f} | {r['wall_decode_tokens_per_s']:.1f} | {b:.0f} | "
                      f"{100 * r['wall_decode_tokens_per_s'] / b:.1f} | {r['decode_step_ms']:.3f} | "
                      f"{r.get('host_overhead_ms') or 0:.3f} |")
     if result.get("transformers"):
@@ -243,7 +276,8 @@ def write_reports(result: dict, out_dir: str) -> str:
     if rows:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         labels = [f"{r['model']}\nB{r['batch_size']} x {r['input_len']}\n"
-                  f"{'async' if r['async_scheduling'] else 'sync'}{' +fn' if r['fuse_norm'] else ''}" for r in rows]
+                  f"{'async' if r['async_scheduling'] else 'sync'}{' +fn' if r['fuse_norm'] else ''}"
+                  f"{' +pdl' if r.get('pdl') else ''}" for r in rows]
         vals = [100 * r["wall_decode_tokens_per_s"] / bound_tok_s(r, bw) for r in rows]
         ax.bar(range(len(rows)), vals, color=["tab:blue" if r["batch_size"] == 1 else "tab:green" for r in rows])
         for i, r in enumerate(rows):
@@ -266,6 +300,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="wall-clock runs per figure (median)")
     ap.add_argument("--compare-async", action="store_true",
                     help="also time async off/on x fuse_norm off/on at batch 1, in the same run")
+    ap.add_argument("--compare-pdl", action="store_true",
+                    help="also time batch 1 with programmatic dependent launch toggled (FDPP_PDL), same run")
     ap.add_argument("--peers", action="store_true", help="also time transformers (static cache, compiled) at batch 1")
     ap.add_argument("--budget-s", type=float, default=280.0, help="start no new measurement after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="results folder")
@@ -284,7 +320,7 @@ def main() -> None:
     output_len = args.output_len or (64 if args.quick else 128)
     result = {"gpu": torch.cuda.get_device_name(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "torch": torch.__version__, "triton": triton.__version__, "argv": sys.argv[1:],
-              "output_len": output_len, "fdpp": [], "checks": {}, "skipped": []}
+              "output_len": output_len, "fdpp": [], "checks": {}, "skipped": [], "pdl_default": pdl_default()}
     bw = copy_bandwidth(torch.device("cuda"), 4 << 30)  # a 2 GB buffer copied: 4 GB moved
     result["copy_bandwidth_gbs"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
@@ -316,11 +352,26 @@ def main() -> None:
                     continue
                 set_variant(llm, use_async, fuse, bs)
                 r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw, repeats=args.repeats).as_dict()
+                r["pdl"] = pdl_default()
                 result["fdpp"].append(r)
                 write_reports(result, args.out)
                 log(f"fdpp {model} B{bs}x{n_in} async={use_async} fuse={fuse}: wall {r['wall_decode_tokens_per_s']:.1f} "
                     f"tok/s, TTFT {r['wall_ttft_ms']:.1f} ms, per-step {r['decode_step_ms']:.3f} ms, "
                     f"host {r.get('host_overhead_ms') or 0:.3f} ms, bound {bound_tok_s(r, bw):.0f} tok/s")
+        if args.compare_pdl and budget.left > 40:
+            set_variant(llm, True, True, 1)
+            result["checks"][model]["pdl_tokens_equal"] = pdl_check(llm)
+            set_pdl(llm, not pdl_default())
+            for bs, n_in in mine:
+                if bs != 1 or budget.left < 30:
+                    continue
+                r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw, repeats=args.repeats).as_dict()
+                r["pdl"] = not pdl_default()
+                result["fdpp"].append(r)
+                write_reports(result, args.out)
+                log(f"fdpp {model} B{bs}x{n_in} async=True fuse=True pdl={r['pdl']}: wall "
+                    f"{r['wall_decode_tokens_per_s']:.1f} tok/s, per-step {r['decode_step_ms']:.3f} ms")
+            set_pdl(llm, pdl_default())
         llm.close()
         del llm
         gc.collect()

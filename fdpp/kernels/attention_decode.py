@@ -62,7 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpp.kernels.device import num_sms, upcast_bf16_dot
+from fdpp.kernels.device import num_sms, pdl_enabled, upcast_bf16_dot
 
 LOG2E = 1.4426950408889634
 
@@ -268,7 +268,10 @@ def paged_decode_kernel(
     UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, FUSED_FALLBACK: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_DOT: tl.constexpr,
     HAS_SLIDING: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASS_CHECK: tl.constexpr,
+    TRIGGER_PDL: tl.constexpr = False,  # let the next kernel (a PDL GEMV) launch during this one
 ):
+    if TRIGGER_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -601,7 +604,8 @@ def paged_decode_attention(
             SINGLE_SPLIT=single,
             FUSED_REDUCE=fused_reduce, USE_DOT=use_dot, HAS_SLIDING=sliding_window is not None,
             DOT_PRECISION=dot_precision, UPCAST_DOT=upcast_bf16_dot(q.dtype),
-            MASS_CHECK=mass_check(q.dtype), num_warps=num_warps, num_stages=num_stages,
+            MASS_CHECK=mass_check(q.dtype), TRIGGER_PDL=pdl_enabled(q.device),
+            num_warps=num_warps, num_stages=num_stages,
         )
         if not single and not fused_reduce:
             paged_decode_reduce_kernel[(num_seqs, num_kv_heads)](

@@ -35,3 +35,22 @@ def upcast_bf16_dot(dtype: torch.dtype) -> bool:
     """Whether a kernel must upcast bf16 ``tl.dot`` operands to fp32: Triton's interpreter multiplies
     bf16 dot operands as raw uint16 bits (garbage of ~1e10). Never true on a GPU."""
     return dtype == torch.bfloat16 and interpreting()
+
+
+_PDL: dict[int, bool] = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` use programmatic dependent launch (PDL, compute capability >= 9).
+
+    A PDL kernel is launched while its predecessor in the stream still runs: it reads only immutable
+    data (weights) before ``gdc_wait`` and everything else after it, so its launch and its first weight
+    loads overlap the predecessor's tail. Kernels that precede one call ``gdc_launch_dependents`` early.
+    ``FDPP_PDL=1`` turns it on, ``FDPP_PDL=0`` off (the default); never in the interpreter."""
+    if device.type != "cuda" or interpreting() or os.environ.get("FDPP_PDL", "0") != "1":
+        return False
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    ok = _PDL.get(idx)
+    if ok is None:
+        ok = _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
+    return ok

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fdpp.kernels.device import num_sms
+from fdpp.kernels.device import num_sms, pdl_enabled
 
 ACTS = (None, "silu_and_mul")
 
@@ -161,7 +161,10 @@ def gemv_kernel(
     USE_WORKSPACE: tl.constexpr,
     PREFETCH: tl.constexpr,  # software double buffering of the W/x chunks in registers
     HAS_NORM: tl.constexpr = False,  # RMSNorm prologue (see the module docstring)
+    USE_PDL: tl.constexpr = False,  # programmatic dependent launch: W's first chunk before gdc_wait
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     # Programs that share W rows (same pid_n, consecutive row blocks of x) are adjacent in launch order,
     # so when M > BLOCK_M the second read of a W tile comes from L2, not HBM.
     pid = tl.program_id(0)
@@ -205,6 +208,8 @@ def gemv_kernel(
         w_up = w
         if IS_GATED:
             w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
+        if USE_PDL:  # x (and the residual) are the previous kernel's output: wait for it
+            tl.extra.cuda.gdc_wait()
         xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
         for kb in range(1, KB_PER_SPLIT):
             offs_k = k_start + kb * BLOCK_K + offs_kk
@@ -227,6 +232,8 @@ def gemv_kernel(
         if IS_GATED:
             up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
     else:
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
         for kb in range(KB_PER_SPLIT):
             offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
@@ -497,6 +504,7 @@ def gemv(
     grid = (triton.cdiv(kernel_n, block_n) * triton.cdiv(M, block_m), num_splits)
     args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
                                      kb_per_split, use_ws, norm_weight, norm_eps)
+    pdl = {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(x.device) else {}
     gemv_kernel[grid](
         *args,
         BLOCK_M=block_m,
@@ -506,6 +514,7 @@ def gemv(
         PREFETCH=bool(cfg.get("PREFETCH", True)),
         num_warps=int(cfg.get("num_warps", 4)),
         num_stages=int(cfg.get("num_stages", 2)),
+        **pdl,
     )
     if use_ws:
         launch_splitk_epilogue(ws, num_splits, bias, residual, out, n_ws, is_gated)

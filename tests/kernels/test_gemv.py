@@ -73,3 +73,40 @@ def test_gemv_rejects_bad_input():
         gemv(x, w, residual=torch.zeros(2, 5, dtype=torch.float16, device=DEVICE))
     with pytest.raises(ValueError, match="unit stride"):
         gemv(x, w.t().contiguous().t())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pdl_chain_matches_plain_launches(monkeypatch):
+    """FDPP_PDL=1: a chain of dependent GEMVs (each reads the previous output, residual and norm
+    prologue included), eager and replayed from a CUDA graph, gives the plain launches' bits."""
+    from fdpp.kernels.device import pdl_enabled
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(n, k, device="cuda", generator=g, dtype=torch.float16) / k ** 0.5
+          for n, k in ((4096, 4096), (22016, 4096), (4096, 11008), (4096, 4096))]
+    nw = torch.rand(4096, device="cuda", generator=g, dtype=torch.float16) + 0.5
+    x0 = torch.randn(1, 4096, device="cuda", generator=g, dtype=torch.float16)
+
+    def chain(x):
+        h = gemv(x, ws[0], residual=x)
+        u = gemv(h, ws[1], act="silu_and_mul", norm_weight=nw)
+        d = gemv(u, ws[2], residual=h)
+        return gemv(d, ws[3], norm_weight=nw)
+
+    monkeypatch.setenv("FDPP_PDL", "0")
+    plain = chain(x0)
+    monkeypatch.setenv("FDPP_PDL", "1")
+    if not pdl_enabled(x0.device):
+        pytest.skip("PDL needs compute capability >= 9")
+    assert torch.equal(chain(x0), plain)
+    static = x0.clone()
+    chain(static)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, plain)
