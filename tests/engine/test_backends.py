@@ -223,10 +223,10 @@ def test_two_cuda_engines_capture_and_run_their_own_backends(tiny_llama_dir, mon
     ref = LLM(tiny_llama_dir, attention_backend="reference", linear_backend="cublas", enforce_eager=True, **kw)
     tri = None
     try:
-        c = spy.take()  # ref's activation profiling pass
-        assert c["reference_attention"] > 0 and c["triton_attention"] == c["flat_gemm"] == c["gemv"] == 0, c
+        c = spy.take()  # building ref (num_blocks given: no activation-profiling forward) ran no Triton op
+        assert c["triton_attention"] == c["flat_gemm"] == c["gemv"] == 0, c
         tri = LLM(tiny_llama_dir, **kw)
-        c = spy.take()  # tri's profiling pass and decode-graph capture (M = batch rows: the GEMV)
+        c = spy.take()  # tri's decode-graph capture (M = batch rows: the GEMV)
         assert tri.engine.runner.graphs and c["triton_attention"] > 0 and c["gemv"] > 0, c
         assert c["reference_attention"] == 0, c
         assert tri.engine.backends == Backends.default(torch.device("cuda"))
