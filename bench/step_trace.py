@@ -1,0 +1,128 @@
+"""Where does a batch's wall clock go? A synchronized trace of every engine step, beside the wall-clock
+decode figure, for a few engine variants in one process.
+
+    python bench/step_trace.py --out $OUT                         # Llama-2-7B, B64 x 1024, 32 tokens
+    python bench/step_trace.py --model <gguf or folder> --device cpu --batch 4 --input-len 64 --output-len 4
+
+Why it exists: on 2026-12-03 (H200) Llama-2-7B B64 x 1024 decoded at 1100 tok/s by the wall-clock
+definition (B x (N-1) / (wall(N) - wall(1))) while its decode steps alone would give ~4500: in the N-token
+run every request had its first token only after 5.55 s, against 1.65 s for wall(1). This script records
+each step's rows, tokens, kind (prefill / mixed / decode) and synchronized duration to find the slow steps.
+Each variant: its wall-clock figures, the unified-softmax fallback rate, the step trace of one N-token run.
+Writes step_trace_<gpu>_<date>.json under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from fdpp import LLM, SamplingParams  # noqa: E402
+from fdpp.benchmark import wall_clock_decode  # noqa: E402
+from fdpp.engine.model_runner import ModelRunner  # noqa: E402
+from fdpp.ops.attention import fallback_stats, reset_fallback_stats  # noqa: E402
+
+VARIANTS = {
+    "default": {},
+    "no_async": {"async_scheduling": False},
+    "sync_softmax": {"attention_backend": "triton-sync"},
+    "no_prefix_cache": {"enable_prefix_caching": False},
+}
+
+
+def trace_run(llm: LLM, batch: int, input_len: int, output_len: int) -> tuple[float, list[tuple]]:
+    """One generate of ``batch`` random prompts; every model step synchronized and timed:
+    (rows, tokens, is_prefill, ms)."""
+    dev = llm.engine.device
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    steps: list[tuple] = []
+    original = ModelRunner.execute
+
+    def execute(self, b, device_tokens=None):
+        sync()
+        t = time.perf_counter()
+        result = original(self, b, device_tokens)
+        sync()
+        steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2)))
+        return result
+
+    rng = random.Random(1)
+    vocab = llm.engine.model_config.vocab_size
+    prompts = [[rng.randrange(vocab) for _ in range(input_len)] for _ in range(batch)]
+    llm.engine.reset_prefix_cache()
+    ModelRunner.execute = execute
+    try:
+        t0 = time.perf_counter()
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True), use_tqdm=False)
+        wall = time.perf_counter() - t0
+    finally:
+        ModelRunner.execute = original
+    return wall, steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-2-7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="default: float16 on CUDA, float32 elsewhere")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--budget-s", type=float, default=120.0, help="start no new variant after this many seconds")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args()
+    dtype = args.dtype or ("float16" if args.device == "cuda" else "float32")
+    base = dict(dtype=dtype, device=args.device, max_num_seqs=args.batch, show_progress=False,
+                max_model_len=args.input_len + args.output_len + 16,
+                max_num_batched_tokens=max(args.max_num_batched_tokens, args.input_len))
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    result = {"gpu": gpu, "date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+              "argv": sys.argv[1:], "variants": {}}
+    t00 = time.time()
+    for name in args.variants:
+        if time.time() - t00 > args.budget_s:
+            result["variants"][name] = {"skipped": "budget"}
+            continue
+        kw = VARIANTS[name] if args.device == "cuda" or name != "sync_softmax" else {}
+        llm = LLM(args.model, **base, **kw)
+        try:
+            reset_fallback_stats()
+            w = wall_clock_decode(llm, args.batch, args.input_len, args.output_len, repeats=1)
+            st = fallback_stats()
+            wall, steps = trace_run(llm, args.batch, args.input_len, args.output_len)
+            kinds = {"mixed_or_prefill": [s for s in steps if s[2]], "decode": [s for s in steps if not s[2]]}
+            w.update(fallback_rate=st.get("rate"), trace_wall_s=round(wall, 3), steps=steps,
+                     prefill_steps_ms=sum(s[3] for s in kinds["mixed_or_prefill"]),
+                     decode_steps_ms=sum(s[3] for s in kinds["decode"]),
+                     stats=llm.engine.stats())
+            result["variants"][name] = w
+            print(f"{name}: wall TTFT {w['wall_ttft_ms']:.0f} ms, wall decode {w['wall_decode_tokens_per_s']:.0f} tok/s; "
+                  f"traced run {wall:.2f} s = prefill/mixed steps {w['prefill_steps_ms']:.0f} ms + decode steps "
+                  f"{w['decode_steps_ms']:.0f} ms; fallback rate {w['fallback_rate']}", flush=True)
+            print("  first steps:", steps[:12], flush=True)
+        finally:
+            llm.close()
+            del llm
+            gc.collect()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"step_trace_{gpu.replace(' ', '_')}_{result['date'][:10]}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
