@@ -156,7 +156,8 @@ class Bench:
         }
 
     def target(self, model: str, name: str, value: float, goal: str, met: bool, **extra) -> None:
-        t = {"area": "prefix", "model": model, "name": name, "value": value, "target": goal, "met": bool(met), **extra}
+        t = {"name": f"prefix.{model}.{name}", "value": value, "goal": goal, "met": bool(met), "model": model,
+             "what": name, **extra}
         self.out["targets"].append(t)
         log(f"  TARGET {name}: {value:.3f} (target {goal}) -> {'met' if met else 'MISSED'}")
 
@@ -349,7 +350,7 @@ class Bench:
         for t in o["targets"]:
             extra = (f" (budget {t['budget']}, long-prefill cap {t.get('long_prefill_cap') or 'none'}"
                      f"{', the default' if t.get('is_default') else ''})" if "budget" in t else "")
-            lines.append(f"| {t['model']} | {t['name']}{extra} | {t['value']:.3f} | {t['target']} | "
+            lines.append(f"| {t['model']} | {t['what']}{extra} | {t['value']:.3f} | {t['goal']} | "
                          f"{'yes' if t['met'] else '**no**'} |")
         for model, runs in o["runs"].items():
             lines += ["", f"## {model}", ""]
