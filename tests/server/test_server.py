@@ -163,9 +163,9 @@ def test_64_concurrent_clients(server):
     subjects = ["cats", "the sea", "rain", "a red car", "mountains", "bread", "music", "the moon"]
     prompts, max_toks = [], []
     for i in range(64):
-        filler = " Please be brief." * (i % 5) * 3  # mixed lengths
+        filler = " Please be brief." * (i % 5) * 2  # mixed lengths
         prompts.append(f"Request {i}: write one sentence about {subjects[i % 8]}.{filler}\nAnswer:")
-        max_toks.append(4 + (i % 4) * 3)  # 4, 7, 10, 13
+        max_toks.append(3 + (i % 4) * 2)  # 3, 5, 7, 9
     refs = {}
     for mt in sorted(set(max_toks)):
         idx = [i for i in range(64) if max_toks[i] == mt]
