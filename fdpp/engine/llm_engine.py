@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,10 +18,11 @@ from fdpp.engine.model_runner import (
     num_blocks_for_budget,
     profile_activation_bytes,
 )
+from fdpp.engine.output_processor import OutputProcessor, RequestState
 from fdpp.engine.scheduler import ScheduledBatch, Scheduler
 from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError, FdppError, InvalidRequestError
-from fdpp.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fdpp.outputs import RequestMetrics, RequestOutput
 from fdpp.sampling_params import SamplingParams
 from fdpp.utils import phase
 
@@ -35,19 +36,6 @@ _DEFAULT_BATCHED_TOKENS = {"cpu": 512, "cuda": 2048}
 # On an H200 a mixed step with 256 prompt tokens over a 16k context costs about 2-3 decode steps of a
 # 7B model; 2048 would stall the streams for ~15 decode steps each chunk (bench/bench_prefix.py, itl).
 _DEFAULT_LONG_PREFILL = {"cpu": 0, "cuda": 256}
-
-
-@dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    detoks: list[Any] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
-    error: str | None = None  # why a sequence of this request ended with finish_reason "error"
 
 
 @dataclass
@@ -128,7 +116,9 @@ class LLMEngine:
             self.executor.set_calibration(self.calibration)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress)
-        self.requests: dict[str, _Request] = {}
+        # tokens -> text, stop checks, RequestOutputs (ending a sequence stays here: _finish)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
+        self.requests: dict[str, RequestState] = {}
         self._next_id = 0
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -211,10 +201,9 @@ class LLMEngine:
             p = params if params.n == 1 else replace(params, n=1, seed=_nth_seed(params.seed, i))
             seqs.append(Sequence(request_id, ids, p, now))
         self._attach_constraints(params, seqs)
-        req = _Request(request_id, text, ids, params, seqs, RequestMetrics(arrival_time=now))
         # everything that can fail comes before the request is queued: a raise leaves the engine as it was
-        req.detoks = [self._detokenizer(ids, params) for _ in seqs]
-        req.texts = ["" for _ in seqs]
+        req = self.output_processor.new_request(request_id, text, ids, params, seqs,
+                                                RequestMetrics(arrival_time=now))
         self.scheduler.add(seqs[0], forks=seqs[1:])  # n > 1: the prompt is computed once, then shared
         self.requests[request_id] = req
         return request_id
@@ -233,13 +222,6 @@ class LLMEngine:
                 seq.grammar = self.structured.new_matcher(compiled)
         if params.prompt_logprobs is not None:
             seqs[0].prompt_logprobs = [None]  # the completions of a request share the prompt
-
-    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
-        if self.tokenizer is None:
-            return None
-        from fdpp.tokenizer import IncrementalDetokenizer
-
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks. Returns False if it was unknown or already done."""
@@ -274,7 +256,7 @@ class LLMEngine:
         if batch is None:
             return self._nothing_scheduled()
         self._note_scheduled(batch)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         failed = self._run_sync(batch, touched)
         return self._outputs(touched, failed)
 
@@ -291,7 +273,7 @@ class LLMEngine:
             if m.first_scheduled_time is None:
                 m.first_scheduled_time = now
 
-    def _run_sync(self, batch: ScheduledBatch, touched: dict[str, _Request]) -> list[tuple[Sequence, BaseException]]:
+    def _run_sync(self, batch: ScheduledBatch, touched: dict[str, RequestState]) -> list[tuple[Sequence, BaseException]]:
         """Run ``batch``, wait for its tokens and apply them; return the sequences that failed."""
         results, failed = self._execute(batch)
         for sub, _ in results:
@@ -300,17 +282,13 @@ class LLMEngine:
         failed += self._append_samples(results, touched)
         return failed
 
-    def _outputs(self, touched: dict[str, _Request], failed: list[tuple[Sequence, BaseException]]) -> list[RequestOutput]:
+    def _outputs(self, touched: dict[str, RequestState], failed: list[tuple[Sequence, BaseException]]) -> list[RequestOutput]:
         for seq, error in failed:
             touched[seq.request_id] = self._fail(seq, error)
-        outputs = []
-        for req in touched.values():
-            finished = all(s.is_finished for s in req.seqs)
-            if finished or req.params.output_kind == "cumulative":
-                outputs.append(self._make_output(req))
-            if finished:
-                req.metrics.finished_time = time.time()
-                del self.requests[req.request_id]
+        outputs = self.output_processor.step_outputs(touched.values())
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
         return outputs
 
     # ---- async scheduling (overlap) ---------------------------------------------------------------
@@ -324,7 +302,7 @@ class LLMEngine:
     # mask / counts, so a step that samples one is not overlapped (it is waited for at once); a step
     # that would have to preempt is not overlapped either (the sync path preempts).
     def _step_async(self) -> list[RequestOutput]:
-        touched: dict[str, _Request] = {}
+        touched: dict[str, RequestState] = {}
         failed: list[tuple[Sequence, BaseException]] = []
         prev, self._in_flight = self._in_flight, None
         if prev is not None and not self.async_scheduling:  # switched off with a step in flight: drain it
@@ -360,7 +338,7 @@ class LLMEngine:
                 self._resolve(launched, touched, failed)
         return self._outputs(touched, failed)
 
-    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None, touched: dict[str, _Request],
+    def _launch(self, batch: ScheduledBatch, prev: _InFlight | None, touched: dict[str, RequestState],
                 failed: list[tuple[Sequence, BaseException]]) -> _InFlight | None:
         """Launch ``batch`` without waiting for its tokens. If it raises, ``prev`` is resolved first
         (placeholders become real tokens) and the batch is run synchronously, with the usual
@@ -391,7 +369,7 @@ class LLMEngine:
         pending = self.runner.copy_sample_to_host(out) if out is not None else None
         return _InFlight(batch, seqs, pending)
 
-    def _resolve(self, launched: _InFlight, touched: dict[str, _Request],
+    def _resolve(self, launched: _InFlight, touched: dict[str, RequestState],
                  failed: list[tuple[Sequence, BaseException]]) -> None:
         """Wait for a launched step's tokens and apply them (each at most once)."""
         if launched.is_resolved or launched.pending is None:
@@ -470,44 +448,31 @@ class LLMEngine:
         logger.warning("request %s failed and is ended alone (the others go on): %s: %s",
                        seq.request_id, type(error).__name__, error)
 
-    def _append_samples(self, results: list, touched: dict[str, _Request]) -> list[tuple[Sequence, BaseException]]:
-        """Append each sampled token (logprobs, text, stop checks) and note its request in ``touched``;
-        return the sequences whose processing raised."""
+    def _append_samples(self, results: list, touched: dict[str, RequestState]) -> list[tuple[Sequence, BaseException]]:
+        """Hand each sampled token to the output processor (logprobs, text, stop checks), end the
+        sequences it says are done, and note their requests in ``touched``; return the sequences
+        whose processing raised (each is ended alone by the caller)."""
         failed = []
         now = time.time()
+        proc = self.output_processor
         for _, (sampled_seqs, out) in results:
             if out is None:
                 continue
-            ids = out.token_ids.tolist()
-            lps = out.logprobs.tolist() if out.logprobs is not None else None
-            top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-            top_ids = out.top_ids.tolist() if out.top_ids is not None else None
-            for row, (seq, tok) in enumerate(zip(sampled_seqs, ids)):
+            for seq, sample in zip(sampled_seqs, proc.unpack(out)):
                 req = self.requests.get(seq.request_id)
                 if req is None or seq.is_finished:
                     continue  # aborted, or (async scheduling) ended by the step before: dropped
                 touched[req.request_id] = req
                 try:
-                    seq.append_token(tok)
-                    if lps is not None:
-                        seq.cumulative_logprob += lps[row]
-                        if seq.logprobs is not None:
-                            entry = {tok: lps[row]}
-                            k = seq.params.logprobs or 0
-                            if top_ids is not None and k > 0:
-                                for t, lp in zip(top_ids[row][:k], top_lp[row][:k]):
-                                    entry.setdefault(t, lp)
-                            seq.logprobs.append(entry)
-                    if req.metrics.first_token_time is None:
-                        req.metrics.first_token_time = now
-                    req.metrics.last_token_time = now
-                    self._update_text_and_check_stop(req, seq, tok)
+                    done = proc.append_token(req, seq, sample, now)
+                    if done is not None:
+                        self._finish(seq, *done)
                 except Exception as e:  # noqa: BLE001 - this request's own post-processing failed
                     self._log_failure(seq, e)
                     failed.append((seq, e))
         return failed
 
-    def _fail(self, seq: Sequence, error: BaseException) -> _Request:
+    def _fail(self, seq: Sequence, error: BaseException) -> RequestState:
         """End ``seq`` with finish_reason "error" (blocks freed); the request records the message."""
         req = self.requests[seq.request_id]
         if req.error is None:
@@ -518,42 +483,6 @@ class LLMEngine:
             self._finish(seq, "error", None)
         return req
 
-    def _update_text_and_check_stop(self, req: _Request, seq: Sequence, tok: int) -> None:
-        if seq.grammar is not None and not seq.grammar.accept_token(tok):
-            raise FdppError(f"request {seq.request_id!r}: the grammar rejected sampled token {tok}")
-        i = req.seqs.index(seq)
-        p = seq.params
-        detok = req.detoks[i]
-        if detok is not None:
-            delta = detok.add(tok)
-            prev_len = len(req.texts[i])
-            req.texts[i] += delta
-            if p.stops and delta:
-                text = req.texts[i]
-                longest = max(len(s) for s in p.stops)
-                window_start = max(0, prev_len - longest + 1)
-                for stop in p.stops:
-                    pos = text.find(stop, window_start)
-                    if pos != -1:
-                        end = pos + len(stop) if p.include_stop_str_in_output else pos
-                        req.texts[i] = text[:end]
-                        return self._finish(seq, "stop", stop)
-        reason: tuple[str, int | str | None] | None = None
-        if not p.ignore_eos and tok in self.eos_token_ids and seq.num_output_tokens >= p.min_tokens:
-            reason = ("stop", None)
-        elif tok in (p.stop_token_ids or ()) and seq.num_output_tokens >= p.min_tokens:
-            reason = ("stop", tok)
-        elif seq.grammar is not None and seq.grammar.is_terminated():  # its stop token, even with ignore_eos
-            reason = ("stop", None)
-        elif p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            reason = ("length", None)
-        elif seq.num_tokens >= self.max_model_len:
-            reason = ("length", None)
-        if reason is not None:
-            if detok is not None:
-                req.texts[i] += detok.flush()  # bytes of a character cut off by the end
-            self._finish(seq, *reason)
-
     def _truncate_oversized(self, seq: Sequence) -> list[RequestOutput]:
         """A sequence that grew past the whole KV cache cannot be scheduled again: end it as "length"."""
         bm = self.block_manager
@@ -561,11 +490,9 @@ class LLMEngine:
             raise FdppError(f"request {seq.request_id!r} cannot be scheduled although it fits the cache")
         self.scheduler.waiting.remove(seq)
         req = self.requests[seq.request_id]
-        i = req.seqs.index(seq)
-        if req.detoks[i] is not None:
-            req.texts[i] += req.detoks[i].flush()
+        self.output_processor.flush_text(req, seq)
         self._finish(seq, "length", None)
-        out = self._make_output(req)
+        out = self.output_processor.make_output(req)
         if out.finished:
             del self.requests[req.request_id]
         return [out]
@@ -575,33 +502,6 @@ class LLMEngine:
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq)
         self.runner.release(seq)
-
-    def _make_output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for i, seq in enumerate(req.seqs):
-            ids = seq.output_token_ids  # an EOS stays in token_ids (as in vLLM); its text is not shown
-            outs.append(
-                CompletionOutput(
-                    index=i,
-                    text=req.texts[i],
-                    token_ids=list(ids),
-                    cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                    logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            prompt_logprobs=req.seqs[0].prompt_logprobs,
-            outputs=outs,
-            finished=all(s.is_finished for s in req.seqs),
-            metrics=req.metrics,
-            error=req.error,
-            num_cached_tokens=req.seqs[0].num_cached_tokens,
-        )
 
     def prompt_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits [len(token_ids), vocab] at every position of one prompt, by one prefill through the
