@@ -98,9 +98,9 @@ def test_logprobs_entries_and_metrics():
     out.token_ids = torch.tensor([X, LO])
     out.logprobs = torch.tensor([-0.5, -1.0])
     out.top_ids = torch.tensor([[X, HEL, LO], [HEL, LO, X]])
-    out.top_logprobs = torch.tensor([[-0.5, -1.5, -2.0], [-0.25, -1.0, -3.0]])
+    out.top_logprobs = torch.tensor([[-0.5, -1.5, -2.0], [-0.25, -1.125, -3.0]])
     rows = OutputProcessor.unpack(out)
-    assert rows[1] == SampledToken(LO, -1.0, [HEL, LO, X], [-0.25, -1.0, -3.0])
+    assert rows[1] == SampledToken(LO, -1.0, [HEL, LO, X], [-0.25, -1.125, -3.0])
     assert proc.append_token(req, seq, rows[0], now=5.0) is None
     assert proc.append_token(req, seq, rows[1], now=7.0) is None
     # the sampled token first, then the top k (k=2 of the 3 computed), never overwriting it
