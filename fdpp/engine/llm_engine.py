@@ -366,7 +366,8 @@ class LLMEngine:
                 for seq, error in failed[n:]:  # a rejected token: that request ends before the mask
                     touched[seq.request_id] = self._fail(seq, error)
         try:
-            seqs, out = self.runner.execute(batch, device_tokens, before_sample)
+            seqs, out = (self.runner.execute(batch, device_tokens) if before_sample is None
+                         else self.runner.execute(batch, device_tokens, before_sample=before_sample))
         except Exception:  # noqa: BLE001 - rerun synchronously, which attributes the failure
             if prev is not None:
                 self._resolve(prev, touched, failed)
