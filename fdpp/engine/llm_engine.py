@@ -359,16 +359,24 @@ class LLMEngine:
             if rows:
                 device_tokens = DeviceTokens(prev.pending.device_token_ids, rows, src_rows)
         before_sample = None
-        if prev is not None and any(s.grammar is not None for s in batch.seqs):
+        resolve_failed = False
+        if prev is not None and prev.pending is not None and any(s.grammar is not None for s in batch.seqs):
             def before_sample() -> None:  # the forward is launched: apply prev's tokens, then mask
+                nonlocal resolve_failed
                 n = len(failed)
-                self._resolve(prev, touched, failed)
+                try:
+                    self._resolve(prev, touched, failed)
+                except BaseException:
+                    resolve_failed = True  # not this batch's failure: raised as it would be unoverlapped
+                    raise
                 for seq, error in failed[n:]:  # a rejected token: that request ends before the mask
                     touched[seq.request_id] = self._fail(seq, error)
         try:
             seqs, out = (self.runner.execute(batch, device_tokens) if before_sample is None
                          else self.runner.execute(batch, device_tokens, before_sample=before_sample))
         except Exception:  # noqa: BLE001 - rerun synchronously, which attributes the failure
+            if resolve_failed:
+                raise
             if prev is not None:
                 self._resolve(prev, touched, failed)
             live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]

@@ -331,3 +331,30 @@ def test_config_defaults_and_cli_flags(tiny_llama_dir, small_cache_llm, monkeypa
     monkeypatch.setenv("FDPP_FUSED_NORM", "1")
     assert _resolve_fuse_norm(None, torch.device("cuda")) is True
     assert _resolve_fuse_norm(None, torch.device("cpu")) is False
+
+
+def test_a_failed_read_of_the_step_in_flight_is_raised_not_retried(smollm2_llm):
+    """With grammar rows the previous step's tokens are read inside the next launch: a failure of
+    that read (a device error) is raised from step(), as it is without overlap, and is not taken
+    for a failure of the new batch (whose synchronous rerun would read placeholder ids)."""
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    eng = smollm2_llm.engine
+    eng.reset_prefix_cache()
+    eng.async_scheduling = True
+    try:
+        eng.add_request("g", "Phone:", SamplingParams(temperature=0, max_tokens=12,
+                                                      structured_outputs=SO(regex=r"\d{3}-\d{4}")))
+        eng.step()
+        assert eng._in_flight is not None and eng._in_flight.pending is not None
+
+        def lost():
+            raise RuntimeError("device lost")
+
+        eng._in_flight.pending.wait = lost
+        with pytest.raises(RuntimeError, match="device lost"):
+            eng.step()
+    finally:
+        eng.async_scheduling = False
+        eng.abort_request("g")
+    _assert_idle(smollm2_llm)
