@@ -47,10 +47,10 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int) -> tuple[fl
     steps: list[tuple] = []
     original = ModelRunner.execute
 
-    def execute(self, b, device_tokens=None):
+    def execute(self, b, device_tokens=None, before_sample=None):
         sync()
         t = time.perf_counter()
-        result = original(self, b, device_tokens)
+        result = original(self, b, device_tokens, before_sample)
         sync()
         steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2)))
         return result

@@ -84,6 +84,72 @@ def test_async_scheduling_gives_the_sync_tokens_on_cuda(tmp_path, eager):
         llm.close()
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_async_scheduling_overlaps_grammar_rows_with_the_sync_tokens_on_cuda(eager, monkeypatch):
+    """Grammar rows overlap (step t+1's forward runs while step t's tokens advance the grammars; the
+    bitmask is filled after) and give the sync tokens: batch 1 (logprobs equal too) and a batch
+    mixing JSON schema, regex, choice (n > 1, ending early) and free rows. The embedded SmolLM2 (a
+    grammar needs a tokenizer)."""
+    import json
+    import re
+
+    from fdpp.engine.model_runner import ModelRunner
+    from fdpp.errors import ModelLoadError
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    calls = {"device": 0}
+    original = ModelRunner.execute
+
+    def execute(self, batch, device_tokens=None, before_sample=None):
+        result = original(self, batch, device_tokens, before_sample)
+        calls["device"] += device_tokens is not None
+        return result
+
+    monkeypatch.setattr(ModelRunner, "execute", execute)
+    try:
+        llm = LLM(dtype="float16", device="cuda", show_progress=False, quantization="none", calibration="off",
+                  enforce_eager=eager, max_num_seqs=8, gpu_memory_utilization=0.3, async_scheduling=True)
+    except ModelLoadError as e:
+        pytest.skip(str(e))
+    eng = llm.engine
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    as_json = SamplingParams(temperature=0, max_tokens=48, logprobs=2,
+                             structured_outputs=SO(json=schema, disable_any_whitespace=True))
+
+    def run(flag, prompts, params):
+        eng.reset_prefix_cache()  # cold runs: a prefix hit computes the prompt in another order
+        eng.async_scheduling = flag
+        calls["device"] = 0
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        eng.check_integrity()
+        assert eng.block_manager.num_used_blocks == 0
+        return [[(c.token_ids, c.finish_reason, c.logprobs, c.text) for c in o.outputs] for o in outs], calls["device"]
+
+    try:
+        (one_sync, n_sync), (one_async, n_async) = (run(f, ["A person as JSON:\n"], [as_json]) for f in (False, True))
+        assert n_sync == 0 and n_async >= 5, (n_sync, n_async)  # batch 1 with a grammar overlapped
+        assert one_async == one_sync
+        json.loads(one_sync[0][0][3])
+        prompts = ["A person as JSON:\n", "Phone:", "Pick a colour:", "The capital of France is"]
+        params = [as_json,
+                  SamplingParams(temperature=0, max_tokens=16, structured_outputs=SO(regex=r"\d{3}-\d{4}")),
+                  SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=8,
+                                 structured_outputs=SO(choice=["red", "green", "blue"])),
+                  SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)]
+        (mixed_sync, _), (mixed_async, n_mixed) = (run(f, prompts, params) for f in (False, True))
+        assert n_mixed >= 5
+        # tokens and texts exactly; logprobs up to rounding (a row that a grammar ended rides the next
+        # forward, so the others may run at another batch size, which can round differently)
+        assert [[(c[0], c[1], c[3]) for c in o] for o in mixed_async] == [[(c[0], c[1], c[3]) for c in o] for o in mixed_sync]
+        json.loads(mixed_sync[0][0][3])
+        assert re.fullmatch(r"\d{3}-\d{4}", mixed_sync[1][0][3])
+        assert all(c[3] in ("red", "green", "blue") for c in mixed_sync[2])
+    finally:
+        llm.close()
+
+
 def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
     """The decoder with RMSNorm in the qkv / gate_up prologue (and residual adds in the o / down
     epilogues) gives the separate-norm logits within fp16 rounding, eager and in CUDA graphs."""

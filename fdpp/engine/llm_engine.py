@@ -298,9 +298,13 @@ class LLMEngine:
     # step t's tokens (pinned copies, an event) and apply them (stops, detokenizing, outputs). A
     # sequence that step t ends has computed one slot too many in step t+1: its blocks are freed when
     # it finishes and the token step t+1 samples for it is dropped, so nothing past a stop is returned.
-    # NOTE: grammar and penalty rows need the previous token on the host to build the next step's
-    # mask / counts, so a step that samples one is not overlapped (it is waited for at once); a step
-    # that would have to preempt is not overlapped either (the sync path preempts).
+    # Grammar rows need step t's token on the host before step t+1's bitmask: step t+1's forward is
+    # launched first, then (``before_sample``) step t's tokens are read and applied (each grammar
+    # advances by its token, a rejected token ends its request at once), and only then are step
+    # t+1's bitmask filled and its sampler run; rows that step t ended are left unconstrained and
+    # their samples dropped. NOTE: penalty rows need the previous token on the host for their counts,
+    # so a step that samples one is not overlapped (it is waited for at once); a step that would
+    # have to preempt is not overlapped either (the sync path preempts).
     def _step_async(self) -> list[RequestOutput]:
         touched: dict[str, RequestState] = {}
         failed: list[tuple[Sequence, BaseException]] = []
@@ -340,9 +344,10 @@ class LLMEngine:
 
     def _launch(self, batch: ScheduledBatch, prev: _InFlight | None, touched: dict[str, RequestState],
                 failed: list[tuple[Sequence, BaseException]]) -> _InFlight | None:
-        """Launch ``batch`` without waiting for its tokens. If it raises, ``prev`` is resolved first
-        (placeholders become real tokens) and the batch is run synchronously, with the usual
-        per-request failure attribution; None is returned then."""
+        """Launch ``batch`` without waiting for its tokens. With grammar rows, ``prev`` is resolved
+        between the forward and the sampler (the bitmask needs its tokens). If it raises, ``prev``
+        is resolved first (placeholders become real tokens) and the batch is run synchronously,
+        with the usual per-request failure attribution; None is returned then."""
         device_tokens = None
         if prev is not None and prev.pending is not None:
             src = {s.seq_id: row for row, s in enumerate(prev.seqs)}
@@ -353,9 +358,25 @@ class LLMEngine:
                     src_rows.append(src[seq.seq_id])
             if rows:
                 device_tokens = DeviceTokens(prev.pending.device_token_ids, rows, src_rows)
+        before_sample = None
+        resolve_failed = False
+        if prev is not None and prev.pending is not None and any(s.grammar is not None for s in batch.seqs):
+            def before_sample() -> None:  # the forward is launched: apply prev's tokens, then mask
+                nonlocal resolve_failed
+                n = len(failed)
+                try:
+                    self._resolve(prev, touched, failed)
+                except BaseException:
+                    resolve_failed = True  # not this batch's failure: raised as it would be unoverlapped
+                    raise
+                for seq, error in failed[n:]:  # a rejected token: that request ends before the mask
+                    touched[seq.request_id] = self._fail(seq, error)
         try:
-            seqs, out = self.runner.execute(batch, device_tokens)
+            seqs, out = (self.runner.execute(batch, device_tokens) if before_sample is None
+                         else self.runner.execute(batch, device_tokens, before_sample=before_sample))
         except Exception:  # noqa: BLE001 - rerun synchronously, which attributes the failure
+            if resolve_failed:
+                raise
             if prev is not None:
                 self._resolve(prev, touched, failed)
             live = [(s, n) for s, n in zip(batch.seqs, batch.num_new_tokens) if not s.is_finished]
@@ -385,9 +406,10 @@ class LLMEngine:
 
     @staticmethod
     def _can_overlap(launched: _InFlight) -> bool:
-        """Whether the step after ``launched`` may be planned before its tokens are read."""
-        return launched.pending is not None and all(
-            s.grammar is None and not s.params.has_penalties for s in launched.seqs)
+        """Whether the step after ``launched`` may be planned before its tokens are read: it sampled
+        something and no row has penalties (their counts need the token on the host before the next
+        sampler). Grammar rows overlap: the next step reads the tokens before its bitmask."""
+        return launched.pending is not None and all(not s.params.has_penalties for s in launched.seqs)
 
     def _add_placeholders(self, prev: _InFlight) -> set[int] | None:
         """Give each live sequence ``prev`` sampled a placeholder for its token in flight; return

@@ -3,6 +3,7 @@ KV cache, samples. The only engine part that touches tensors."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -221,14 +222,22 @@ class ModelRunner:
         device runs the model (the forward does not need it; only the sampler does)."""
         if self.structured is None or all(s.grammar is None for s in seqs):
             return None
+        # A row whose sequence has ended (async scheduling: its grammar terminated, or it stopped,
+        # or failed, with the token of the step before) holds a placeholder whose sample is dropped:
+        # it is left unconstrained, so no finished or terminated matcher is asked for a mask.
+        matchers = [None if s.grammar is None or s.is_finished or s.grammar.is_terminated() else s.grammar
+                    for s in seqs]
+        if all(m is None for m in matchers):
+            return None
         width = self.structured.bitmask_width
         if self._bitmask_host is None or self._bitmask_host.shape[0] < len(seqs):
             rows = max(len(seqs), 64)
             self._bitmask_host = torch.empty(rows, width, dtype=torch.int32, pin_memory=self._pin)
         host = self._bitmask_host[: len(seqs)]
-        # NOTE: the pinned buffer is reusable: the previous step that used it was not overlapped
-        # (grammar rows run in synchronous steps), so its copy finished when its tokens were read.
-        self.structured.fill_bitmask([s.grammar for s in seqs], host)
+        # NOTE: the pinned buffer is reusable: with grammar rows the engine reads the previous
+        # step's tokens (``before_sample``) before this fill, and that step's copy of the buffer ran
+        # before its sampler, so it has finished.
+        self.structured.fill_bitmask(matchers, host)
         return host.to(self.device, non_blocking=True) if self._pin else host.clone()
 
     def _sampling_params_batch(self, seqs: list[Sequence]) -> SamplingBatch:
@@ -282,7 +291,7 @@ class ModelRunner:
         return b
 
     def _generator(self, seq: Sequence) -> torch.Generator | None:
-        if seq.params.seed is None:
+        if seq.params.seed is None or seq.is_finished:  # finished: a dropped row (async), no RNG kept
             return None
         gen = self._generators.get(seq.seq_id)
         if gen is None:
@@ -315,12 +324,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None
+        self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None,
+        before_sample: Callable[[], None] | None = None,
     ) -> tuple[list[Sequence], SamplerOutput | None]:
         """Run ``batch``; return the sequences sampled (row order) and their samples on the device.
 
         ``device_tokens``: decode rows whose input id is a placeholder take it from the device
-        (async scheduling); every other row's id comes from ``seq.token_ids``."""
+        (async scheduling); every other row's id comes from ``seq.token_ids``.
+        ``before_sample``: called once the forward pass has been launched and before the grammar
+        bitmask and the sampling tensors are built (async scheduling with grammar rows: the engine
+        applies the previous step's tokens there, advancing the grammars, while the device runs the
+        forward). Not called when nothing is sampled."""
         if batch.copies:
             self.copy_blocks(batch.copies)
         if (self.graphs and len(batch) <= self.graph_batch_sizes[-1]
@@ -334,6 +348,8 @@ class ModelRunner:
                         rows.append(row)
                         seqs.append(s)
                 logits = logits[torch.tensor(rows, device=self.device)]
+            if before_sample is not None:
+                before_sample()
             # the grammar bitmask is filled on the host while the replay runs (it overlaps it)
             bitmask = self.grammar_bitmask(seqs)
             return seqs, sample(logits, self.sampling_batch(seqs, bitmask))
@@ -347,6 +363,8 @@ class ModelRunner:
             if not sample_seqs:
                 return sample_seqs, None
             logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+        if before_sample is not None:
+            before_sample()
         bitmask = self.grammar_bitmask(sample_seqs)
         return sample_seqs, sample(logits, self.sampling_batch(sample_seqs, bitmask))
 

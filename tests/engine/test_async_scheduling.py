@@ -1,7 +1,8 @@
 """Async scheduling (step t+1 planned while step t runs, tokens read one step late) gives the same
 tokens as synchronous steps: stops, max_tokens, n > 1, streaming, abort, preemption and structured
 output. On the CPU nothing overlaps in time, but every bookkeeping path runs: placeholders, input
-ids taken from the previous step's sampled tensor, dropped samples past a stop, rollback of blocks."""
+ids taken from the previous step's sampled tensor, dropped samples past a stop, rollback of blocks,
+grammar rows whose previous token is applied between the forward and the sampler."""
 import pytest
 import torch
 
@@ -28,8 +29,8 @@ def device_token_steps(monkeypatch):
     calls = {"device": 0, "host": 0}
     original = ModelRunner.execute
 
-    def execute(self, batch, device_tokens=None):
-        result = original(self, batch, device_tokens)
+    def execute(self, batch, device_tokens=None, before_sample=None):
+        result = original(self, batch, device_tokens, before_sample)
         calls["device" if device_tokens is not None else "host"] += 1
         return result
 
@@ -171,7 +172,7 @@ def test_preemption_falls_back_and_matches(small_cache_llm, device_token_steps):
     assert device_token_steps["device"] > 0
 
 
-def test_structured_output_and_penalties_run_in_sync_steps(smollm2_llm):
+def test_structured_output_and_penalties_match_sync(smollm2_llm):
     from fdpp.structured import StructuredOutputsParams as SO
 
     prompts = ["Is the sky blue? Answer:", "Count: one, two,", "Say hi:"]
@@ -185,6 +186,127 @@ def test_structured_output_and_penalties_run_in_sync_steps(smollm2_llm):
     assert overlapped == sync
     texts = [o.outputs[0].text for o in smollm2_llm.generate(prompts[:1], params[:1], use_tqdm=False)]
     assert texts[0] in ("yes", "no", "maybe")
+
+
+def test_grammar_requests_overlap_and_match_sync(smollm2_llm, device_token_steps):
+    """A batch of grammar rows only (JSON schema, regex, choice, n > 1): step t+1's forward runs
+    before step t's tokens advance the grammars, and the outputs are exactly the sync ones."""
+    import json
+    import re
+
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    prompts = ["A JSON object:\n", "Phone:", "Pets:", "Pick one:"]
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, structured_outputs=SO(json=schema, disable_any_whitespace=True)),
+        SamplingParams(temperature=0, max_tokens=16, structured_outputs=SO(regex=r"\d{3}-\d{4}")),
+        SamplingParams(temperature=0.9, seed=5, max_tokens=16, logprobs=1,
+                       structured_outputs=SO(regex=r"(cat|dog)s? [a-z]{2,6}")),
+        SamplingParams(temperature=1.0, seed=2, n=3, max_tokens=8, structured_outputs=SO(choice=["red", "green", "blue"])),
+    ]
+    sync = _generate(smollm2_llm, prompts, params, False)
+    assert device_token_steps["device"] == 0
+    overlapped = _generate(smollm2_llm, prompts, params, True)
+    _assert_same_tokens_close_logprobs(overlapped, sync)
+    assert device_token_steps["device"] >= 5, device_token_steps  # grammar steps really overlapped
+    tok = smollm2_llm.engine.tokenizer
+    texts = [[tok.decode(c[0], skip_special_tokens=True) for c in o] for o in sync]
+    assert json.loads(texts[0][0])["n"] in range(100)
+    assert re.fullmatch(r"\d{3}-\d{4}", texts[1][0]) and re.fullmatch(r"(cat|dog)s? [a-z]{2,6}", texts[2][0])
+    assert len(texts[3]) == 3 and all(t in ("red", "green", "blue") for t in texts[3])
+    assert all(c[1] == "stop" for o in sync for c in o)  # every grammar ended itself
+
+
+def test_grammar_ending_early_beside_free_rows_matches_sync(smollm2_llm, device_token_steps):
+    """A choice that ends after a few tokens while free rows and a longer regex go on: the ended
+    row rides the next step with a placeholder (unconstrained, its sample dropped)."""
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    prompts = ["Is the sky blue? Answer:", "Count: one, two,", "Code:", "Say hi:"]
+    params = [
+        SamplingParams(temperature=0, max_tokens=8, structured_outputs=SO(choice=["yes", "no"])),
+        SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=14, structured_outputs=SO(regex=r"[A-Z]{4}-[0-9]{6}")),
+        SamplingParams(temperature=0, max_tokens=10, stop=[" "]),
+    ]
+    sync = _generate(smollm2_llm, prompts, params, False)
+    overlapped = _generate(smollm2_llm, prompts, params, True)
+    assert overlapped == sync
+    assert device_token_steps["device"] >= 5, device_token_steps
+    (choice_ids, reason, _, _), = sync[0]
+    assert reason == "stop" and len(choice_ids) < len(sync[1][0][0]) == 14  # it ended first
+    assert PLACEHOLDER_TOKEN not in [t for o in sync for c in o for t in c[0]]
+
+
+def _assert_same_tokens_close_logprobs(overlapped, sync):
+    """Tokens, finish and stop reasons exactly equal; logprobs equal to float32 rounding.
+
+    NOTE: a row ended by a stop the host could not foresee (EOS, a stop token, a grammar's end)
+    still rides the next step's forward with a placeholder (async scheduling, with or without
+    grammars), so the other rows of that step run in a batch one row larger; the CPU GEMMs round
+    such a batch differently in the last bits, which reaches the logprobs (not the tokens here)."""
+    assert [[c[:3] for c in o] for o in overlapped] == [[c[:3] for c in o] for o in sync]
+    for o_async, o_sync in zip(overlapped, sync):
+        for c_async, c_sync in zip(o_async, o_sync):
+            if c_sync[3] is None:
+                assert c_async[3] is None
+                continue
+            assert [sorted(d) for d in c_async[3]] == [sorted(d) for d in c_sync[3]]
+            for d_async, d_sync in zip(c_async[3], c_sync[3]):
+                assert [d_async[k] for k in sorted(d_sync)] == pytest.approx([d_sync[k] for k in sorted(d_sync)], abs=1e-4)
+
+
+class _RejectAfter:
+    """A grammar matcher that rejects its ``k``-th token (a stand-in for a sampler/grammar mismatch)."""
+
+    def __init__(self, matcher, k):
+        self._m, self._k = matcher, k
+        self.masks_after_rejection = 0
+
+    def accept_token(self, tok):
+        self._k -= 1
+        return self._k > 0 and self._m.accept_token(tok)
+
+    def fill_next_token_bitmask(self, out, row):  # the only grammar row: fill_bitmask calls this
+        self.masks_after_rejection += self._k <= 0
+        return self._m.fill_next_token_bitmask(out, row)
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def test_grammar_rejection_ends_only_that_request_with_async(smollm2_llm, device_token_steps):
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    def run(use_async):
+        eng = smollm2_llm.engine
+        eng.reset_prefix_cache()
+        eng.async_scheduling = use_async
+        final = {}
+        try:
+            eng.add_request("bad", "Code:", SamplingParams(temperature=0, max_tokens=14,
+                                                            structured_outputs=SO(regex=r"[A-Z]{4}-[0-9]{6}")))
+            eng.add_request("free", "Count: one, two,", SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+            seq = eng.requests["bad"].seqs[0]
+            seq.grammar = matcher = _RejectAfter(seq.grammar, 3)
+            while eng.has_unfinished_requests():
+                for o in eng.step():
+                    if o.finished:
+                        final[o.request_id] = (o.outputs[0].token_ids, o.outputs[0].finish_reason, o.error)
+        finally:
+            eng.async_scheduling = False
+        _assert_idle(smollm2_llm)
+        assert matcher.masks_after_rejection == 0  # the ended request's row was left unconstrained
+        return final
+
+    sync = run(False)
+    overlapped = run(True)
+    assert overlapped == sync
+    assert device_token_steps["device"] > 0
+    assert sync["bad"][1] == "error" and "grammar rejected" in sync["bad"][2]
+    assert sync["free"][1] == "length" and len(sync["free"][0]) == 10
 
 
 def test_config_defaults_and_cli_flags(tiny_llama_dir, small_cache_llm, monkeypatch):
@@ -209,3 +331,30 @@ def test_config_defaults_and_cli_flags(tiny_llama_dir, small_cache_llm, monkeypa
     monkeypatch.setenv("FDPP_FUSED_NORM", "1")
     assert _resolve_fuse_norm(None, torch.device("cuda")) is True
     assert _resolve_fuse_norm(None, torch.device("cpu")) is False
+
+
+def test_a_failed_read_of_the_step_in_flight_is_raised_not_retried(smollm2_llm):
+    """With grammar rows the previous step's tokens are read inside the next launch: a failure of
+    that read (a device error) is raised from step(), as it is without overlap, and is not taken
+    for a failure of the new batch (whose synchronous rerun would read placeholder ids)."""
+    from fdpp.structured import StructuredOutputsParams as SO
+
+    eng = smollm2_llm.engine
+    eng.reset_prefix_cache()
+    eng.async_scheduling = True
+    try:
+        eng.add_request("g", "Phone:", SamplingParams(temperature=0, max_tokens=12,
+                                                      structured_outputs=SO(regex=r"\d{3}-\d{4}")))
+        eng.step()
+        assert eng._in_flight is not None and eng._in_flight.pending is not None
+
+        def lost():
+            raise RuntimeError("device lost")
+
+        eng._in_flight.pending.wait = lost
+        with pytest.raises(RuntimeError, match="device lost"):
+            eng.step()
+    finally:
+        eng.async_scheduling = False
+        eng.abort_request("g")
+    _assert_idle(smollm2_llm)
