@@ -11,7 +11,7 @@ if ls .wheels/*.whl > /dev/null 2>&1; then
   export PYTHONPATH=/tmp/pydeps:$PWD
 fi
 R=${OUT:?set OUT}/res; mkdir -p "$R"
-TOK=.wheels/smollm2-tokenizer; [ -d "$TOK" ] || TOK=""
+TOK=.wheels/smollm2-tokenizer; [ -d "$TOK" ] && export FDPP_TEST_TOKENIZER=$PWD/$TOK || TOK=""
 t0=$(date +%s); s() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
   local name=$1 secs=$2; shift 2
