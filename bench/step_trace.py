@@ -101,10 +101,9 @@ def main() -> None:
             w = wall_clock_decode(llm, args.batch, args.input_len, args.output_len, repeats=1)
             st = fallback_stats()
             wall, steps = trace_run(llm, args.batch, args.input_len, args.output_len)
-            kinds = {"mixed_or_prefill": [s for s in steps if s[2]], "decode": [s for s in steps if not s[2]]}
             w.update(fallback_rate=st.get("rate"), trace_wall_s=round(wall, 3), steps=steps,
-                     prefill_steps_ms=sum(s[3] for s in kinds["mixed_or_prefill"]),
-                     decode_steps_ms=sum(s[3] for s in kinds["decode"]),
+                     prefill_steps_ms=sum(s[3] for s in steps if s[2]),  # prefill or mixed
+                     decode_steps_ms=sum(s[3] for s in steps if not s[2]),
                      stats=llm.engine.stats())
             result["variants"][name] = w
             print(f"{name}: wall TTFT {w['wall_ttft_ms']:.0f} ms, wall decode {w['wall_decode_tokens_per_s']:.0f} tok/s; "

@@ -372,8 +372,7 @@ class LLMEngine:
                 for seq, error in failed[n:]:  # a rejected token: that request ends before the mask
                     touched[seq.request_id] = self._fail(seq, error)
         try:
-            seqs, out = (self.runner.execute(batch, device_tokens) if before_sample is None
-                         else self.runner.execute(batch, device_tokens, before_sample=before_sample))
+            seqs, out = self.runner.execute(batch, device_tokens, before_sample=before_sample)
         except Exception:  # noqa: BLE001 - rerun synchronously, which attributes the failure
             if resolve_failed:
                 raise
