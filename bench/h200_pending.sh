@@ -16,6 +16,7 @@ t0=$(date +%s); s() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
   local name=$1 secs=$2; shift 2
   s "$name"; timeout "$secs" "$@" > "$R/$name.txt" 2>&1; s "$name rc=$?"; tail -4 "$R/$name.txt"
+  tar czf "$OUT/res.tgz" -C "$(dirname "$R")" "$(basename "$R")"  # after each step: a call cut short keeps what ran
 }
 # GPU tests written after the last H200 run (async grammar overlap) and the engine's GPU set
 run pytest_gpu 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/engine/test_backends.py
@@ -23,10 +24,9 @@ run pytest_gpu 100 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu
 run step_trace 100 python bench/step_trace.py --out "$R/step_trace"
 # 12: the transformers peer (static cache) at batch 1, and the fresh GEMM check
 run e2e_peers 130 python bench/e2e_latency.py --quick --peers --budget-s 110 --out "$R/e2e"
-run gemm 100 python bench/bench_gemm.py --quick --time-budget 85 --results-dir "$R/gemm"
+run gemm 80 python bench/bench_gemm.py --quick --time-budget 70 --results-dir "$R/gemm"
 # 17: JSON schema vs unconstrained at batch 64 (warm-up at the timed batch)
 run structured 70 python bench/bench_structured.py ${TOK:+--tokenizer $TOK} --batch 64 --max-tokens 64 --out "$R/structured"
 # 13: cache-off decode regression and the long-prompt ITL scenario
 run prefix_decode 80 python bench/bench_prefix.py --quick --scenarios decode itl --models llama-2-7b --out "$R/prefix"
 s done
-tar czf "$OUT/res.tgz" -C "$(dirname "$R")" "$(basename "$R")"
