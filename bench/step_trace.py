@@ -36,23 +36,48 @@ VARIANTS = {
     "no_async": {"async_scheduling": False},
     "sync_softmax": {"attention_backend": "triton-sync"},
     "no_prefix_cache": {"enable_prefix_caching": False},
+    "no_chunk_cap": {"long_prefill_token_threshold": 0},
 }
 
 
-def trace_run(llm: LLM, batch: int, input_len: int, output_len: int) -> tuple[float, list[tuple]]:
+def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
+              profile_steps: int = 0) -> tuple[float, list[tuple], str | None]:
     """One generate of ``batch`` random prompts; every model step synchronized and timed:
-    (rows, tokens, is_prefill, ms)."""
+    (rows, tokens, is_prefill, ms, host_ms), host_ms being the time until ``execute`` returned (the
+    launch), before the synchronize. ``profile_steps`` > 0: torch-profile that many mixed steps (from
+    the second step on) and return the profiler's tables (by device time and by host time)."""
     dev = llm.engine.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     steps: list[tuple] = []
     original = ModelRunner.execute
+    prof = None
+    tables: list[str] = []
 
     def execute(self, b, device_tokens=None, before_sample=None):
+        nonlocal prof
+        profiled = profile_steps and b.is_prefill and len(steps) >= 1 and len(tables) == 0
+        if profiled and prof is None:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if dev.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=acts)
+            prof.__enter__()
+            prof.steps_seen = 0
         sync()
         t = time.perf_counter()
         result = original(self, b, device_tokens, before_sample)
+        host = time.perf_counter() - t
         sync()
-        steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2)))
+        steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2),
+                      round(host * 1e3, 2)))
+        if prof is not None and profiled:
+            prof.steps_seen += 1
+            if prof.steps_seen >= profile_steps:
+                prof.__exit__(None, None, None)
+                ka = prof.key_averages()
+                for key in (("cuda_time_total",) if dev.type == "cuda" else ()) + ("cpu_time_total",):
+                    tables.append(f"--- {profile_steps} mixed steps, by {key} ---\n" + ka.table(sort_by=key, row_limit=25))
+                prof = None
         return result
 
     rng = random.Random(1)
@@ -66,7 +91,9 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int) -> tuple[fl
         wall = time.perf_counter() - t0
     finally:
         ModelRunner.execute = original
-    return wall, steps
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    return wall, steps, "\n".join(tables) or None
 
 
 def main() -> None:
@@ -79,6 +106,8 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="torch-profile this many mixed steps of the first variant; print the tables")
     ap.add_argument("--budget-s", type=float, default=120.0, help="start no new variant after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
@@ -100,16 +129,20 @@ def main() -> None:
             reset_fallback_stats()
             w = wall_clock_decode(llm, args.batch, args.input_len, args.output_len, repeats=1)
             st = fallback_stats()
-            wall, steps = trace_run(llm, args.batch, args.input_len, args.output_len)
+            wall, steps, tables = trace_run(llm, args.batch, args.input_len, args.output_len,
+                                            args.profile_steps if name == args.variants[0] else 0)
             w.update(fallback_rate=st.get("rate"), trace_wall_s=round(wall, 3), steps=steps,
                      prefill_steps_ms=sum(s[3] for s in steps if s[2]),  # prefill or mixed
                      decode_steps_ms=sum(s[3] for s in steps if not s[2]),
+                     prefill_steps_host_ms=sum(s[4] for s in steps if s[2]), profile=tables,
                      stats=llm.engine.stats())
             result["variants"][name] = w
             print(f"{name}: wall TTFT {w['wall_ttft_ms']:.0f} ms, wall decode {w['wall_decode_tokens_per_s']:.0f} tok/s; "
                   f"traced run {wall:.2f} s = prefill/mixed steps {w['prefill_steps_ms']:.0f} ms + decode steps "
                   f"{w['decode_steps_ms']:.0f} ms; fallback rate {w['fallback_rate']}", flush=True)
-            print("  first steps:", steps[:12], flush=True)
+            print("  first steps (rows, tokens, prefill, ms, host ms):", steps[:12], flush=True)
+            if tables:
+                print(tables, flush=True)
         finally:
             llm.close()
             del llm
