@@ -82,6 +82,23 @@ def test_tuner_finds_inflection_points_with_fake_timer():
     assert entry.timings["m"] == ms and len(entry.timings["us"]["flat"]) == len(ms)
 
 
+def test_tuner_keeps_a_winner_whose_confirmation_timings_are_declined():
+    # bench_gemm's timer, past its sweep budget, answers inf for a (impl, shape, M) it has timed once:
+    # the confirmation re-timings of the winner must not turn every implementation into a failure.
+    seen = set()
+
+    def budget_timer(impl, cfg, n, k, m, dt):
+        key = (impl, n, k, m)
+        if key in seen:
+            return math.inf
+        seen.add(key)
+        return fake_timer(impl, cfg, n, k, m, dt)
+
+    entry = tune_shape(4096, 4096, torch.float16, [1, 256], budget_timer, confirm=2)
+    assert entry.choose(256)[0] == "cublas"
+    assert math.isfinite(entry.timings["us"]["cublas"][1])
+
+
 def test_build_table_save_load_roundtrip(tmp_path):
     shapes = {"qkv": (12288, 4096), "o": (4096, 4096), "o_again": (4096, 4096)}
     table = build_table(shapes, torch.float16, default_m_grid(128, quick=True), fake_timer,

@@ -182,7 +182,9 @@ def tune_shape(
                 reps = [float(timer(impl, b[1], n, k, m, dtype)) for _ in range(confirm)]
                 if progress is not None:
                     progress.update(confirm)
-                b = (statistics.fmean(reps), b[1])
+                reps = [t for t in reps if math.isfinite(t)]  # a timer out of budget may decline (inf)
+                if reps:
+                    b = (statistics.fmean(reps), b[1])
             best[impl].append(b)
     choices = []
     for i, m in enumerate(ms):
