@@ -347,7 +347,7 @@ class ModelRunner:
                     for s in (seq, *batch.forks.get(seq.seq_id, ())):
                         rows.append(row)
                         seqs.append(s)
-                logits = logits[torch.tensor(rows, device=self.device)]
+                logits = logits[self._to_device(rows, torch.int64)]
             if before_sample is not None:
                 before_sample()
             # the grammar bitmask is filled on the host while the replay runs (it overlaps it)
@@ -362,7 +362,7 @@ class ModelRunner:
                 self._prompt_logprobs(batch, hidden)
             if not sample_seqs:
                 return sample_seqs, None
-            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=self.device)])
+            logits = self.model.compute_logits(hidden[self._to_device(rows, torch.int64)])
         if before_sample is not None:
             before_sample()
         bitmask = self.grammar_bitmask(sample_seqs)
