@@ -164,6 +164,10 @@ class EngineConfig:
     # long prompt cannot stretch the running streams' inter-token latency; a step with no decode rows
     # takes the whole budget. None: 256 on a GPU, no cap on the CPU. 0: no cap.
     long_prefill_token_threshold: int | None = None
+    # Prompts prefilled in chunks at the same time (vLLM's name): with the cap above, several waiting
+    # prompts advance in one step so that they still fill the token budget. None: budget // cap when
+    # prompt chunks are capped (8 on a GPU by default), else 1.
+    max_num_partial_prefills: int | None = None
     enable_prefix_caching: bool = True  # reuse the K/V of cached prompt prefixes (vLLM's name)
     max_model_len: int | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -64,6 +64,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--long-prefill-token-threshold", type=int, default=None, metavar="N",
                    help="in a step that also decodes, one prompt's chunk is at most N tokens, so a long prompt "
                    "does not stall running streams (default: 256 on GPU, no cap on CPU; 0: no cap)")
+    g.add_argument("--max-num-partial-prefills", type=int, default=None, metavar="N",
+                   help="prompts prefilled in chunks side by side, so that capped chunks of several waiting "
+                   "prompts fill a step's token budget (default: budget / cap when chunks are capped, else 1)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "triton-sync"],
                    help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
@@ -138,6 +141,7 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
         long_prefill_token_threshold=args.long_prefill_token_threshold,
+        max_num_partial_prefills=args.max_num_partial_prefills,
         attention_backend=args.attention_backend,
         linear_backend=args.linear_backend,
         calibration=args.calibration,

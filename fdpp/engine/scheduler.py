@@ -3,9 +3,12 @@
 Plain Python over block counts; it never touches tensors. Each step packs, up to a token budget
 (``max_num_batched_tokens``): first one decode token for every running sequence, then chunks of the
 waiting prompts with what is left. A long prompt is thus computed a chunk per step while the running
-streams keep producing a token every step (mixed prefill + decode steps); in a step that decodes, one
-prompt's chunk is capped at ``long_prefill_token_threshold`` tokens so the streams' step stays short. A waiting prompt first
-takes its longest cached prefix from the block manager and computes only the rest.
+streams keep producing a token every step (mixed prefill + decode steps); in a step that decodes, each
+prompt's chunk is capped at ``long_prefill_token_threshold`` tokens so one long prompt cannot stretch the
+streams' step, while up to ``max_num_partial_prefills`` prompts advance side by side so that many waiting
+prompts still fill the budget (vLLM's names). Prompts in progress hold blocks and stay at the front of
+the queue, in admission order. A waiting prompt first takes its longest cached prefix from the block
+manager and computes only the rest.
 
 When the KV cache cannot grow, the most recently admitted sequence is preempted: its blocks are
 freed (their computed full blocks stay in the prefix cache) and it goes back to the front of the
@@ -17,6 +20,7 @@ and, in the step that completes its prompt, share its blocks and sample from its
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field
 
 from fdpp.engine.block_manager import BlockManager
@@ -45,15 +49,19 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 long_prefill_token_threshold: int = 0) -> None:
+                 long_prefill_token_threshold: int = 0, max_num_partial_prefills: int = 1) -> None:
         if max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {max_num_batched_tokens}")
+        if max_num_partial_prefills < 1:
+            raise ValueError(f"max_num_partial_prefills must be >= 1, got {max_num_partial_prefills}")
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         # > 0: in a step with decode rows, one prompt's chunk is at most this many tokens
         self.long_prefill_token_threshold = long_prefill_token_threshold
-        # Prefill phase; only the head may hold blocks (a chunked prefill in progress).
+        # prompts computed in chunks at the same time (each holds its blocks between steps)
+        self.max_num_partial_prefills = max_num_partial_prefills
+        # Prefill phase. The prompts in progress (holding blocks) are a prefix of it.
         self.waiting: deque[Sequence] = deque()
         # Prompt fully computed; decoding.
         self.running: deque[Sequence] = deque()
@@ -111,12 +119,12 @@ class Scheduler:
         preempted = self._schedule_decode(seqs, counts, copies, skip)
         num_decode = len(seqs)
         forks: dict[int, list[Sequence]] = {}
-        # NOTE: after a preemption, admit nothing new this step: the blocks just freed would be
-        # taken again at once and the same sequences preempted at the next step.
-        if not preempted:
-            budget = self.max_num_batched_tokens - len(seqs)
-            cap = self.long_prefill_token_threshold if num_decode and self.long_prefill_token_threshold else None
-            self._schedule_prefill(budget, seqs, counts, copies, forks, cap)
+        # NOTE: after a preemption, admit no new prompt this step: the blocks just freed would be
+        # taken again at once and the same sequences preempted at the next step. Prompts in progress
+        # go on (they may be all that is left to run: the preempted sequence waits behind them).
+        budget = self.max_num_batched_tokens - len(seqs)
+        cap = self.long_prefill_token_threshold if num_decode and self.long_prefill_token_threshold else None
+        self._schedule_prefill(budget, seqs, counts, copies, forks, cap, admit=not preempted)
         if not seqs:
             return None
         batch = ScheduledBatch(seqs, counts, len(seqs) > num_decode, copies, forks)
@@ -171,21 +179,35 @@ class Scheduler:
 
     def _schedule_prefill(self, budget: int, seqs: list[Sequence], counts: list[int],
                           copies: list[tuple[int, int]], forks: dict[int, list[Sequence]],
-                          chunk_cap: int | None = None) -> None:
+                          chunk_cap: int | None = None, admit: bool = True) -> None:
+        """Prompt chunks with ``budget`` tokens: the prompts in progress first, then (``admit``) new ones."""
         bm = self.bm
-        while self.waiting and budget > 0:
-            seq = self.waiting[0]
+        i = 0  # waiting[:i]: prompts left in progress by this step (they keep their blocks)
+        while i < len(self.waiting) and budget > 0:
+            seq = self.waiting[i]
+            fresh = not seq.block_table
+            if fresh and not admit:
+                break
             # n > 1 samples are admitted together (an empty batch takes any group, so n > max_num_seqs
             # still runs: the decode rows beyond max_num_seqs wait for the first ones to finish)
-            if self.running and len(self.running) + 1 + len(seq.pending_forks) > self.max_num_seqs:
+            if (self.running or i) and len(self.running) + i + 1 + len(seq.pending_forks) > self.max_num_seqs:
                 break
-            fresh = not seq.block_table
             hits = bm.lookup(seq) if fresh else []
             start = len(hits) * bm.block_size if fresh else seq.num_computed_tokens
             chunk = min(seq.num_tokens - start, budget, chunk_cap or budget)
             end = start + chunk
+            partial = end < seq.num_tokens
+            if fresh and partial and i >= self.max_num_partial_prefills:
+                break
             need = bm.blocks_to_admit(hits, end) if fresh else bm.blocks_needed(seq, end)
-            if not bm.can_allocate(need):
+            if fresh and i:
+                # NOTE: beside prompts in progress, a new one is admitted only if the free blocks could
+                # also complete all of them and it: partly computed prompts each holding blocks that the
+                # others need would wait on each other for ever.
+                reserve = sum(bm.blocks_needed(p, p.num_tokens) for p in islice(self.waiting, i))
+                if not bm.can_allocate(bm.blocks_to_admit(hits, seq.num_tokens) + reserve):
+                    break
+            elif not bm.can_allocate(need):
                 break
             if fresh:
                 bm.admit(seq, hits)
@@ -194,9 +216,10 @@ class Scheduler:
             counts.append(chunk)
             budget -= chunk
             self.num_prefill_tokens += chunk
-            if end < seq.num_tokens:
-                break  # a chunk of a long prompt: it stays at the head of the queue
-            self.waiting.popleft()
+            if partial:
+                i += 1  # a chunk of a long prompt: it stays in the queue, in front of the fresh ones
+                continue
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             if seq.pending_forks:
@@ -224,9 +247,8 @@ class Scheduler:
         self._requeue(seq)
 
     def _requeue(self, seq: Sequence) -> None:
-        """Put ``seq`` at the front of the queue, behind a chunked prefill in progress (it holds blocks)."""
-        head = self.waiting[0] if self.waiting else None
-        if head is not None and head.block_table:
-            self.waiting.insert(1, seq)
-        else:
-            self.waiting.appendleft(seq)
+        """Put ``seq`` at the front of the queue, behind the chunked prefills in progress (they hold blocks)."""
+        i = 0
+        while i < len(self.waiting) and self.waiting[i].block_table:
+            i += 1
+        self.waiting.insert(i, seq)

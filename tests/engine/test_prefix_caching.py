@@ -62,6 +62,14 @@ def test_greedy_identical_with_caching_on_and_off(family_path):
     assert stats["prefix_cache_hits"] > 0
     assert stats["num_prefill_tokens"] < off.engine.stats()["num_prefill_tokens"]  # reuse computed less
 
+    # Capped chunks of several prompts side by side (the GPU default's policy), on the same small cache.
+    side = load_llm(family_path, block_size=4, num_blocks=24, max_num_seqs=6, max_num_batched_tokens=16,
+                    long_prefill_token_threshold=3, max_num_partial_prefills=3)
+    assert side.engine.scheduler.max_num_partial_prefills == 3
+    assert tokens(side.generate(wave1, greedy(8), use_tqdm=False)) == ref1
+    assert tokens(side.generate(wave2, greedy(8), use_tqdm=False)) == ref2
+    side.engine.check_integrity()
+
 
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
