@@ -20,8 +20,8 @@ and, in the step that completes its prompt, share its blocks and sample from its
 from __future__ import annotations
 
 from collections import deque
-from itertools import islice
 from dataclasses import dataclass, field
+from itertools import islice
 
 from fdpp.engine.block_manager import BlockManager
 from fdpp.engine.sequence import Sequence, SequenceStatus
