@@ -292,12 +292,12 @@ def main() -> int:
     timer = GraphTimer()
     sweep = []
 
-    timed = set()  # (impl, shape, M) with a config that ran
+    timed = set()  # (impl, shape, M, dtype) with a config that ran
 
     def recording_timer(impl, cfg, n, k, m, dt):
         # Past the sweep budget only the first config of each (impl, shape, M) that runs is timed (a config
         # that fails, e.g. one over the shared memory, does not count: each key keeps one finite timing).
-        key = (impl, n, k, m)
+        key = (impl, n, k, m, dt)
         if time.time() - t_start > 0.6 * args.time_budget and key in timed:
             return math.inf
         t = timer(impl, cfg, n, k, m, dt)
