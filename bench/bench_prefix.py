@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from fdpp import LLM, SamplingParams  # noqa: E402
+from fdpp.benchmark import triton_compiles  # noqa: E402
 
 DTYPES = {"llama-2-7b": "float16", "llama-3-8b": "bfloat16"}
 # scenario sizes: the (full), a ~3-minute GPU run (quick), a CPU smoke test (cpu)
@@ -262,6 +263,8 @@ class Bench:
             long_rid, long_at, long_first = None, None, None
             steady_steps = 40
             k = 0
+            compiles_cm = triton_compiles()
+            compiles = compiles_cm.__enter__()
             while True:
                 t_s = time.perf_counter()
                 outs = eng.step()
@@ -284,6 +287,7 @@ class Bench:
                     steady_end = len(steps)
                 if long_first is not None and time.perf_counter() - long_first > 0.25:
                     break
+            compiles_cm.__exit__(None, None, None)
             for rid in streams:
                 eng.abort_request(rid)
             while eng.has_unfinished_requests():
@@ -301,12 +305,16 @@ class Bench:
                 "long_prompt_ttft_s": long_first - long_at,
                 "prefill_steps": sum(1 for t, _ in steps if long_at <= t <= long_first + 1e-9),
                 "step_trace_ms": [(t - long_at, d * 1e3) for t, d in steps[max(0, steady_end - 20):]],
+                # Triton JIT compiles (each a stall of ~1 s) during the run: the kernel signatures
+                "triton_compiles": [(round(t - long_at, 3), sig[:400]) for t, sig in compiles],
             }
             res[key] = r
             ratio = r["prefill_window_itl_p99_ms"] / r["steady_step_ms_median"]
             log(f"  steady step {r['steady_step_ms_median']:.2f} ms; ITL during the prefill p50 "
                 f"{r['prefill_window_itl_p50_ms']:.1f} / p99 {r['prefill_window_itl_p99_ms']:.1f} ms "
                 f"({ratio:.2f}x); long prompt TTFT {r['long_prompt_ttft_s']:.2f} s in {r['prefill_steps']} steps")
+            for t, sig in r["triton_compiles"]:
+                log(f"  Triton compile at {t:+.2f} s (from the long prompt's arrival): {sig[:300]}")
             self.target(model, "long_prompt_itl_p99_over_steady_step", ratio, "<= 3x", ratio <= 3,
                         budget=eng.max_num_batched_tokens, long_prefill_cap=cap,
                         is_default=budget is None and long_prefill is None)

@@ -1,8 +1,10 @@
 """Latency and throughput benchmarks of the engine (``fdpp bench``), reported against the hardware."""
 from __future__ import annotations
 
+import contextlib
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -10,6 +12,31 @@ import torch
 
 from fdpp.sampling_params import SamplingParams
 from fdpp.utils import dtype_name
+
+
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[tuple[float, str]]]:
+    """Record the Triton kernels JIT-compiled inside the block: a list of (perf_counter time, the kernel's
+    signature: name, options and argument specializations). A compile in a timed window is a stall of
+    ~1 s that no steady-state figure shows. Empty where Triton has no compile hook (``triton.knobs``)."""
+    events: list[tuple[float, str]] = []
+    try:
+        from triton import knobs
+        runtime = knobs.runtime
+        previous = runtime.jit_cache_hook
+    except (ImportError, AttributeError):
+        yield events
+        return
+
+    def hook(*_args, **kw) -> bool:
+        events.append((time.perf_counter(), str(kw.get("repr", "?"))))
+        return bool(previous(*_args, **kw)) if previous is not None else False  # False: compile it
+
+    runtime.jit_cache_hook = hook
+    try:
+        yield events
+    finally:
+        runtime.jit_cache_hook = previous
 
 
 def device_name(device: torch.device) -> str:
