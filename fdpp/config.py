@@ -173,6 +173,9 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     seed: int = 0
     enforce_eager: bool = False  # disable CUDA graphs
+    # Also capture graphs of mixed steps (up to 64 decode rows + one prompt chunk padded to
+    # long_prefill_token_threshold tokens): such a step is host-bound when run eagerly. Needs a cap > 0.
+    cuda_graph_mixed: bool = True
     # Overlap the host with the device (vLLM v1's async scheduling): step t+1 is scheduled and
     # launched while step t runs, its input ids taken from step t's sampled ids on the device, and
     # step t's tokens are read one step late. None: on for CUDA, off on the CPU (nothing to overlap).

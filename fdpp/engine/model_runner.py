@@ -69,6 +69,49 @@ class PendingSample:
         return self._host
 
 
+class _GraphInputs:
+    """The static device inputs a captured graph reads, filled through pinned staging buffers.
+
+    ``long``: ``[3, num_tokens]`` int64 (token ids, positions, cache slots); ``ints``: ``[num_ints]``
+    int32 (context lengths first, then whatever else the graph reads); ``tables``: ``[num_seqs,
+    max_blocks]`` int32 block tables. A step fills the host arrays of ``host()`` and calls ``upload``:
+    one host->device copy per buffer.
+    """
+
+    def __init__(self, num_tokens: int, num_ints: int, num_seqs: int, max_blocks: int,
+                 device: torch.device) -> None:
+        self.long = torch.zeros(3, num_tokens, dtype=torch.int64, device=device)
+        self.long[2].fill_(-1)
+        self.ids, self.pos, self.slots = self.long[0], self.long[1], self.long[2]
+        self.ints = torch.zeros(num_ints, dtype=torch.int32, device=device)
+        self.tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device)
+        # NOTE: two sets of pinned staging buffers, used in turn: with async scheduling step t+1's
+        # inputs are written while step t's host->device copies may still be queued; the set of
+        # step t-1 is free again because the host waited on step t-1's event before launching t+1.
+        pin = device.type == "cuda"
+        self._staging = [tuple(torch.zeros(t.shape, dtype=t.dtype, pin_memory=pin)
+                               for t in (self.long, self.ints, self.tables)) for _ in range(2)]
+        self._turn = 0
+
+    def host(self) -> tuple:
+        """The next staging set as numpy arrays ``(long, ints, tables)``, to fill before ``upload``."""
+        self._current = self._staging[self._turn % 2]
+        self._turn += 1
+        return tuple(t.numpy() for t in self._current)
+
+    def upload(self, num_tokens: int, num_ints: int, num_rows: int, width: int) -> None:
+        """Copy the first ``num_tokens`` columns of ``long``, ``num_ints`` ints and ``num_rows`` x
+        ``width`` block-table entries of the staging set last returned by ``host()`` to the device."""
+        h_long, h_ints, h_tables = self._current
+        self.long[:, :num_tokens].copy_(h_long[:, :num_tokens], non_blocking=True)
+        self.ints[:num_ints].copy_(h_ints[:num_ints], non_blocking=True)
+        self.tables[:num_rows, :width].copy_(h_tables[:num_rows, :width], non_blocking=True)
+
+
+# Mixed graphs are captured for the decode buckets up to this many rows (capture time and memory).
+MAX_MIXED_GRAPH_BATCH = 64
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -99,7 +142,14 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._pin = device.type == "cuda"
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._num_replays = 0  # picks the staging buffer set of the next replay (double-buffered)
+        self.graph_batch_sizes: list[int] = []
+        self._decode_inputs: _GraphInputs | None = None
+        # Mixed steps (decode rows + one prompt chunk padded to mixed_chunk_tokens): see init_mixed_inputs.
+        self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.mixed_batch_sizes: list[int] = []
+        self.mixed_chunk_tokens = 0
+        self._mixed_inputs: _GraphInputs | None = None
+        self.num_mixed_replays = 0  # mixed steps run through the padded static step (a replay on CUDA)
         # Set by the engine: fills the grammar bitmask of constrained rows (fdpp.structured).
         self.structured: StructuredOutputBackend | None = None
         self._bitmask_host: torch.Tensor | None = None
@@ -302,6 +352,8 @@ class ModelRunner:
     def shutdown(self) -> None:
         """Free the GPU memory this runner holds: graphs, the KV cache and the model's weights."""
         self.graphs.clear()
+        self.mixed_graphs.clear()
+        self._decode_inputs = self._mixed_inputs = None
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
         self.kv_cache = None
@@ -337,16 +389,16 @@ class ModelRunner:
         forward). Not called when nothing is sampled."""
         if batch.copies:
             self.copy_blocks(batch.copies)
+        static = None
         if (self.graphs and len(batch) <= self.graph_batch_sizes[-1]
                 and self.num_decode_rows(batch) == len(batch)):
-            logits = self._replay(batch, device_tokens)
-            seqs = batch.seqs
-            if batch.forks:  # a one-token final prompt chunk of an n > 1 request: its samples too
-                rows, seqs = [], []
-                for row, seq in enumerate(batch.seqs):
-                    for s in (seq, *batch.forks.get(seq.seq_id, ())):
-                        rows.append(row)
-                        seqs.append(s)
+            static = self._replay(batch, device_tokens), batch.seqs
+        elif (bucket := self._mixed_bucket(batch)) is not None:
+            static = self._run_mixed(batch, bucket, device_tokens)
+        if static is not None:
+            logits, seqs = static
+            if batch.forks:  # a prompt completing in this step of an n > 1 request: its samples too
+                rows, seqs = self._with_forks(batch, seqs)
                 logits = logits[self._to_device(rows, torch.int64)]
             if before_sample is not None:
                 before_sample()
@@ -421,10 +473,14 @@ class ModelRunner:
             return self.model.compute_logits(hidden)
 
 
-    # ---- CUDA graphs (decode) ------------------------------------------------------------------------
+    # ---- CUDA graphs ---------------------------------------------------------------------------------
     @torch.inference_mode()
-    def capture_cuda_graphs(self, max_batch_size: int, show_progress: bool = True) -> None:
-        """Capture one decode step per batch-size bucket, largest first, sharing one memory pool.
+    def capture_cuda_graphs(self, max_batch_size: int, show_progress: bool = True,
+                            mixed_chunk_tokens: int | None = None) -> None:
+        """Capture one decode step per batch-size bucket and, with ``mixed_chunk_tokens`` = C > 0, one
+        mixed step per bucket up to MAX_MIXED_GRAPH_BATCH rows (those decode rows, then one prompt
+        chunk padded to C tokens: ``mixed_step``); largest first, sharing one memory pool. Replaces
+        the graphs captured before. ``mixed_chunk_tokens`` None: the previous call's C (0 at first).
 
         Buffers are static: a step copies its ids, positions, slots, context lengths and block tables
         into them and replays the bucket's graph; rows past the batch are padding (context length 0,
@@ -433,63 +489,57 @@ class ModelRunner:
         """
         from tqdm.auto import tqdm
 
+        self.graphs.clear()
+        self.mixed_graphs.clear()
         sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_batch_size]
+        self.graph_batch_sizes = []
+        if mixed_chunk_tokens is None:
+            mixed_chunk_tokens = self.mixed_chunk_tokens
+        self.init_mixed_inputs(mixed_chunk_tokens, [b for b in sizes if b <= MAX_MIXED_GRAPH_BATCH])
         if not sizes:
             return
-        n = sizes[-1]
         dev = self.device
-        # rows: token ids, positions, slots; one host->device copy per step fills them all
-        self.g_long = torch.zeros(3, n, dtype=torch.int64, device=dev)
-        self.g_long[2].fill_(-1)
-        self.g_ids, self.g_pos, self.g_slots = self.g_long[0], self.g_long[1], self.g_long[2]
-        self.g_ctx = torch.zeros(n, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        # NOTE: two sets of pinned staging buffers, used in turn: with async scheduling step t+1's
-        # inputs are written while step t's host->device copies may still be queued; the set of
-        # step t-1 is free again because the host waited on step t-1's event before launching t+1.
-        self.h_staging = [
-            (torch.zeros(3, n, dtype=torch.int64, pin_memory=True),
-             torch.zeros(n, dtype=torch.int32, pin_memory=True),
-             torch.zeros(n, self.max_blocks_per_seq, dtype=torch.int32, pin_memory=True))
-            for _ in range(2)
-        ]
-        pool = None
-        bar = tqdm(list(reversed(sizes)), desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
-        for bs in bar:
+        self._decode_inputs = inp = _GraphInputs(sizes[-1], sizes[-1], sizes[-1], self.max_blocks_per_seq, dev)
+        # (graphs dict, bucket, tokens of the step, the step): the largest first, for the pool's reuse
+        steps: list[tuple[dict, int, int, Callable[[], torch.Tensor]]] = []
+        for bs in sizes:
             meta = AttentionMetadata(
                 is_prefill=False,
-                context_lens=self.g_ctx[:bs],
-                block_tables=self.g_tables[:bs],
-                slot_mapping=self.g_slots[:bs],
+                context_lens=inp.ints[:bs],
+                block_tables=inp.tables[:bs],
+                slot_mapping=inp.slots[:bs],
                 max_seqlen_q=1,
                 max_context_len=self.max_model_len,
             )
 
             def step(bs=bs, meta=meta):
                 with forward_context(meta, self.backends):
-                    hidden = self.model(self.g_ids[:bs], self.g_pos[:bs])
+                    hidden = self.model(inp.ids[:bs], inp.pos[:bs])
                     return self.model.compute_logits(hidden)
 
+            steps.append((self.graphs, bs, bs, step))
+        for bs in self.mixed_batch_sizes:
+            steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
+                          lambda bs=bs: self.mixed_step(bs)))
+        steps.sort(key=lambda x: -x[2])
+        pool = None
+        bar = tqdm(steps, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
+        for graphs, bs, _, step in bar:
             step()  # warm-up: compiles kernels outside the capture
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 logits = step()
             pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            graphs[bs] = (graph, logits)
         bar.close()
         self.graph_batch_sizes = sizes
         torch.cuda.synchronize(dev)
 
-    def _replay(self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None) -> torch.Tensor:
-        seqs = batch.seqs
-        bs = len(seqs)
-        bucket = next(b for b in self.graph_batch_sizes if b >= bs)
+    def _stage_decode_rows(self, seqs: list[Sequence], h_long, h_ctx, h_tables) -> int:
+        """Host staging of decode rows 0..len(seqs)-1 (id, position, slot, context length, block
+        table); returns the widest block table."""
         bsz = self.block_size
-        pinned = self.h_staging[self._num_replays % 2]
-        self._num_replays += 1
-        t_long, t_ctx, t_tables = pinned
-        h_long, h_ctx, h_tables = t_long.numpy(), t_ctx.numpy(), t_tables.numpy()
         width = 0
         for i, s in enumerate(seqs):
             t = s.num_tokens - 1
@@ -500,17 +550,156 @@ class ModelRunner:
             nb = len(s.block_table)
             h_tables[i, :nb] = s.block_table
             width = max(width, nb)
-        h_long[:, bs:bucket] = 0
-        h_long[2, bs:bucket] = -1  # padding rows: no cache write
-        h_ctx[bs:bucket] = 0  # and no cache read
-        self.g_long[:, :bucket].copy_(t_long[:, :bucket], non_blocking=True)
-        self.g_ctx[:bucket].copy_(t_ctx[:bucket], non_blocking=True)
-        self.g_tables[:bs, :width].copy_(t_tables[:bs, :width], non_blocking=True)
+        return width
+
+    @staticmethod
+    def _pad_rows(h_long, h_ctx, lo: int, hi: int) -> None:
+        """Staged rows lo..hi-1 become padding: id and position 0, slot -1 (no cache write), context
+        length 0 (no cache read); ``h_ctx`` None: token rows only."""
+        h_long[:, lo:hi] = 0
+        h_long[2, lo:hi] = -1
+        if h_ctx is not None:
+            h_ctx[lo:hi] = 0
+
+    def _replay(self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None) -> torch.Tensor:
+        seqs = batch.seqs
+        bs = len(seqs)
+        bucket = next(b for b in self.graph_batch_sizes if b >= bs)
+        inp = self._decode_inputs
+        h_long, h_ctx, h_tables = inp.host()
+        width = self._stage_decode_rows(seqs, h_long, h_ctx, h_tables)
+        self._pad_rows(h_long, h_ctx, bs, bucket)
+        inp.upload(bucket, bucket, bs, width)
         if device_tokens is not None:
-            self._scatter_device_tokens(self.g_ids, device_tokens)
+            self._scatter_device_tokens(inp.ids, device_tokens)
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:bs]
+
+    # ---- mixed steps (decode rows + one prompt chunk), padded to static shapes -----------------------
+    def init_mixed_inputs(self, chunk_tokens: int, batch_sizes: list[int]) -> None:
+        """Allocate the static inputs of mixed steps: ``b`` decode rows (b in ``batch_sizes``) then
+        one prompt chunk padded to ``chunk_tokens`` tokens. ``execute`` then runs such steps through
+        ``mixed_step``: a graph replay where ``capture_cuda_graphs`` captured one, else eagerly (the
+        CPU tests drive it so). ``chunk_tokens`` 0 or no sizes: mixed steps run as any other step.
+
+        Layout (B = the largest size, C = chunk_tokens): ``long`` holds B + C token rows (bucket b
+        uses rows 0..b-1 for decode rows and b..b+C-1 for the chunk); ``ints`` holds the context
+        lengths (B + 1: b decode rows, then the chunk's at index b), the chunk's cu_seqlens_q [0, n]
+        and the B + 1 rows whose logits are computed (decode rows, then the chunk's last token);
+        ``tables`` B + 1 rows like the context lengths.
+        """
+        if chunk_tokens < 0:
+            raise ValueError(f"init_mixed_inputs: chunk_tokens must be >= 0 (0: no mixed steps), got {chunk_tokens}")
+        self.mixed_graphs.clear()
+        self.mixed_chunk_tokens = chunk_tokens
+        self.mixed_batch_sizes = sorted(batch_sizes) if chunk_tokens else []
+        self._mixed_inputs = None
+        if not self.mixed_batch_sizes:
+            return
+        B = self.mixed_batch_sizes[-1]
+        self._mixed_inputs = _GraphInputs(B + chunk_tokens, 2 * (B + 1) + 2, B + 1, self.max_blocks_per_seq,
+                                          self.device)
+        self._mixed_meta: dict[int, AttentionMetadata] = {}
+
+    def _mixed_views(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(context lengths [bucket + 1], cu_seqlens_q [2], logits rows [bucket + 1]) of ``ints``."""
+        B = self.mixed_batch_sizes[-1]
+        ints = self._mixed_inputs.ints
+        return ints[: bucket + 1], ints[B + 1: B + 3], ints[B + 3: B + 4 + bucket]
+
+    def _mixed_metadata(self, bucket: int) -> AttentionMetadata:
+        """A mixed step's metadata as ``prepare`` builds it, over the static buffers, with host ints
+        fixed for any step of the bucket: decode max_context_len = max_model_len (split count), the
+        chunk's max_seqlen_q = C (the prefill grid; q tiles past the chunk's length exit early)."""
+        meta = self._mixed_meta.get(bucket)
+        if meta is not None:
+            return meta
+        inp, C = self._mixed_inputs, self.mixed_chunk_tokens
+        ctx, cu, _ = self._mixed_views(bucket)
+        tables = inp.tables[: bucket + 1]
+        meta = AttentionMetadata(
+            is_prefill=True, context_lens=ctx, block_tables=tables, slot_mapping=inp.slots[: bucket + C],
+            max_seqlen_q=C, max_context_len=self.max_model_len,
+            decode_part=AttentionMetadata(is_prefill=False, context_lens=ctx[:bucket], block_tables=tables[:bucket],
+                                          max_context_len=self.max_model_len),
+            prefill_part=AttentionMetadata(is_prefill=True, cu_seqlens_q=cu, max_seqlen_q=C,
+                                           context_lens=ctx[bucket:], block_tables=tables[bucket:],
+                                           max_context_len=self.max_model_len),
+        )
+        self._mixed_meta[bucket] = meta
+        return meta
+
+    def mixed_step(self, bucket: int) -> torch.Tensor:
+        """The padded static mixed step of ``bucket`` decode rows (what a mixed graph captures): the
+        forward over the static inputs, logits of the ``bucket + 1`` staged rows ``[bucket + 1, vocab]``."""
+        inp = self._mixed_inputs
+        _, _, rows = self._mixed_views(bucket)
+        n = bucket + self.mixed_chunk_tokens
+        with forward_context(self._mixed_metadata(bucket), self.backends):
+            hidden = self.model(inp.ids[:n], inp.pos[:n])
+            return self.model.compute_logits(hidden.index_select(0, rows))
+
+    def _mixed_bucket(self, batch: ScheduledBatch) -> int | None:
+        """The mixed bucket that runs ``batch``, or None (eager): nd decode rows, 1 <= nd <= the
+        largest bucket, then one prompt chunk of at most C tokens, no prompt logprobs."""
+        if not self.mixed_batch_sizes:
+            return None
+        nd = len(batch) - 1
+        if not 1 <= nd <= self.mixed_batch_sizes[-1] or batch.num_new_tokens[-1] > self.mixed_chunk_tokens:
+            return None
+        if batch.seqs[-1].prompt_logprobs is not None or self.num_decode_rows(batch) != nd:
+            return None
+        return next(b for b in self.mixed_batch_sizes if b >= nd)
+
+    def _run_mixed(self, batch: ScheduledBatch, bucket: int,
+                   device_tokens: DeviceTokens | None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Stage ``batch`` into the mixed inputs of ``bucket`` and run it (replay, or ``mixed_step``);
+        return the logits of the sampled rows (the decode rows, then the chunk's row if it completes
+        its prompt) and the sequences they belong to, in order."""
+        inp, C = self._mixed_inputs, self.mixed_chunk_tokens
+        decode, seq, n = batch.seqs[:-1], batch.seqs[-1], batch.num_new_tokens[-1]
+        nd = len(decode)
+        B = self.mixed_batch_sizes[-1]
+        h_long, h_ints, h_tables = inp.host()
+        width = self._stage_decode_rows(decode, h_long, h_ints, h_tables)
+        self._pad_rows(h_long, h_ints, nd, bucket)
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        h_long[0, bucket: bucket + n] = seq.token_ids[start:end]
+        h_long[1, bucket: bucket + n] = range(start, end)
+        h_long[2, bucket: bucket + n] = self._slots(seq, start, end)
+        self._pad_rows(h_long, None, bucket + n, bucket + C)
+        h_ints[bucket] = end
+        h_tables[bucket, : len(seq.block_table)] = seq.block_table
+        width = max(width, len(seq.block_table))
+        h_ints[B + 1], h_ints[B + 2] = 0, n  # cu_seqlens_q of the chunk
+        rows = h_ints[B + 3: B + 4 + bucket]
+        rows[:nd] = range(nd)
+        rows[nd] = bucket + n - 1
+        rows[nd + 1:] = 0
+        inp.upload(bucket + C, len(h_ints), bucket + 1, width)
+        if device_tokens is not None:
+            self._scatter_device_tokens(inp.ids, device_tokens)
+        captured = self.mixed_graphs.get(bucket)
+        if captured is not None:
+            captured[0].replay()
+            logits = captured[1]
+        else:
+            logits = self.mixed_step(bucket)
+        self.num_mixed_replays += 1
+        sampled = end == seq.num_tokens
+        return logits[: nd + sampled], decode + [seq] * sampled
+
+    @staticmethod
+    def _with_forks(batch: ScheduledBatch, seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:
+        """Rows of ``seqs``'s logits (one each) repeated for the samples forked from them (n > 1: a
+        prompt completing in this step), and the sequences of those rows."""
+        rows, out = [], []
+        for row, seq in enumerate(seqs):
+            for s in (seq, *batch.forks.get(seq.seq_id, ())):
+                rows.append(row)
+                out.append(s)
+        return rows, out
 
 
 _PROMPT_LOGPROBS_CHUNK = 512  # prompt positions scored at once: bounds the [rows, vocab] logits

@@ -1,0 +1,154 @@
+"""Mixed steps (decode rows + one prompt chunk) through the padded static step that a mixed CUDA graph
+captures (``ModelRunner.mixed_step``), run eagerly on the CPU: the sampled rows' logits equal the eager
+step's, the KV cache afterwards is the eager step's, and padded rows write nothing."""
+import pytest
+import torch
+
+from fdpp import SamplingParams
+from fdpp.engine import model_runner as mr
+from fdpp.engine.model_runner import DeviceTokens
+from fdpp.engine.scheduler import ScheduledBatch
+from fdpp.engine.sequence import Sequence
+
+C = 16  # the chunk the static step is padded to
+BUCKETS = [1, 2, 4]
+SENTINEL = 0.125  # every cache entry before a case: an entry the step did not write keeps it exactly
+
+
+@pytest.fixture
+def runner(tiny_llm, monkeypatch):
+    """The shared tiny engine's runner (block size 16, 64 blocks); its cache is restored afterwards.
+    ``runner.logits``: the logits each ``execute`` sampled from."""
+    r = tiny_llm.engine.runner
+    saved = r.kv_cache.clone()
+    r.logits = []
+    real = mr.sample
+
+    def sample(logits, batch):
+        r.logits.append(logits.clone())
+        return real(logits, batch)
+
+    monkeypatch.setattr(mr, "sample", sample)
+    try:
+        yield r
+    finally:
+        r.init_mixed_inputs(0, [])
+        r.kv_cache.copy_(saved)
+        del r.logits
+
+
+class _Blocks:
+    """Hands out KV blocks from 1 on: block 0 stays unused, so a padded row writing slot 0 shows."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def table(self, num_tokens: int) -> list[int]:
+        n = -(-num_tokens // 16)
+        self.next += n
+        return list(range(self.next - n, self.next))
+
+
+def _seq(tokens: list[int], blocks: _Blocks) -> Sequence:
+    s = Sequence("mixed", tokens, SamplingParams(temperature=0, max_tokens=4), 0.0)
+    s.block_table = blocks.table(len(tokens) + 1)
+    return s
+
+
+def _computed(runner, seq: Sequence, k: int) -> None:
+    """Write the K/V of ``seq``'s first ``k`` tokens (an eager prefill) and mark them computed."""
+    if k:
+        runner.execute(ScheduledBatch([seq], [k], True))
+    seq.num_computed_tokens = k
+
+
+def _setup(runner, nd: int, prompt_len: int, prefix: int, n: int, seed: int):
+    """nd decode rows (contexts of 7, 20, 33... tokens) and one prompt of ``prompt_len`` tokens whose
+    first ``prefix`` are computed; the step computes its next ``n``."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = _Blocks()
+    decode = []
+    for i in range(nd):
+        length = 7 + 13 * i
+        s = _seq(torch.randint(0, 128, (length,), generator=g).tolist(), blocks)
+        _computed(runner, s, length - 1)
+        decode.append(s)
+    chunk = _seq(torch.randint(0, 128, (prompt_len,), generator=g).tolist(), blocks)
+    _computed(runner, chunk, prefix)
+    return ScheduledBatch(decode + [chunk], [1] * nd + [n], True)
+
+
+def _step(runner, batch, static: bool, device_tokens=None):
+    runner.init_mixed_inputs(C if static else 0, BUCKETS if static else [])
+    before = runner.num_mixed_replays
+    seqs, out = runner.execute(batch, device_tokens)
+    assert runner.num_mixed_replays - before == int(static), "the step did not take the expected path"
+    return seqs, runner.logits[-1], out.token_ids
+
+
+@pytest.mark.parametrize("nd, prompt_len, prefix, n", [
+    (1, 40, 0, C),  # a full chunk, the prompt goes on
+    (3, 5, 0, 5),  # a short prompt completes; bucket 4 has a padded decode row
+    (2, 36, 20, C),  # a full chunk on a cached prefix (a partial block) completes the prompt
+    (4, 40, 16, 9),  # a partial chunk on a cached prefix, the prompt goes on
+])
+def test_static_mixed_step_matches_the_eager_step(runner, nd, prompt_len, prefix, n):
+    r = runner
+    r.kv_cache.fill_(SENTINEL)
+    batch = _setup(r, nd, prompt_len, prefix, n, seed=nd)
+    before = r.kv_cache.clone()
+    seqs_e, logits_e, tokens_e = _step(r, batch, static=False)
+    cache_e = r.kv_cache.clone()
+    r.kv_cache.copy_(before)
+    seqs_s, logits_s, tokens_s = _step(r, batch, static=True)
+    completes = prefix + n == prompt_len
+    assert [s.seq_id for s in seqs_s] == [s.seq_id for s in seqs_e]
+    assert len(seqs_s) == nd + completes
+    assert logits_s.shape == logits_e.shape
+    torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
+    assert torch.equal(tokens_s, tokens_e)
+    # the same entries were written, to the same values; the others (block 0 included) kept the sentinel
+    written = (cache_e != before)
+    assert torch.equal(r.kv_cache != before, written)
+    assert not written[:, :, 0].any()
+    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+
+
+def test_static_mixed_step_takes_device_tokens(runner):
+    """Async scheduling: decode rows' ids from the device (the previous step's samples), reordered."""
+    r = runner
+    r.kv_cache.fill_(SENTINEL)
+    batch = _setup(r, 2, 12, 0, 12, seed=7)
+    dev = DeviceTokens(torch.tensor([5, 77, 3]), rows=[0, 1], src_rows=[2, 1])
+    before = r.kv_cache.clone()
+    _, logits_e, _ = _step(r, batch, static=False, device_tokens=dev)
+    cache_e = r.kv_cache.clone()
+    r.kv_cache.copy_(before)
+    _, logits_s, _ = _step(r, batch, static=True, device_tokens=dev)
+    torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+
+
+def test_other_steps_stay_eager(runner):
+    """Too long a chunk, two chunks, prompt logprobs, more decode rows than the largest bucket, no
+    decode row: the eager step (the counter does not move)."""
+    r = runner
+    r.init_mixed_inputs(C, BUCKETS)
+    cases = []
+    b = _setup(r, 1, 40, 0, C + 1, seed=1)
+    cases.append(b)
+    b = _setup(r, 1, 10, 0, 10, seed=2)
+    extra = _seq(list(range(6)), _Blocks())
+    extra.block_table = [60]
+    cases.append(ScheduledBatch(b.seqs + [extra], b.num_new_tokens + [6], True))
+    b = _setup(r, 2, 10, 0, 10, seed=3)
+    b.seqs[-1].prompt_logprobs = [None]
+    cases.append(b)
+    cases.append(_setup(r, 5, 10, 0, 10, seed=4))
+    cases.append(_setup(r, 0, 10, 0, 10, seed=5))
+    for b in cases:
+        before = r.num_mixed_replays
+        r.execute(b)
+        assert r.num_mixed_replays == before
+    with pytest.raises(ValueError, match="chunk_tokens must be >= 0"):
+        r.init_mixed_inputs(-1, BUCKETS)
