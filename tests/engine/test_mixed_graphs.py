@@ -152,3 +152,34 @@ def test_other_steps_stay_eager(runner):
         assert r.num_mixed_replays == before
     with pytest.raises(ValueError, match="chunk_tokens must be >= 0"):
         r.init_mixed_inputs(-1, BUCKETS)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_mixed_steps_through_the_static_step(tiny_llm, async_scheduling):
+    """The engine end to end: streams decode while a long prompt's chunks (capped at C) ride with them,
+    its last chunk forking n = 2; the static mixed steps give the eager steps' tokens."""
+    eng = tiny_llm.engine
+    r, sched = eng.runner, eng.scheduler
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 17, 9, 100)]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * 3
+    params.append(SamplingParams(temperature=0, max_tokens=3, n=2, ignore_eos=True))
+    saved = (sched.long_prefill_token_threshold, sched.max_num_batched_tokens, eng.async_scheduling)
+    sched.long_prefill_token_threshold, sched.max_num_batched_tokens = C, 31 + C  # step 1: 3 prompts + C
+    eng.async_scheduling = async_scheduling
+    runs = []
+    try:
+        for static in (False, True):
+            eng.reset_prefix_cache()
+            r.init_mixed_inputs(C if static else 0, BUCKETS if static else [])
+            before = r.num_mixed_replays
+            outs = tiny_llm.generate(prompts, params, use_tqdm=False)
+            eng.check_integrity()
+            runs.append([[c.token_ids for c in o.outputs] for o in outs])
+            # 100 - 16 = 84 tokens in chunks of 16 while the streams decode: 6 mixed steps
+            assert r.num_mixed_replays - before == (6 if static else 0)
+    finally:
+        r.init_mixed_inputs(0, [])
+        sched.long_prefill_token_threshold, sched.max_num_batched_tokens, eng.async_scheduling = saved
+    assert runs[1] == runs[0]
+    assert all(len(t) == 12 for o in runs[0][:3] for t in o) and len(runs[0][3]) == 2
