@@ -89,6 +89,8 @@ class Bench:
             long_prefill: int | None = None) -> LLM:
         t0 = time.time()
         kw = {"dtype": DTYPES[model]} if model in DTYPES and self.args.device != "cpu" else {}
+        if getattr(self.args, "no_mixed_graphs", False):
+            kw["cuda_graph_mixed"] = False
         llm = LLM(model, device=self.args.device, enable_prefix_caching=caching, max_model_len=max_len,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, long_prefill_token_threshold=long_prefill,
                   show_progress=False, **kw)
@@ -470,6 +472,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=["shared", "multiturn", "itl", "decode"],
                     choices=["shared", "multiturn", "itl", "decode"])
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--no-mixed-graphs", action="store_true",
+                    help="run mixed steps (decode rows + a prompt chunk) eagerly, not through their CUDA graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="results folder")
     args = ap.parse_args()
     if args.device == "auto":

@@ -37,14 +37,17 @@ VARIANTS = {
     "sync_softmax": {"attention_backend": "triton-sync"},
     "no_prefix_cache": {"enable_prefix_caching": False},
     "no_chunk_cap": {"long_prefill_token_threshold": 0},
+    # mixed steps (decode rows + one prompt chunk) run eagerly instead of replaying their CUDA graph
+    "no_mixed_graphs": {"cuda_graph_mixed": False},
 }
 
 
 def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
               profile_steps: int = 0) -> tuple[float, list[tuple], str | None]:
     """One generate of ``batch`` random prompts; every model step synchronized and timed:
-    (rows, tokens, is_prefill, ms, host_ms), host_ms being the time until ``execute`` returned (the
-    launch), before the synchronize. ``profile_steps`` > 0: torch-profile that many mixed steps (from
+    (rows, tokens, is_prefill, ms, host_ms, kind), host_ms being the time until ``execute`` returned (the
+    launch), before the synchronize; kind: "prefill", "decode", "mixed" (decode rows and prompt chunks,
+    eager) or "mixed_graph" (a mixed graph replayed). ``profile_steps`` > 0: torch-profile that many mixed steps (from
     the second step on) and return the profiler's tables (by device time and by host time)."""
     dev = llm.engine.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -65,11 +68,15 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
             prof.steps_seen = 0
         sync()
         t = time.perf_counter()
+        replays = self.num_mixed_replays
         result = original(self, b, device_tokens, before_sample)
         host = time.perf_counter() - t
         sync()
+        nd = ModelRunner.num_decode_rows(b)
+        kind = ("mixed_graph" if self.num_mixed_replays > replays else "mixed" if 0 < nd < len(b)
+                else "prefill" if b.is_prefill else "decode")
         steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2),
-                      round(host * 1e3, 2)))
+                      round(host * 1e3, 2), kind))
         if prof is not None and profiled:
             prof.steps_seen += 1
             if prof.steps_seen >= profile_steps:
@@ -94,6 +101,18 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
         if prof is not None:
             prof.__exit__(None, None, None)
     return wall, steps, "\n".join(tables) or None
+
+
+def _mixed_summary(steps: list[tuple]) -> dict:
+    """Mixed steps (decode rows + prompt chunks) of a trace: how many replayed a mixed graph, how many
+    ran eagerly, and their mean synchronized and host (launch) times in ms."""
+    out = {}
+    for kind in ("mixed_graph", "mixed"):
+        sel = [s for s in steps if s[5] == kind]
+        out[kind] = {"steps": len(sel),
+                     "mean_ms": round(sum(s[3] for s in sel) / len(sel), 2) if sel else None,
+                     "mean_host_ms": round(sum(s[4] for s in sel) / len(sel), 2) if sel else None}
+    return out
 
 
 def main() -> None:
@@ -135,12 +154,14 @@ def main() -> None:
                      prefill_steps_ms=sum(s[3] for s in steps if s[2]),  # prefill or mixed
                      decode_steps_ms=sum(s[3] for s in steps if not s[2]),
                      prefill_steps_host_ms=sum(s[4] for s in steps if s[2]), profile=tables,
+                     mixed_steps=_mixed_summary(steps),
                      stats=llm.engine.stats())
             result["variants"][name] = w
             print(f"{name}: wall TTFT {w['wall_ttft_ms']:.0f} ms, wall decode {w['wall_decode_tokens_per_s']:.0f} tok/s; "
                   f"traced run {wall:.2f} s = prefill/mixed steps {w['prefill_steps_ms']:.0f} ms + decode steps "
                   f"{w['decode_steps_ms']:.0f} ms; fallback rate {w['fallback_rate']}", flush=True)
-            print("  first steps (rows, tokens, prefill, ms, host ms):", steps[:12], flush=True)
+            print("  first steps (rows, tokens, prefill, ms, host ms, kind):", steps[:12], flush=True)
+            print("  mixed steps:", w["mixed_steps"], flush=True)
             if tables:
                 print(tables, flush=True)
         finally:
