@@ -39,6 +39,9 @@ VARIANTS = {
     "no_chunk_cap": {"long_prefill_token_threshold": 0},
     # mixed steps (decode rows + one prompt chunk) run eagerly instead of replaying their CUDA graph
     "no_mixed_graphs": {"cuda_graph_mixed": False},
+    # one prompt chunk per step (the mixed graphs' shape), with and without the mixed graphs
+    "one_partial": {"max_num_partial_prefills": 1},
+    "one_partial_no_mixed_graphs": {"max_num_partial_prefills": 1, "cuda_graph_mixed": False},
 }
 
 
