@@ -170,7 +170,10 @@ class ModelRunner:
 
     # ---- batch tensors --------------------------------------------------------------------------
     def _block_table_tensor(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
+        # NOTE: the width is a multiple of 16 so that the kernels see one stride class and 16-byte
+        # aligned row slices (a mixed step's prefill rows): Triton specializes on both, and each new
+        # class is a ~1 s JIT compile in the middle of serving.
+        width = -(-max(len(s.block_table) for s in seqs) // 16) * 16
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return self._to_device(rows, torch.int32)
 
@@ -238,7 +241,8 @@ class ModelRunner:
                 is_prefill=True,
                 cu_seqlens_q=self._to_device([c - nd for c in cu[nd:]], torch.int32),
                 max_seqlen_q=max(batch.num_new_tokens[nd:]),
-                context_lens=ctx[nd:],
+                # a tensor of its own: ctx[nd:] would start unaligned for nd % 4 != 0 (Triton specializes on it)
+                context_lens=self._to_device(context_lens[nd:], torch.int32),
                 block_tables=block_tables[nd:],
                 max_context_len=max(context_lens[nd:]),
             )

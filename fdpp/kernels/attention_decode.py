@@ -254,7 +254,10 @@ def _decode_recompute(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
 
 
-@triton.jit
+# NOTE: ints that change from step to step are not specialized on (Triton compiles a variant for a
+# value of 1 and for multiples of 16): a new split count or window would otherwise cost a ~1 s JIT
+# compile in the middle of serving, seen on an H200 inside a long prompt's prefill window.
+@triton.jit(do_not_specialize=["sliding_window", "num_splits"])
 def paged_decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, part_e_ptr, flags_ptr, counters_ptr, stats_ptr,

@@ -98,7 +98,10 @@ def _prefill_tile(
     return acc, l_i, m_i, e_i
 
 
-@triton.jit
+# NOTE: ints that change from step to step (the chunk's query tiles) are not specialized on: each new
+# value class (1, a multiple of 16, other) cost a ~1 s JIT compile inside a long prompt's prefill on an
+# H200 (bench_prefix.py itl, 2026-12-03).
+@triton.jit(do_not_specialize=["sliding_window", "max_q_tiles"])
 def paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
     out_ptr, flags_ptr, stats_ptr,

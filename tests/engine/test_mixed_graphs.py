@@ -183,3 +183,24 @@ def test_engine_mixed_steps_through_the_static_step(tiny_llm, async_scheduling):
         sched.long_prefill_token_threshold, sched.max_num_batched_tokens, eng.async_scheduling = saved
     assert runs[1] == runs[0]
     assert all(len(t) == 12 for o in runs[0][:3] for t in o) and len(runs[0][3]) == 2
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3, 5])
+def test_eager_mixed_step_tensors_keep_one_triton_specialization(runner, nd):
+    """Triton compiles a kernel variant per alignment of a pointer argument and per class of an int (1,
+    multiple of 16, other): the prefill part of an eager mixed step must hand it 16-byte aligned context
+    lengths and block-table rows, and a block-table stride that is a multiple of 16, whatever the number
+    of decode rows and the table widths (each new variant is a ~1 s compile in the middle of serving)."""
+    blocks = _Blocks()
+    decode = [_seq(list(range(3, 3 + 5 + i)), blocks) for i in range(nd)]
+    for s in decode:
+        s.num_computed_tokens = s.num_tokens - 1
+    chunk = _seq(list(range(40, 40 + 37)), blocks)
+    batch = ScheduledBatch([*decode, chunk], [1] * nd + [37], True)
+    _, _, meta, _, _ = runner.prepare(batch)
+    part = meta.prefill_part
+    assert meta.decode_part is not None and part is not None
+    for t in (part.context_lens, part.block_tables, part.cu_seqlens_q, meta.decode_part.block_tables):
+        assert t.data_ptr() % 16 == 0
+    assert meta.block_tables.stride(0) % 16 == 0
+    assert part.context_lens.tolist() == [37]
