@@ -358,3 +358,29 @@ def test_a_failed_read_of_the_step_in_flight_is_raised_not_retried(smollm2_llm):
         eng.async_scheduling = False
         eng.abort_request("g")
     _assert_idle(smollm2_llm)
+
+
+def test_capped_prompts_side_by_side_match_sync(tiny_llm, device_token_steps, monkeypatch):
+    """Several prompts computed in capped chunks side by side while streams decode (the GPU default's
+    policy) give the synchronous tokens under async scheduling, where a step is planned before the
+    previous one's tokens are read."""
+    sched = tiny_llm.engine.scheduler
+    monkeypatch.setattr(sched, "long_prefill_token_threshold", 5)
+    monkeypatch.setattr(sched, "max_num_partial_prefills", 3)
+    monkeypatch.setattr(sched, "max_num_batched_tokens", 24)
+    chunks_per_step = []
+    original = sched.schedule
+
+    def schedule(*a, **kw):
+        batch = original(*a, **kw)
+        if batch is not None:
+            chunks_per_step.append(sum(1 for n in batch.num_new_tokens if n > 1))
+        return batch
+
+    monkeypatch.setattr(sched, "schedule", schedule)
+    prompts = [[7, 8], [9, 10, 11]] + [[(13 * i + j) % 120 + 3 for j in range(17 + 3 * i)] for i in range(5)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    sync = _generate(tiny_llm, prompts, params, False)
+    assert max(chunks_per_step) >= 2, chunks_per_step  # prompts really advanced side by side
+    assert _generate(tiny_llm, prompts, params, True) == sync
+    assert device_token_steps["device"] >= 5, device_token_steps
