@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -57,18 +58,18 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
     steps: list[tuple] = []
     original = ModelRunner.execute
     prof = None
+    profiled_steps = 0
     tables: list[str] = []
 
     def execute(self, b, device_tokens=None, before_sample=None):
-        nonlocal prof
-        profiled = profile_steps and b.is_prefill and len(steps) >= 1 and len(tables) == 0
+        nonlocal prof, profiled_steps
+        profiled = profile_steps and b.is_prefill and len(steps) >= 1 and not tables
         if profiled and prof is None:
             acts = [torch.profiler.ProfilerActivity.CPU]
             if dev.type == "cuda":
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             prof = torch.profiler.profile(activities=acts)
             prof.__enter__()
-            prof.steps_seen = 0
         sync()
         t = time.perf_counter()
         replays = self.num_mixed_replays
@@ -81,8 +82,8 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
         steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2),
                       round(host * 1e3, 2), kind))
         if prof is not None and profiled:
-            prof.steps_seen += 1
-            if prof.steps_seen >= profile_steps:
+            profiled_steps += 1
+            if profiled_steps >= profile_steps:
                 prof.__exit__(None, None, None)
                 ka = prof.key_averages()
                 for key in (("cuda_time_total",) if dev.type == "cuda" else ()) + ("cpu_time_total",):
@@ -115,6 +116,32 @@ def _mixed_summary(steps: list[tuple]) -> dict:
         out[kind] = {"steps": len(sel),
                      "mean_ms": round(sum(s[3] for s in sel) / len(sel), 2) if sel else None,
                      "mean_host_ms": round(sum(s[4] for s in sel) / len(sel), 2) if sel else None}
+    return out
+
+
+def targets(result: dict, model: str, batch: int, input_len: int) -> list[dict]:
+    """The figures a trace checks (issue #12's batch-64 wall clock, #13's mixed steps), where its
+    variants measured them: the default engine's wall-clock decode against no chunk cap at all and
+    against no mixed graphs (neither may cost the batch anything), and a graphed mixed step against
+    eager mixed steps of at most its size."""
+    runs = {k: v for k, v in result["variants"].items() if "steps" in v}
+    out = []
+    default = runs.get("default")
+    for other, why in (("no_chunk_cap", "the long-prefill cap"), ("no_mixed_graphs", "the mixed graphs")):
+        if default and other in runs:
+            ratio = default["wall_decode_tokens_per_s"] / runs[other]["wall_decode_tokens_per_s"]
+            out.append({"name": f"e2e.{model}.b{batch}_in{input_len}.wall_decode_vs_{other}", "value": round(ratio, 3),
+                        "goal": f">= 0.98 ({why} cost the batch nothing)", "met": ratio >= 0.98})
+    steps = [st for v in runs.values() for st in v["steps"] if len(st) > 5]
+    graphed = [st for st in steps if st[5] == "mixed_graph"]
+    if graphed:
+        size = max(st[1] for st in graphed)
+        eager = [st[3] for st in steps if st[5] == "mixed" and st[1] <= size]
+        if eager:
+            speedup = statistics.median(eager) / statistics.median(st[3] for st in graphed)
+            out.append({"name": f"prefix.{model}.mixed_step_graph_speedup", "value": round(speedup, 2),
+                        "goal": f">= 2x (medians over mixed steps of <= {size} tokens: a graphed one is not "
+                                "bound by its kernel launches)", "met": speedup >= 2})
     return out
 
 
@@ -173,6 +200,9 @@ def main() -> None:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
+    result["targets"] = targets(result, args.model, args.batch, args.input_len)
+    for t in result["targets"]:
+        print(f"target {t['name']}: {t['value']} (goal {t['goal']}) met={t['met']}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"step_trace_{gpu.replace(' ', '_')}_{result['date'][:10]}.json")
     with open(path, "w") as f:
