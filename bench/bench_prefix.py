@@ -265,31 +265,29 @@ class Bench:
             long_rid, long_at, long_first = None, None, None
             steady_steps = 40
             k = 0
-            compiles_cm = triton_compiles()
-            compiles = compiles_cm.__enter__()
-            while True:
-                t_s = time.perf_counter()
-                outs = eng.step()
-                t_e = time.perf_counter()  # the step's tokens are on the host: no extra sync needed
-                steps.append((t_e, t_e - t_s))
-                for o in outs:
-                    if o.request_id in counts:
-                        c = len(o.outputs[0].token_ids)
-                        if c > counts[o.request_id]:
-                            if counts[o.request_id] > 0:
-                                itls.append((t_e, t_e - last_time[o.request_id]))
-                            counts[o.request_id], last_time[o.request_id] = c, t_e
-                    elif o.request_id == long_rid and long_first is None and o.outputs[0].token_ids:
-                        long_first = t_e
-                k += 1
-                if long_rid is None and all(counts.values()) and k >= steady_steps:
-                    long_rid = eng.add_request(None, self.tokens(vocab, long_len),
-                                               SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-                    long_at = time.perf_counter()
-                    steady_end = len(steps)
-                if long_first is not None and time.perf_counter() - long_first > 0.25:
-                    break
-            compiles_cm.__exit__(None, None, None)
+            with triton_compiles() as compiles:  # a JIT compile inside the window is a stall to report
+                while True:
+                    t_s = time.perf_counter()
+                    outs = eng.step()
+                    t_e = time.perf_counter()  # the step's tokens are on the host: no extra sync needed
+                    steps.append((t_e, t_e - t_s))
+                    for o in outs:
+                        if o.request_id in counts:
+                            c = len(o.outputs[0].token_ids)
+                            if c > counts[o.request_id]:
+                                if counts[o.request_id] > 0:
+                                    itls.append((t_e, t_e - last_time[o.request_id]))
+                                counts[o.request_id], last_time[o.request_id] = c, t_e
+                        elif o.request_id == long_rid and long_first is None and o.outputs[0].token_ids:
+                            long_first = t_e
+                    k += 1
+                    if long_rid is None and all(counts.values()) and k >= steady_steps:
+                        long_rid = eng.add_request(None, self.tokens(vocab, long_len),
+                                                   SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+                        long_at = time.perf_counter()
+                        steady_end = len(steps)
+                    if long_first is not None and time.perf_counter() - long_first > 0.25:
+                        break
             for rid in streams:
                 eng.abort_request(rid)
             while eng.has_unfinished_requests():

@@ -394,21 +394,17 @@ class ModelRunner:
         if batch.copies:
             self.copy_blocks(batch.copies)
         static = None
-        if (self.graphs and len(batch) <= self.graph_batch_sizes[-1]
-                and self.num_decode_rows(batch) == len(batch)):
+        nd = self.num_decode_rows(batch)
+        if self.graphs and nd == len(batch) <= self.graph_batch_sizes[-1]:
             static = self._replay(batch, device_tokens), batch.seqs
-        elif (bucket := self._mixed_bucket(batch)) is not None:
+        elif (bucket := self._mixed_bucket(batch, nd)) is not None:
             static = self._run_mixed(batch, bucket, device_tokens)
         if static is not None:
             logits, seqs = static
             if batch.forks:  # a prompt completing in this step of an n > 1 request: its samples too
                 rows, seqs = self._with_forks(batch, seqs)
                 logits = logits[self._to_device(rows, torch.int64)]
-            if before_sample is not None:
-                before_sample()
-            # the grammar bitmask is filled on the host while the replay runs (it overlaps it)
-            bitmask = self.grammar_bitmask(seqs)
-            return seqs, sample(logits, self.sampling_batch(seqs, bitmask))
+            return self._sample(seqs, logits, before_sample)
         ids, pos, meta, rows, sample_seqs = self.prepare(batch)
         if device_tokens is not None:
             self._scatter_device_tokens(ids, device_tokens)
@@ -419,10 +415,15 @@ class ModelRunner:
             if not sample_seqs:
                 return sample_seqs, None
             logits = self.model.compute_logits(hidden[self._to_device(rows, torch.int64)])
+        return self._sample(sample_seqs, logits, before_sample)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor,
+                before_sample: Callable[[], None] | None) -> tuple[list[Sequence], SamplerOutput]:
+        """Sample ``seqs``'s rows of the launched forward's ``logits``; ``before_sample`` first (see
+        ``execute``). The grammar bitmask is filled on the host while the device runs the forward."""
         if before_sample is not None:
             before_sample()
-        bitmask = self.grammar_bitmask(sample_seqs)
-        return sample_seqs, sample(logits, self.sampling_batch(sample_seqs, bitmask))
+        return seqs, sample(logits, self.sampling_batch(seqs, self.grammar_bitmask(seqs)))
 
     def _scatter_device_tokens(self, ids: torch.Tensor, src: DeviceTokens) -> None:
         """``ids[src.rows] = src.token_ids[src.src_rows]`` on the device, without a host sync (a
@@ -644,15 +645,11 @@ class ModelRunner:
             hidden = self.model(inp.ids[:n], inp.pos[:n])
             return self.model.compute_logits(hidden.index_select(0, rows))
 
-    def _mixed_bucket(self, batch: ScheduledBatch) -> int | None:
-        """The mixed bucket that runs ``batch``, or None (eager): nd decode rows, 1 <= nd <= the
-        largest bucket, then one prompt chunk of at most C tokens, no prompt logprobs."""
-        if not self.mixed_batch_sizes:
-            return None
-        nd = len(batch) - 1
-        if not 1 <= nd <= self.mixed_batch_sizes[-1] or batch.num_new_tokens[-1] > self.mixed_chunk_tokens:
-            return None
-        if batch.seqs[-1].prompt_logprobs is not None or self.num_decode_rows(batch) != nd:
+    def _mixed_bucket(self, batch: ScheduledBatch, nd: int) -> int | None:
+        """The mixed bucket that runs ``batch`` (its first ``nd`` rows decode), or None (eager): 1 <= nd
+        <= the largest bucket decode rows, then one prompt chunk of at most C tokens, no prompt logprobs."""
+        if (not self.mixed_batch_sizes or nd != len(batch) - 1 or not 1 <= nd <= self.mixed_batch_sizes[-1]
+                or batch.num_new_tokens[-1] > self.mixed_chunk_tokens or batch.seqs[-1].prompt_logprobs is not None):
             return None
         return next(b for b in self.mixed_batch_sizes if b >= nd)
 
