@@ -200,7 +200,8 @@ def main() -> None:
             gc.collect()
             if args.device == "cuda":
                 torch.cuda.empty_cache()
-    result["targets"] = targets(result, args.model, args.batch, args.input_len)
+    label = os.path.splitext(os.path.basename(args.model.rstrip("/")))[0]  # a preset name, or a file's stem
+    result["targets"] = targets(result, label, args.batch, args.input_len)
     for t in result["targets"]:
         print(f"target {t['name']}: {t['value']} (goal {t['goal']}) met={t['met']}")
     os.makedirs(args.out, exist_ok=True)
