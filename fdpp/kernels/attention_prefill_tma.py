@@ -121,12 +121,12 @@ def _tile(
     return acc, l_i, m_i, c_i
 
 
-@triton.jit(do_not_specialize=["max_q_tiles", "num_tokens"])
+@triton.jit(do_not_specialize=["max_q_tiles", "num_tokens", "num_heads", "num_kv_heads"])
 def prefill_tma_kernel(
     q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
-    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, num_tokens, max_q_tiles,
+    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, num_tokens, max_q_tiles, num_heads, num_kv_heads,
     stride_qt, stride_kt, stride_vt, stride_ot,
-    NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIFIED: tl.constexpr, USE_TMA: tl.constexpr, MASS_MODE: tl.constexpr, NORM_LC: tl.constexpr,
     SPLIT_CAUSAL: tl.constexpr, REVERSE: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
@@ -142,12 +142,12 @@ def prefill_tma_kernel(
     q_len = tl.load(cu_seqlens_ptr + seq + 1) - row0
     if tile_m * BLOCK_M >= q_len:
         return
-    flag_idx = (seq * NUM_HEADS + head) * max_q_tiles + tile_m
+    flag_idx = (seq * num_heads + head) * max_q_tiles + tile_m
     if tl.load(context_lens_ptr + seq) != q_len:
         # A cached prefix: the keys are not this step's k/v. The paged fallback does the tile.
         tl.store(flags_ptr + flag_idx, 1)
         return
-    kvh = head // (NUM_HEADS // NUM_KV_HEADS)
+    kvh = head // (num_heads // num_kv_heads)
     tile_first = tile_m * BLOCK_M
     offs_m = tile_first + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -155,11 +155,11 @@ def prefill_tma_kernel(
     mask_m = offs_m < q_len
 
     if USE_TMA:
-        q_desc = tl.make_tensor_descriptor(q_ptr, shape=[num_tokens, NUM_HEADS * HEAD_DIM], strides=[stride_qt, 1],
+        q_desc = tl.make_tensor_descriptor(q_ptr, shape=[num_tokens, num_heads * HEAD_DIM], strides=[stride_qt, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
-        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD_DIM],
+        k_desc = tl.make_tensor_descriptor(k_ptr, shape=[num_tokens, num_kv_heads * HEAD_DIM],
                                            strides=[stride_kt, 1], block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[num_tokens, NUM_KV_HEADS * HEAD_DIM],
+        v_desc = tl.make_tensor_descriptor(v_ptr, shape=[num_tokens, num_kv_heads * HEAD_DIM],
                                            strides=[stride_vt, 1], block_shape=[BLOCK_N, HEAD_DIM])
         q = q_desc.load([row0 + tile_first, head * HEAD_DIM])
     else:
@@ -315,6 +315,8 @@ def prefill_attention_tma(
                          "(the paged cache holding this step's k/v)")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
+    if not scale > 0:
+        raise ValueError(f"prefill_attention_tma: scale must be > 0 (the row max is tracked on raw scores), got {scale}")
     num_seqs = cu_seqlens_q.shape[0] - 1
     if out is None:
         out = torch.empty_like(q)
@@ -351,8 +353,8 @@ def prefill_attention_tma(
     prefill_tma_kernel[grid](
         q, k, v, cu_seqlens_q, context_lens, out, flags, stats,
         float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol), num_tokens,
-        max_q_tiles, q.stride(0), k.stride(0), v.stride(0), out.stride(0),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        max_q_tiles, num_heads, num_kv_heads, q.stride(0), k.stride(0), v.stride(0), out.stride(0),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         UNIFIED=phi is not None, USE_TMA=use_tma, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
         SPLIT_CAUSAL=split_causal, REVERSE=reverse,
         LOOP_STAGES=None if interpreting() else num_stages, WARP_SPEC=warp_specialize,
