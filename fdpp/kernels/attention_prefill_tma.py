@@ -43,7 +43,7 @@ for the unified-vs-synchronized comparison; only prefix sequences are flagged th
 
 Kernel-side variants are constexpr / launch kwargs so one GPU run can sweep them: use_tma (descriptor
 vs pointer loads), block_m, block_n, num_warps, num_stages (tl.range pipelining depth), warp_specialize,
-mass_mode, split_causal, reverse. GQA: the kv head of query head h is h // GROUP; the query heads of a
+mass_mode, split_causal, overlap (QK^T of the next tile before the softmax of this one), reverse. GQA: the kv head of query head h is h // GROUP; the query heads of a
 group are adjacent programs and re-read the same K/V tiles from L2 (packing them into the M dimension
 gives the same arithmetic intensity per K/V tile as 128 query tokens of one head, so it is not done).
 """
@@ -65,35 +65,45 @@ MASS_MODES = {"off": 0, "abs": 1, "rtz": 2}
 
 
 @triton.jit
-def _tile(
-    acc, l_i, m_i, c_i, q, k_desc, v_desc, k_ptr, v_ptr, row0, start, kv_len, kvh, q_pos,
-    offs_n, offs_d, stride_kt, stride_vt, scale_log2, phi_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
-    UNIFIED: tl.constexpr, MASS_MODE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """Accumulate keys [start, start + BLOCK_N) of the sequence whose first row is row0.
-
-    Unified: m_i is the max of the RAW scores, c_i the l1 mass measure (l_c for "rtz", sum |P - cast P|
-    for "abs"). Synchronized: m_i is the running max in log2 units."""
-    tok = start + offs_n
+def _load_rows(desc, ptr, row0, start, kv_len, kvh, offs_n, offs_d, stride_t,
+               HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr):
+    """Key/value rows [start, start + BLOCK_N) of the sequence whose first row is row0: [BLOCK_N, HEAD_DIM]."""
     if USE_TMA:
-        k = k_desc.load([row0 + start, kvh * HEAD_DIM])  # [BLOCK_N, HEAD_DIM]
-        v = v_desc.load([row0 + start, kvh * HEAD_DIM])
-        if MASKED:
-            # NOTE: rows past the sequence belong to the next one (or are TMA's zero fill): P is 0
-            # there, but 0 * (NaN or inf in a neighbour's V) would leak into this sequence.
-            v = tl.where((tok < kv_len)[:, None], v, 0.0)
+        x = desc.load([row0 + start, kvh * HEAD_DIM])
     else:
+        tok = start + offs_n
         rows = (row0 + tok).to(tl.int64)
-        mask_n = (tok < kv_len)[:, None]
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + kvh * HEAD_DIM + offs_d[None, :], mask=mask_n, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vt + kvh * HEAD_DIM + offs_d[None, :], mask=mask_n, other=0.0)
+        x = tl.load(ptr + rows[:, None] * stride_t + kvh * HEAD_DIM + offs_d[None, :],
+                    mask=(tok < kv_len)[:, None], other=0.0)
+    return x
+
+
+@triton.jit
+def _scores(q, k, UPCAST_DOT: tl.constexpr):
     if UPCAST_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
+    return s
+
+
+@triton.jit
+def _update(
+    acc, l_i, m_i, c_i, s, v, start, kv_len, q_pos, offs_n, scale_log2, phi_log2,
+    USE_TMA: tl.constexpr, MASKED: tl.constexpr, UNIFIED: tl.constexpr, MASS_MODE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Fold the raw scores s of keys [start, start + BLOCK_N) and their values v into the row state.
+
+    Unified: m_i is the max of the RAW scores, c_i the l1 mass measure (l_c for "rtz", sum |P - cast P|
+    for "abs"). Synchronized: m_i is the running max in log2 units."""
     if MASKED:
+        tok = start + offs_n
         s = tl.where((tok[None, :] <= q_pos[:, None]) & (tok < kv_len)[None, :], s, float("-inf"))
+        if USE_TMA:
+            # NOTE: rows past the sequence belong to the next one (or are TMA's zero fill): P is 0
+            # there, but 0 * (NaN or inf in a neighbour's V) would leak into this sequence.
+            v = tl.where((tok < kv_len)[:, None], v, 0.0)
     if UNIFIED:
         m_i = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s * scale_log2 - phi_log2)
@@ -121,6 +131,21 @@ def _tile(
     return acc, l_i, m_i, c_i
 
 
+@triton.jit
+def _tile(
+    acc, l_i, m_i, c_i, q, k_desc, v_desc, k_ptr, v_ptr, row0, start, kv_len, kvh, q_pos,
+    offs_n, offs_d, stride_kt, stride_vt, scale_log2, phi_log2,
+    HEAD_DIM: tl.constexpr, USE_TMA: tl.constexpr, MASKED: tl.constexpr,
+    UNIFIED: tl.constexpr, MASS_MODE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Load, score and fold one KV tile [start, start + BLOCK_N)."""
+    k = _load_rows(k_desc, k_ptr, row0, start, kv_len, kvh, offs_n, offs_d, stride_kt, HEAD_DIM, USE_TMA)
+    s = _scores(q, k, UPCAST_DOT)
+    v = _load_rows(v_desc, v_ptr, row0, start, kv_len, kvh, offs_n, offs_d, stride_vt, HEAD_DIM, USE_TMA)
+    return _update(acc, l_i, m_i, c_i, s, v, start, kv_len, q_pos, offs_n, scale_log2, phi_log2,
+                   USE_TMA, MASKED, UNIFIED, MASS_MODE, UPCAST_DOT)
+
+
 @triton.jit(do_not_specialize=["max_q_tiles", "num_tokens", "num_heads", "num_kv_heads"])
 def prefill_tma_kernel(
     q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, context_lens_ptr, out_ptr, flags_ptr, stats_ptr,
@@ -129,7 +154,7 @@ def prefill_tma_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIFIED: tl.constexpr, USE_TMA: tl.constexpr, MASS_MODE: tl.constexpr, NORM_LC: tl.constexpr,
-    SPLIT_CAUSAL: tl.constexpr, REVERSE: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    SPLIT_CAUSAL: tl.constexpr, OVERLAP: tl.constexpr, REVERSE: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     if REVERSE:
@@ -175,18 +200,40 @@ def prefill_tma_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     if SPLIT_CAUSAL:
         full_end = (tile_first // BLOCK_N) * BLOCK_N  # keys before it precede every query of the tile
-        for start in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
-            acc, l_i, m_i, c_i = _tile(
-                acc, l_i, m_i, c_i, q, k_desc, v_desc, k_ptr, v_ptr, row0, start, q_len, kvh, offs_m,
-                offs_n, offs_d, stride_kt, stride_vt, scale_log2, phi_log2,
-                HEAD_DIM, BLOCK_N, USE_TMA, False, UNIFIED, MASS_MODE, UPCAST_DOT)
+        if OVERLAP:
+            # FA3-style intra-warpgroup overlap: QK^T of tile j + 1 is issued before the softmax of
+            # tile j, so the tensor cores work while exp2 runs (one more score tile in registers).
+            if full_end > 0:
+                k = _load_rows(k_desc, k_ptr, row0, 0, q_len, kvh, offs_n, offs_d, stride_kt, HEAD_DIM, USE_TMA)
+                s = _scores(q, k, UPCAST_DOT)
+                for start in tl.range(0, full_end - BLOCK_N, BLOCK_N, num_stages=LOOP_STAGES,
+                                      warp_specialize=WARP_SPEC):
+                    k = _load_rows(k_desc, k_ptr, row0, start + BLOCK_N, q_len, kvh, offs_n, offs_d, stride_kt,
+                                   HEAD_DIM, USE_TMA)
+                    s_next = _scores(q, k, UPCAST_DOT)
+                    v = _load_rows(v_desc, v_ptr, row0, start, q_len, kvh, offs_n, offs_d, stride_vt,
+                                   HEAD_DIM, USE_TMA)
+                    acc, l_i, m_i, c_i = _update(acc, l_i, m_i, c_i, s, v, start, q_len, offs_m, offs_n,
+                                                 scale_log2, phi_log2, USE_TMA, False, UNIFIED, MASS_MODE,
+                                                 UPCAST_DOT)
+                    s = s_next
+                v = _load_rows(v_desc, v_ptr, row0, full_end - BLOCK_N, q_len, kvh, offs_n, offs_d, stride_vt,
+                               HEAD_DIM, USE_TMA)
+                acc, l_i, m_i, c_i = _update(acc, l_i, m_i, c_i, s, v, full_end - BLOCK_N, q_len, offs_m, offs_n,
+                                             scale_log2, phi_log2, USE_TMA, False, UNIFIED, MASS_MODE, UPCAST_DOT)
+        else:
+            for start in tl.range(0, full_end, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
+                acc, l_i, m_i, c_i = _tile(
+                    acc, l_i, m_i, c_i, q, k_desc, v_desc, k_ptr, v_ptr, row0, start, q_len, kvh, offs_m,
+                    offs_n, offs_d, stride_kt, stride_vt, scale_log2, phi_log2,
+                    HEAD_DIM, USE_TMA, False, UNIFIED, MASS_MODE, UPCAST_DOT)
     else:
         full_end = 0
     for start in tl.range(full_end, kv_hi, BLOCK_N, num_stages=LOOP_STAGES, warp_specialize=WARP_SPEC):
         acc, l_i, m_i, c_i = _tile(
             acc, l_i, m_i, c_i, q, k_desc, v_desc, k_ptr, v_ptr, row0, start, q_len, kvh, offs_m,
             offs_n, offs_d, stride_kt, stride_vt, scale_log2, phi_log2,
-            HEAD_DIM, BLOCK_N, USE_TMA, True, UNIFIED, MASS_MODE, UPCAST_DOT)
+            HEAD_DIM, USE_TMA, True, UNIFIED, MASS_MODE, UPCAST_DOT)
 
     if UNIFIED and MASS_MODE == 2 and NORM_LC:
         out = acc / c_i[:, None]
@@ -291,6 +338,7 @@ def prefill_attention_tma(
     mass_mode: str | None = None,
     norm_lc: bool = True,
     split_causal: bool = True,
+    overlap: bool = False,
     reverse: bool = True,
     mass_tol: float | None = None,
     flags_out: list | None = None,
@@ -356,7 +404,7 @@ def prefill_attention_tma(
         max_q_tiles, num_heads, num_kv_heads, q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         UNIFIED=phi is not None, USE_TMA=use_tma, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
-        SPLIT_CAUSAL=split_causal, REVERSE=reverse,
+        SPLIT_CAUSAL=split_causal, OVERLAP=overlap, REVERSE=reverse,
         LOOP_STAGES=None if interpreting() else num_stages, WARP_SPEC=warp_specialize,
         UPCAST_DOT=upcast_bf16_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
