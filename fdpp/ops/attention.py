@@ -11,6 +11,7 @@ the hot path, safe inside CUDA graphs); `fallback_stats()` reads them.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -196,6 +197,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         from fdpp.kernels.attention_prefill import paged_prefill_attention
         if meta.cu_seqlens_q is None:
             raise ValueError("attention: prefill metadata needs cu_seqlens_q")
+        out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
+                                   sliding_window=sliding_window, stats=stats)
+        if out is not None:
+            return out
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
             scale=scale, max_seqlen_q=meta.max_seqlen_q, phi=phi, window=window,
@@ -208,6 +213,55 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         q, k_cache, v_cache, meta.block_tables, meta.context_lens,
         scale=scale, max_context_len=max_context_len, phi=phi, window=window,
         sliding_window=sliding_window, stats=stats)
+
+
+# Head dims whose Hopper TMA prefill config has been measured on an H200 (bench/sweep_prefill.py).
+PREFILL_TMA_HEAD_DIMS = (128,)
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def prefill_tma_enabled(q: torch.Tensor) -> bool:
+    """Whether a prefill of `q` may use fdpp.kernels.attention_prefill_tma: FDPP_PREFILL_TMA=1 (default
+    off until measured), a CUDA device of compute capability >= 9, fp16/bf16, a measured head_dim."""
+    if os.environ.get("FDPP_PREFILL_TMA", "0") != "1" or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in PREFILL_TMA_HEAD_DIMS:
+        return False
+    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
+    return cap[0] >= 9
+
+
+def prefill_tma_dispatch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,
+                         scale: float, phi: float | None, window: tuple[float, float], sliding_window: int | None,
+                         stats: torch.Tensor, force: bool = False) -> torch.Tensor | None:
+    """Prefill through the TMA kernel when it applies (see `prefill_tma_enabled`; force=True skips that
+    test, for tests), else None (the caller runs the paged kernel).
+
+    The kernel reads this step's k/v as contiguous `[num_tokens, num_kv_heads, head_dim]` tensors:
+    they are gathered back from the cache through slot_mapping (the layer has just written them
+    there; the rotary kernel rotates k only on its way into the cache): O(tokens) bytes against the
+    O(tokens^2) attention. Sequences with a cached prefix (context_lens > query count) are detected
+    in the kernel and computed by the paged fallback, so any prefill metadata gives the right result.
+    """
+    if not (force or prefill_tma_enabled(q)) or sliding_window is not None:
+        return None
+    slots = meta.slot_mapping
+    if slots is None or slots.shape[0] != q.shape[0] or meta.cu_seqlens_q is None:
+        return None
+    from fdpp.kernels.attention_prefill_tma import prefill_attention_tma
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    # NOTE: a padding token (slot -1) reads slot 0; its query row is not one a sequence attends from.
+    idx = slots.clamp_min(0)
+    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, idx)
+    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, idx)
+    if q.stride(2) != 1 or q.stride(1) != head_dim or (q.stride(0) * q.element_size()) % 16 != 0:
+        q = q.contiguous()
+    return prefill_attention_tma(
+        q, k, v, meta.cu_seqlens_q, meta.context_lens, scale=scale, max_seqlen_q=meta.max_seqlen_q,
+        k_cache=k_cache, v_cache=v_cache, block_tables=meta.block_tables, phi=phi, window=window, stats=stats)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
