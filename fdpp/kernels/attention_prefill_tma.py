@@ -153,7 +153,8 @@ def prefill_tma_kernel(
     stride_qt, stride_kt, stride_vt, stride_ot,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    UNIFIED: tl.constexpr, USE_TMA: tl.constexpr, MASS_MODE: tl.constexpr, NORM_LC: tl.constexpr,
+    UNIFIED: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, MASS_MODE: tl.constexpr,
+    NORM_LC: tl.constexpr,
     SPLIT_CAUSAL: tl.constexpr, OVERLAP: tl.constexpr, REVERSE: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -179,7 +180,11 @@ def prefill_tma_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask_m = offs_m < q_len
 
-    if USE_TMA:
+    if HOST_DESC:  # q_ptr, k_ptr, v_ptr are host-built TensorDescriptors (kernel parameters)
+        k_desc = k_ptr
+        v_desc = v_ptr
+        q = q_ptr.load([row0 + tile_first, head * HEAD_DIM])
+    elif USE_TMA:
         q_desc = tl.make_tensor_descriptor(q_ptr, shape=[num_tokens, num_heads * HEAD_DIM], strides=[stride_qt, 1],
                                            block_shape=[BLOCK_M, HEAD_DIM])
         k_desc = tl.make_tensor_descriptor(k_ptr, shape=[num_tokens, num_kv_heads * HEAD_DIM],
@@ -261,20 +266,14 @@ def prefill_tma_kernel(
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
-_ALLOCATOR_SET = False
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need global scratch from Triton's allocator (set once)."""
-    global _ALLOCATOR_SET
-    if _ALLOCATOR_SET:
-        return
+def _set_allocator(device: torch.device) -> None:
+    """Device-side tensor descriptors need global scratch from Triton's allocator. Set on every call:
+    Triton keeps it per thread (a ContextVar), and the engine may launch from another thread."""
 
     def alloc(size: int, alignment: int, stream):
-        return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+        return torch.empty(size, dtype=torch.int8, device=device)
 
     triton.set_allocator(alloc)
-    _ALLOCATOR_SET = True
 
 
 def default_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
@@ -333,7 +332,7 @@ def prefill_attention_tma(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
-    use_tma: bool | None = None,
+    use_tma: bool | str | None = None,
     warp_specialize: bool | None = None,
     mass_mode: str | None = None,
     norm_lc: bool = True,
@@ -386,8 +385,11 @@ def prefill_attention_tma(
     if mass_mode == "off" and mass_check(q.dtype) and phi is not None and fallback:
         raise ValueError("prefill_attention_tma: fp16 needs the mass check for the exactness guarantee; "
                          "mass_mode='off' only with fallback=False (cost measurements)")
-    if use_tma:
-        _ensure_allocator()
+    if use_tma not in (True, False, "device", "host"):
+        raise ValueError(f"prefill_attention_tma: use_tma must be True/'device', 'host' or False, got {use_tma!r}")
+    host_desc = use_tma == "host"
+    if use_tma and not host_desc:
+        _set_allocator(q.device)
     max_q_tiles = triton.cdiv(max(1, int(max_seqlen_q)), block_m)
     if stats is None:
         stats = torch.zeros(2, dtype=torch.int64, device=q.device)
@@ -398,12 +400,19 @@ def prefill_attention_tma(
     if mass_tol is None:
         mass_tol = MASS_TOL[q.dtype]
     grid = (max_q_tiles, num_heads, num_seqs)
+    q_arg, k_arg, v_arg = q, k, v
+    if host_desc:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(x: torch.Tensor, rows: int) -> TensorDescriptor:
+            return TensorDescriptor(x, [num_tokens, x.shape[1] * head_dim], [x.stride(0), 1], [rows, head_dim])
+        q_arg, k_arg, v_arg = desc(q, block_m), desc(k, block_n), desc(v, block_n)
     prefill_tma_kernel[grid](
-        q, k, v, cu_seqlens_q, context_lens, out, flags, stats,
+        q_arg, k_arg, v_arg, cu_seqlens_q, context_lens, out, flags, stats,
         float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol), num_tokens,
         max_q_tiles, num_heads, num_kv_heads, q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UNIFIED=phi is not None, USE_TMA=use_tma, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
+        UNIFIED=phi is not None, USE_TMA=bool(use_tma), HOST_DESC=host_desc, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
         SPLIT_CAUSAL=split_causal, OVERLAP=overlap, REVERSE=reverse,
         LOOP_STAGES=None if interpreting() else num_stages, WARP_SPEC=warp_specialize,
         UPCAST_DOT=upcast_bf16_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,
