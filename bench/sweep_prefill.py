@@ -381,7 +381,14 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT"), help="write sweep_prefill.json/.md/.png here")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new point after this many seconds (default 150 quick, 330 full)")
+    ap.add_argument("--from-json", default=None, help="only recompute targets and render the markdown of a JSON")
     args = ap.parse_args()
+    if args.from_json:
+        with open(args.from_json) as f:
+            res = json.load(f)
+        res["targets"], res["summary"] = targets(res["rows"])
+        print(markdown(res))
+        return 0
     dtypes = args.dtypes or ("fp16" if args.quick else "fp16,bf16")
     try:
         dtypes = [DTYPES[d.strip()] for d in dtypes.split(",") if d.strip()]
