@@ -81,6 +81,7 @@ VARIANTS: dict[str, dict] = {
     "host_128x128_w8_s2_ov": dict(BASE, use_tma="host", overlap=True),
     "host_128x64_w8_s3_ov": dict(BASE, use_tma="host", block_n=64, num_stages=3, overlap=True),
     "host_128x128_w8_s2_ws": dict(BASE, use_tma="host", warp_specialize=True),
+    "host_128x128_w4_s3_ws": dict(BASE, use_tma="host", num_warps=4, num_stages=3, warp_specialize=True),
 }
 # left out of the full sweep to keep it under 6 minutes (run them with --variants)
 NOT_IN_FULL = ["ptr_128x64_w8_s3", "tma_128x64_w4_s3", "tma_128x128_w4_s2", "tma_128x64_w4_s3_ov"]
