@@ -82,6 +82,9 @@ VARIANTS: dict[str, dict] = {
     "host_128x64_w8_s3_ov": dict(BASE, use_tma="host", block_n=64, num_stages=3, overlap=True),
     "host_128x128_w8_s2_ws": dict(BASE, use_tma="host", warp_specialize=True),
     "host_128x128_w4_s3_ws": dict(BASE, use_tma="host", num_warps=4, num_stages=3, warp_specialize=True),
+    "tma_128x128_w8_s2_winsum": dict(BASE, window_on="sum"),
+    "host_128x64_w8_s3_ov_winsum": dict(BASE, use_tma="host", block_n=64, num_stages=3, overlap=True,
+                                        window_on="sum"),
 }
 # left out of the full sweep to keep it under 6 minutes (run them with --variants)
 NOT_IN_FULL = ["ptr_128x64_w8_s3", "tma_128x64_w4_s3", "tma_128x128_w4_s2", "tma_128x64_w4_s3_ov"]
@@ -89,7 +92,8 @@ SYNC_OF = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma
            "tma_128x64_w8_s3_ov", "host_128x64_w8_s3_ov"]
 QUICK_VARIANTS = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma_128x128_w8_s2_ov",
                   "tma_128x64_w8_s3_ov", "host_128x128_w8_s2", "host_128x64_w8_s3_ov", "ptr_128x128_w8_s2",
-                  "tma_128x128_w8_s2_massabs", "tma_128x128_w8_s2_massoff_nofb", "tma_128x128_w8_s2_nofb"]
+                  "tma_128x128_w8_s2_massabs", "tma_128x128_w8_s2_massoff_nofb", "tma_128x128_w8_s2_nofb",
+                  "tma_128x128_w8_s2_winsum"]
 QUICK_SYNC = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ov"]
 for _name in SYNC_OF:
     VARIANTS[_name + "_sync"] = dict(VARIANTS[_name], mode="sync")
@@ -295,7 +299,7 @@ def targets(rows: list[dict]) -> tuple[list[dict], dict]:
     if pg:
         tgt("attention.prefill_tma_vs_paged_min", min(pg), "report (> 1: faster than today's kernel)", True,
             variant=best)
-    base = best.removesuffix("_massabs").removesuffix("_normL")
+    base = best.removesuffix("_massabs").removesuffix("_normL").removesuffix("_winsum")
     uvs = [_ratio(r, base + "_sync", best) for r in rows if _ratio(r, base + "_sync", best) is not None]
     if uvs:
         tgt("attention.prefill_unified_vs_sync_min", min(uvs), ">= 1.05", min(uvs) >= 1.05, variant=best,

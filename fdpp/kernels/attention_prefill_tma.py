@@ -41,6 +41,16 @@ sum |P - cast P| / l; norm_lc=False divides by l and has exactly that bound. mas
 (round to nearest, sum |P - cast(P)|), kept for the cost comparison; "off" skips the test (bf16:
 by construction, see fdpp.kernels.attention_decode.mass_check).
 
+Window on the row sum instead of the row max (`window_on="sum"`, a variant: no max per element).
+The max window has two jobs, both also done by l = sum_j e^(s_j - phi) (l >= every P): keep the cast
+P finite and keep the mass out of the cast's underflow. fp16 with the mass test: a P that overflows
+the cast is clamped to 65504 (RTZ) or becomes inf (round to nearest) and fails the l1 test like any
+lost mass, lost low mass fails it directly, and l < inf keeps fp32 finite, so the test is l1 <=
+MASS_TOL * l, 0 < l < inf: the same error bound, and rows are flagged only where the bound is at
+risk. bf16 (no mass test): e^lo < l < e^hi gives bf16's by-construction argument (mass_check: l >
+e^lo, every P < e^hi) directly. Rows with many keys near phi + hi are flagged under a window on l
+but not under the max window, so hi on l is only used for bf16 (+-50 nats: never reached).
+
 Synchronized mode (phi None): the online softmax (running max, rescale per tile) on the same loads,
 for the unified-vs-synchronized comparison; only prefix sequences are flagged there.
 
@@ -112,7 +122,8 @@ def _update(
             # there, but 0 * (NaN or inf in a neighbour's V) would leak into this sequence.
             v = tl.where((tok < kv_len)[:, None], v, 0.0)
     if UNIFIED:
-        m_i = tl.maximum(m_i, tl.max(s, 1))
+        if UNIFIED == 1:  # window on the row max (else on l, at the end)
+            m_i = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s * scale_log2 - phi_log2)
         l_i += tl.sum(p, 1)
         if MASS_MODE == 2:
@@ -254,9 +265,14 @@ def prefill_tma_kernel(
     tl.store(out_ptr + (row0 + offs_m)[:, None].to(tl.int64) * stride_ot + head * HEAD_DIM + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None])
     if UNIFIED:
-        rel = m_i * scale_log2 - phi_log2  # m_i: max raw score (scale > 0)
         # NOTE: written as "all conditions hold" so any NaN (inf/NaN input, inf - inf) fails it.
-        ok = (rel > lo_log2) & (rel < hi_log2) & (l_i > 0.0)
+        if UNIFIED == 1:
+            rel = m_i * scale_log2 - phi_log2  # m_i: max raw score (scale > 0)
+            ok = (rel > lo_log2) & (rel < hi_log2) & (l_i > 0.0)
+        elif MASS_MODE != 0:
+            ok = (l_i > 0.0) & (l_i < float("inf"))  # fp16: the mass test covers both window edges
+        else:
+            ok = (l_i > tl.exp2(lo_log2)) & (l_i < tl.exp2(hi_log2))
         if MASS_MODE == 2:
             ok = ok & (l_i - c_i <= mass_tol * l_i)
         elif MASS_MODE == 1:
@@ -343,6 +359,7 @@ def prefill_attention_tma(
     warp_specialize: bool | None = None,
     mass_mode: str | None = None,
     norm_lc: bool = True,
+    window_on: str = "max",
     split_causal: bool = True,
     overlap: bool = False,
     reverse: bool = True,
@@ -358,7 +375,8 @@ def prefill_attention_tma(
     must hold this step's k/v, as the engine's cache does after its write) when fallback=True; with
     fallback=False (benchmarks) they keep the fast path's value and k_cache may be None.
     stats: int64 `[2]` device tensor, += (query rows checked, query rows flagged) per head (unified).
-    The keyword knobs (block_m ... reverse) select kernel variants; None picks `default_config`.
+    The keyword knobs (block_m ... reverse, window_on) select kernel variants; None picks `default_config`.
+    window_on: "max" (the paged kernel's window on the row max) or "sum" (on l; see the module doc).
     """
     check_fresh_inputs(q, k, v)
     for name, x in (("cu_seqlens_q", cu_seqlens_q), ("context_lens", context_lens)):
@@ -387,6 +405,8 @@ def prefill_attention_tma(
         raise ValueError(f"prefill_attention_tma: split_causal needs block_n ({block_n}) to divide block_m ({block_m})")
     if mass_mode is None:
         mass_mode = "rtz" if mass_check(q.dtype) else "off"
+    if window_on not in ("max", "sum"):
+        raise ValueError(f"prefill_attention_tma: window_on must be 'max' or 'sum', got {window_on!r}")
     if mass_mode not in MASS_MODES:
         raise ValueError(f"prefill_attention_tma: mass_mode {mass_mode!r} not in {sorted(MASS_MODES)}")
     if mass_mode == "off" and mass_check(q.dtype) and phi is not None and fallback:
@@ -419,7 +439,8 @@ def prefill_attention_tma(
         float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol), num_tokens,
         max_q_tiles, num_heads, num_kv_heads, q.stride(0), k.stride(0), v.stride(0), out.stride(0),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        UNIFIED=phi is not None, USE_TMA=bool(use_tma), HOST_DESC=host_desc, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
+        UNIFIED=0 if phi is None else (1 if window_on == "max" else 2), USE_TMA=bool(use_tma),
+        HOST_DESC=host_desc, MASS_MODE=MASS_MODES[mass_mode], NORM_LC=norm_lc,
         SPLIT_CAUSAL=split_causal, OVERLAP=overlap, REVERSE=reverse,
         LOOP_STAGES=None if interpreting() else num_stages, WARP_SPEC=warp_specialize,
         UPCAST_DOT=upcast_bf16_dot(q.dtype), num_warps=num_warps, num_stages=num_stages,

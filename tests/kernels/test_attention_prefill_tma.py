@@ -65,6 +65,7 @@ def varlen_gqa():
     dict(phi=2.0, overlap=True),                     # next tile's QK^T before this softmax
     dict(phi=None, overlap=True, use_tma=False),
     dict(phi=2.0, mass_mode="abs", split_causal=False),
+    dict(phi=2.0, use_tma="host", window_on="sum"),  # host-built descriptors; window on l
 ])
 def test_matches_float64(varlen_gqa, kw):
     q, k, v, kc, vc, meta = varlen_gqa
@@ -83,8 +84,12 @@ def test_matches_float64(varlen_gqa, kw):
 def test_bf16_mha():
     q, k, v, kc, vc, meta = _case([20, 33], 2, 2, 64, torch.bfloat16, seed=1)
     ref = reference(q, kc, vc, meta, 0.125)
-    for phi in (3.0, None):
-        assert rel_err(_run(q, k, v, kc, vc, meta, 0.125, phi=phi), ref) < TOL[torch.bfloat16]
+    for kw in (dict(phi=3.0), dict(phi=None), dict(phi=3.0, window_on="sum")):
+        assert rel_err(_run(q, k, v, kc, vc, meta, 0.125, **kw), ref) < TOL[torch.bfloat16]
+    flags = []  # bf16, window on l: phi 60 puts l below e^-50 in every row
+    out = _run(q, k, v, kc, vc, meta, 0.125, phi=60.0, window_on="sum", flags_out=flags)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert all(bool(t.all()) for t in _valid_flags(flags[0].cpu(), meta, SMALL.get("block_m", 128)))
 
 
 def test_out_of_window_tiles_fall_back(varlen_gqa):
@@ -122,6 +127,9 @@ def test_lost_mass_is_flagged_only_where_it_is_lost():
     flags = []
     out = _run(q, k, v, kc, vc, meta, 1.0, phi=0.0, flags_out=flags, **kw)
     assert flags[0].view(-1).tolist() == [0, 1, 1, 1]  # rows 0-15 keep the fast path; rows 27+ flagged
+    flags_sum = []
+    _run(q, k, v, kc, vc, meta, 1.0, phi=0.0, window_on="sum", flags_out=flags_sum, **kw)
+    assert flags_sum[0].view(-1).tolist() == [0, 1, 1, 1]  # the mass test alone decides here
     # the guarantee: error <= MASS_TOL * max|v| on the fast path (rows 0-15 lose < 2^-9 of their mass
     # here), the synchronized result on recomputed tiles
     bound = 2.0 ** -9 + 1e-5
@@ -176,6 +184,8 @@ def test_bad_input_is_rejected(varlen_gqa):
         _run(q.transpose(0, 1).contiguous().transpose(0, 1), k, v, kc, vc, meta, 0.125)
     with pytest.raises(ValueError, match="needs k_cache"):
         prefill_attention_tma(q, k, v, meta.cu_seqlens_q, meta.context_lens, scale=0.1, max_seqlen_q=50)
+    with pytest.raises(ValueError, match="window_on"):
+        _run(q, k, v, kc, vc, meta, 0.125, phi=1.0, window_on="min")
     with pytest.raises(ValueError, match="mass check"):
         _run(q, k, v, kc, vc, meta, 0.125, phi=1.0, mass_mode="off")
 
@@ -198,7 +208,8 @@ def _sdpa_ref(q, k, v, lens):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(32, 32), (32, 8)])
-@pytest.mark.parametrize("kw", [dict(), dict(overlap=True), dict(use_tma=False), dict(block_n=64, num_stages=3)])
+@pytest.mark.parametrize("kw", [dict(), dict(overlap=True), dict(use_tma=False), dict(block_n=64, num_stages=3),
+                                dict(use_tma="host", block_n=64, num_stages=3, overlap=True, window_on="sum")])
 def test_gpu_real_sizes(dtype, heads, kw):
     if torch.cuda.get_device_capability()[0] < 9 and kw.get("use_tma", True):
         pytest.skip("TMA descriptors need compute capability >= 9")
