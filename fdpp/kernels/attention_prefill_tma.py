@@ -173,7 +173,8 @@ def prefill_tma_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNIFIED: tl.constexpr, USE_TMA: tl.constexpr, HOST_DESC: tl.constexpr, MASS_MODE: tl.constexpr,
     NORM_LC: tl.constexpr,
-    SPLIT_CAUSAL: tl.constexpr, OVERLAP: tl.constexpr, REVERSE: tl.constexpr, LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
+    SPLIT_CAUSAL: tl.constexpr, OVERLAP: tl.constexpr, REVERSE: tl.constexpr,
+    LOOP_STAGES: tl.constexpr, WARP_SPEC: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
     if REVERSE:
@@ -289,6 +290,8 @@ def prefill_tma_kernel(
 
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def _set_allocator(device: torch.device) -> None:
     """Device-side tensor descriptors need global scratch from Triton's allocator. Set on every call:
     Triton keeps it per thread (a ContextVar), and the engine may launch from another thread."""
