@@ -324,6 +324,11 @@ def _default_config(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     return {"block_m": 64, "block_n": 32, "num_warps": 8, "num_stages": 2}
 
 
+def prefill_block_m(head_dim: int, dtype: torch.dtype, on_gpu: bool) -> int:
+    """Query rows per program of the default config (what `choose_prefill_splits` counts tiles in)."""
+    return _default_config(head_dim, dtype, on_gpu)["block_m"]
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
