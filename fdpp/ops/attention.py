@@ -215,9 +215,6 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         sliding_window=sliding_window, stats=stats)
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
 def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
     """Key splits for the paged prefill of `q` (split-KV for chunks over long contexts).
 
@@ -239,10 +236,8 @@ def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetada
     if q.device.type != "cuda" or meta.cu_seqlens_q is None:
         return 1
     from fdpp.kernels.attention_prefill import choose_prefill_splits, prefill_block_m
-    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    sms = _NUM_SMS.get(idx)
-    if sms is None:
-        sms = _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    from fdpp.kernels.device import num_sms
+    sms = num_sms(q.device)
     block_m = prefill_block_m(q.shape[-1], q.dtype, True)
     q_tiles = -(-max(1, meta.max_seqlen_q) // block_m)
     max_context = meta.max_context_len or int(k_cache.shape[1] * meta.block_tables.shape[1])
