@@ -46,3 +46,31 @@ def test_chunked_long_prompt_same_tokens_split_on_off(chunked_llm, monkeypatch):
     assert set(seen_off) == {1} and set(seen_on) == {3}
     assert len(seen_on) >= 3 * 2  # >= 3 chunks x 2 layers went through the split path
     assert on == off and all(len(t) == 3 for t in on.values())
+
+
+@pytest.mark.gpu
+def test_mixed_graphs_with_forced_splits_give_the_unsplit_eager_tokens(tmp_path, monkeypatch):
+    """GPU: mixed CUDA graphs captured with 4 key splits (one split count fixed at capture, the split
+    length computed in the kernel per replay) vs eager mixed steps without splits: same fp32 tokens."""
+    import torch
+
+    from tests.helpers import write_tiny_llama
+
+    write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 17, 40, 700)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = {}
+    for mixed, splits in ((True, "4"), (False, "1")):
+        monkeypatch.setenv("FDPP_PREFILL_SPLITS", splits)
+        llm = LLM(str(tmp_path), dtype="float32", device="cuda", show_progress=False, max_num_seqs=8,
+                  gpu_memory_utilization=0.3, long_prefill_token_threshold=64, max_num_batched_tokens=158,
+                  cuda_graph_mixed=mixed, enable_prefix_caching=False)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert (llm.engine.runner.num_mixed_replays >= 9) if mixed else True
+            runs[mixed] = [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.close()
+    assert runs[True] == runs[False]
