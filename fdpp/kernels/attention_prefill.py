@@ -23,6 +23,16 @@ always-launched launch of the synchronized (online-softmax) kernel recomputes on
 other programs exit at once; no host sync, graph-safe), keeping P in fp32 for the dot with V (tf32 on
 a GPU), so NaN/inf in q or k reaches the output as NaN and a recomputed row is at least as exact as the
 synchronized kernel.
+
+Split-KV (num_splits > 1; see `choose_prefill_splits`): a late chunk of a long prompt is a small grid
+(256 queries = 2 tiles x 32 heads = 64 programs on a 132-SM H200) whose programs each walk up to the
+whole context, so the key range of each tile is cut into num_splits parts, each its own program
+(program_id(0) = split * max_q_tiles + tile). The part length is computed in the kernel from the
+tile's key range, rounded to BLOCK_N, so one num_splits works for any context (CUDA-graph safe); a
+part past a short context runs no iteration (l = 0, m = -inf). Parts write fp32 (acc, m, l, e) to a
+workspace; `prefill_combine_kernel` sums them (unified: a plain sum, no rescale, since every part uses
+the same phi; synchronized: rescaled by the max), writes `out` and makes the exactness check above on
+the COMBINED rows; the always-launched fallback then recomputes flagged tiles unsplit.
 """
 from __future__ import annotations
 
