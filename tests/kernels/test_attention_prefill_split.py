@@ -33,22 +33,34 @@ def _run(q, k_cache, v_cache, meta, scale, **kw):
 
 # (q_len, context_len): full prompt, chunk after a cached prefix (q_len < context), one token, a
 # context shorter than the splits (16-key tiles on the CPU: 17 keys = 2 tiles for up to 5 splits).
-Q_LENS, CTX_LENS = [20, 6, 1, 3], [20, 70, 9, 17]
+Q_LENS, CTX_LENS = [20, 6, 1, 3], [20, 50, 9, 17]
+_SHARED: dict = {}
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 5])
-@pytest.mark.parametrize("mode", ["unified", "sync"])
+def _shared(mode):
+    """The GQA-2 fp16 case, its float64 reference and the unsplit run of `mode` (computed once)."""
+    if mode not in _SHARED:
+        dtype = torch.float16
+        if "case" not in _SHARED:
+            case = _case(Q_LENS, CTX_LENS, 4, 2, 16, 8, dtype)
+            _SHARED["case"] = case, reference(*case[:3], case[3], 16 ** -0.5)
+        (q, kc, vc, meta), _ = _SHARED["case"]
+        phi = 0.5 if mode == "unified" else None
+        stats, flags = torch.zeros(2, dtype=torch.int64, device=DEVICE), []
+        base = _run(q, kc, vc, meta, 16 ** -0.5, phi=phi, window=safe_window(dtype), stats=stats, flags_out=flags)
+        _SHARED[mode] = base, stats, flags
+    return _SHARED["case"], _SHARED[mode]
+
+
+@pytest.mark.parametrize("mode,num_splits", [("unified", 1), ("unified", 2), ("unified", 3), ("unified", 5),
+                                             ("sync", 2), ("sync", 5)])
 def test_split_matches_unsplit_and_reference(num_splits, mode):
     dtype = torch.float16
-    q, kc, vc, meta = _case(Q_LENS, CTX_LENS, 4, 2, 16, 8, dtype)  # GQA 2
-    scale = 16 ** -0.5
-    ref = reference(q, kc, vc, meta, scale)
+    ((q, kc, vc, meta), ref), (base, stats1, f1) = _shared(mode)
     phi = 0.5 if mode == "unified" else None
-    stats1 = torch.zeros(2, dtype=torch.int64, device=DEVICE)
     stats = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    f1, fs = [], []
-    base = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype), stats=stats1, flags_out=f1)
-    out = _run(q, kc, vc, meta, scale, phi=phi, window=safe_window(dtype), stats=stats, flags_out=fs,
+    fs = []
+    out = _run(q, kc, vc, meta, 16 ** -0.5, phi=phi, window=safe_window(dtype), stats=stats, flags_out=fs,
                num_splits=num_splits)
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(out, base) < TOL[dtype]
