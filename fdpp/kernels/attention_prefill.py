@@ -206,22 +206,22 @@ def paged_prefill_kernel(
         tl.store(ws_mle_ptr + ws_row * 3, m_i, mask=mask_m)
         tl.store(ws_mle_ptr + ws_row * 3 + 1, l_i, mask=mask_m)
         tl.store(ws_mle_ptr + ws_row * 3 + 2, e_i, mask=mask_m)
-        return
-    # NOTE: no `l > 0` test: a NaN l must reach the output (every query sees itself, so l > 0 else).
-    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
-    tl.store(out_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh
-             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-    if UNIFIED:
-        rel = m_i - phi_log2
-        # NOTE: written as "all conditions hold" so any NaN (inf/NaN input, inf - inf) fails it.
-        ok = (rel > lo_log2) & (rel < hi_log2) & (e_i <= mass_tol * l_i) & (l_i > 0.0)
-        bad = (ok == 0) & mask_m
-        is_bad = tl.max(bad.to(tl.int32), 0)
-        tl.store(flags_ptr + flag_idx, is_bad)
-        num_rows = tl.minimum(q_len - tile_m * BLOCK_M, BLOCK_M).to(tl.int64)
-        tl.atomic_add(stats_ptr, num_rows)
-        if is_bad > 0:
-            tl.atomic_add(stats_ptr + 1, num_rows)
+    else:  # NOTE: if/else, not an early return inside the constexpr branch
+        # NOTE: no `l > 0` test: a NaN l must reach the output (every query sees itself, so l > 0 else).
+        out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+        tl.store(out_ptr + (q_start + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        if UNIFIED:
+            rel = m_i - phi_log2
+            # NOTE: written as "all conditions hold" so any NaN (inf/NaN input, inf - inf) fails it.
+            ok = (rel > lo_log2) & (rel < hi_log2) & (e_i <= mass_tol * l_i) & (l_i > 0.0)
+            bad = (ok == 0) & mask_m
+            is_bad = tl.max(bad.to(tl.int32), 0)
+            tl.store(flags_ptr + flag_idx, is_bad)
+            num_rows = tl.minimum(q_len - tile_m * BLOCK_M, BLOCK_M).to(tl.int64)
+            tl.atomic_add(stats_ptr, num_rows)
+            if is_bad > 0:
+                tl.atomic_add(stats_ptr + 1, num_rows)
 
 
 @triton.jit(do_not_specialize=["max_q_tiles", "num_splits", "ws_tokens"])
