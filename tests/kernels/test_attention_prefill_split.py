@@ -163,3 +163,17 @@ def test_split_real_size_gpu():
     assert rel_err(sync, base) < TOL[dtype]
     ref = reference(q[:, :2].contiguous(), kc[:, :, :2].contiguous(), vc[:, :, :2].contiguous(), meta, scale)
     assert rel_err(out[:, :2], ref) < TOL[dtype]
+
+
+def test_prefill_splits_env_and_cpu_default(monkeypatch):
+    from fdpp.ops.attention import prefill_splits
+
+    q, kc, vc, meta = _case([2], [4], 2, 2, 16, 8, torch.float16)
+    monkeypatch.delenv("FDPP_PREFILL_SPLITS", raising=False)
+    assert prefill_splits(q.cpu(), kc, meta) == 1  # off the GPU: no split unless forced
+    monkeypatch.setenv("FDPP_PREFILL_SPLITS", "3")
+    assert prefill_splits(q, kc, meta) == 3
+    for bad in ("0", "four"):
+        monkeypatch.setenv("FDPP_PREFILL_SPLITS", bad)
+        with pytest.raises(ValueError, match="FDPP_PREFILL_SPLITS"):
+            prefill_splits(q, kc, meta)
