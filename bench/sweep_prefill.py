@@ -57,8 +57,9 @@ PHI = 4.0  # random q, k at scale 1/sqrt(d): scores ~ N(0, 1); inside the fp16 w
 ROTATE_BYTES = 256 << 20
 
 # name -> prefill_attention_tma kwargs ("mode": unified | sync; fallback defaults to True)
-BASE = dict(use_tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2)
+BASE = dict(use_tma=True, block_m=128, block_n=128, num_warps=8, num_stages=2, overlap=False, window_on="max")
 VARIANTS: dict[str, dict] = {
+    "default": dict(),  # default_config: what the engine's dispatch runs (by head_dim and sequence length)
     "tma_128x128_w8_s2": dict(BASE),
     "tma_128x128_w8_s3": dict(BASE, num_stages=3),
     "tma_128x64_w8_s3": dict(BASE, block_n=64, num_stages=3),
@@ -91,13 +92,13 @@ VARIANTS: dict[str, dict] = {
 }
 # left out of the full sweep to keep it under 6 minutes (run them with --variants)
 NOT_IN_FULL = ["ptr_128x64_w8_s3", "tma_128x64_w4_s3", "tma_128x128_w4_s2", "tma_128x64_w4_s3_ov"]
-SYNC_OF = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma_128x128_w8_s2_ov",
+SYNC_OF = ["default", "tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma_128x128_w8_s2_ov",
            "tma_128x64_w8_s3_ov", "host_128x64_w8_s3_ov"]
-QUICK_VARIANTS = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma_128x128_w8_s2_ov",
+QUICK_VARIANTS = ["default", "tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ws", "tma_128x128_w8_s2_ov",
                   "tma_128x64_w8_s3_ov", "host_128x128_w8_s2", "host_128x64_w8_s3_ov", "ptr_128x128_w8_s2",
                   "tma_128x128_w8_s2_massabs", "tma_128x128_w8_s2_massoff_nofb", "tma_128x128_w8_s2_nofb",
                   "tma_128x128_w8_s2_winsum"]
-QUICK_SYNC = ["tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ov"]
+QUICK_SYNC = ["default", "tma_128x128_w8_s2", "tma_128x64_w8_s3", "tma_128x128_w8_s2_ov"]
 for _name in SYNC_OF:
     VARIANTS[_name + "_sync"] = dict(VARIANTS[_name], mode="sync")
 # the variants that ship-able code may use: unified, fallback on, the fp16 mass check on
@@ -274,14 +275,16 @@ def _ratio(row, peer, name):
 
 
 def targets(rows: list[dict]) -> tuple[list[dict], dict]:
-    """Best single shippable variant (max over variants of its min over points vs cuDNN) and targets."""
+    """Each shippable variant's worst ratio to cuDNN, and the targets of the shipped config ("default";
+    else the best single shippable variant)."""
     summary = {}
     for name in SHIPPABLE:
         rs = [_ratio(r, "cudnn", name) for r in rows]
         if rs and all(x is not None for x in rs):
             summary[name] = min(rs)
     out = []
-    best = max(summary, key=summary.get) if summary else None
+    # NOTE: the targets are those of the config the engine ships ("default"), when it ran everywhere.
+    best = "default" if "default" in summary else (max(summary, key=summary.get) if summary else None)
 
     def tgt(name, value, goal, met, **extra):
         out.append(dict(name=name, value=value, goal=goal, met=bool(met), **extra))
@@ -447,6 +450,8 @@ def main() -> int:
             # NOTE: the later dtypes run only the fp16 pass's 6 best shippable variants (half the compiles)
             _, summary = targets(res["rows"])
             top = sorted(summary, key=summary.get, reverse=True)[:6]
+            if "default" in summary and "default" not in top:
+                top = ["default"] + top[:5]
             if top:
                 variants = top
                 sync_variants = [v for v in top if v in SYNC_OF] or sync_variants[:1]

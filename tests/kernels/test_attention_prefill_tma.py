@@ -228,10 +228,13 @@ def test_gpu_real_sizes(dtype, heads, kw):
 
 @pytest.mark.gpu
 def test_gpu_dispatch_env(monkeypatch):
-    """FDPP_PREFILL_TMA=1 routes a fresh fp16 prefill through the TMA kernel (on sm_90+)."""
+    """By default (and with FDPP_PREFILL_TMA=1) a fresh fp16 prefill goes through the TMA kernel on
+    sm_90+; FDPP_PREFILL_TMA=0 switches it off."""
     from fdpp.ops import attention as ops
     q, k, v, kc, vc, meta = _case([1024, 512], 32, 8, 128, torch.float16, seed=4)
     ref = _sdpa_ref(q, k, v, [1024, 512])
+    monkeypatch.delenv("FDPP_PREFILL_TMA", raising=False)
+    assert ops.prefill_tma_enabled(q) == (torch.cuda.get_device_capability()[0] >= 9)
     monkeypatch.setenv("FDPP_PREFILL_TMA", "1")
     assert ops.prefill_tma_enabled(q) == (torch.cuda.get_device_capability()[0] >= 9)
     out = ops.attention(q, kc, vc, meta, scale=128 ** -0.5, layer_idx=0, phi=4.0)
