@@ -114,16 +114,19 @@ def _prefill_tile(
 @triton.jit(do_not_specialize=["sliding_window", "max_q_tiles", "num_splits", "ws_tokens"])
 def paged_prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, cu_seqlens_q_ptr,
-    out_ptr, flags_ptr, stats_ptr, ws_acc_ptr, ws_mle_ptr,
-    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, sliding_window, max_q_tiles, num_splits,
-    ws_tokens, stride_qt, stride_qh,
+    out_ptr, flags_ptr, stats_ptr,
+    scale_log2, phi_log2, lo_log2, hi_log2, mass_tol, sliding_window, max_q_tiles,
+    stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_bts, stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     UNIFIED: tl.constexpr, IS_FALLBACK: tl.constexpr, HAS_SLIDING: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASS_CHECK: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, MASS_CHECK: tl.constexpr,
+    # NOTE: split-KV arguments last, with defaults: fdpp.kernels.attention_prefill_tma launches this
+    # kernel (its fallback) positionally without them.
+    SPLIT: tl.constexpr = False, ws_acc_ptr=None, ws_mle_ptr=None, num_splits=1, ws_tokens=0,
 ):
     """One (query tile, head, sequence) program; SPLIT: one key split of it (program_id(0) is
     split * max_q_tiles + tile), writing fp32 partials (acc, m, l, e) for `prefill_combine_kernel`."""
@@ -426,7 +429,7 @@ def paged_prefill_attention(
         ws_acc = torch.empty(num_splits * num_tokens * num_heads * head_dim, dtype=torch.float32, device=device)
         ws_mle = torch.empty(num_splits * num_tokens * num_heads * 3, dtype=torch.float32, device=device)
     else:
-        ws_acc = ws_mle = out  # unused (SPLIT=False)
+        ws_acc = ws_mle = None  # unused (SPLIT=False)
     common = dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=block_size,
                   HAS_SLIDING=sliding_window is not None,
@@ -436,14 +439,15 @@ def paged_prefill_attention(
     def launch(unified: bool, is_fallback: bool, splits: int = 1):
         paged_prefill_kernel[(max_q_tiles * splits, num_heads, num_seqs)](
             q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q,
-            out, flags, stats, ws_acc, ws_mle,
+            out, flags, stats,
             float(scale) * LOG2E, (phi or 0.0) * LOG2E, lo * LOG2E, hi * LOG2E, float(mass_tol),
-            int(sliding_window or 0), max_q_tiles, splits, num_tokens,
+            int(sliding_window or 0), max_q_tiles,
             q.stride(0), q.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             block_tables.stride(0), out.stride(0), out.stride(1),
-            UNIFIED=unified, IS_FALLBACK=is_fallback, SPLIT=splits > 1,
+            UNIFIED=unified, IS_FALLBACK=is_fallback,
+            SPLIT=splits > 1, ws_acc_ptr=ws_acc, ws_mle_ptr=ws_mle, num_splits=splits, ws_tokens=num_tokens,
             # NOTE: the fallback's fp32 V tile needs twice the shared memory: one stage less.
             num_stages=max(1, num_stages - 1) if is_fallback else num_stages, **common,
         )

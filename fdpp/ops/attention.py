@@ -197,14 +197,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         from fdpp.kernels.attention_prefill import paged_prefill_attention
         if meta.cu_seqlens_q is None:
             raise ValueError("attention: prefill metadata needs cu_seqlens_q")
-        out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
-                                   sliding_window=sliding_window, stats=stats)
-        if out is not None:
-            return out
+        # NOTE: a split step (a small chunk grid over a long context: the late chunks of a long prompt)
+        # takes the paged kernel: the TMA kernel computes a chunk with a cached prefix in its unsplit
+        # synchronized fallback.
+        num_splits = prefill_splits(q, k_cache, meta)
+        if num_splits == 1:
+            out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
+                                       sliding_window=sliding_window, stats=stats)
+            if out is not None:
+                return out
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
             scale=scale, max_seqlen_q=meta.max_seqlen_q, phi=phi, window=window,
-            sliding_window=sliding_window, stats=stats, num_splits=prefill_splits(q, k_cache, meta))
+            sliding_window=sliding_window, stats=stats, num_splits=num_splits)
     from fdpp.kernels.attention_decode import paged_decode_attention
     if q.shape[0] != meta.num_seqs:
         raise ValueError(f"attention: decode step has {q.shape[0]} query tokens but {meta.num_seqs} sequences")
