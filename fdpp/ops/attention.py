@@ -197,14 +197,19 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         from fdpp.kernels.attention_prefill import paged_prefill_attention
         if meta.cu_seqlens_q is None:
             raise ValueError("attention: prefill metadata needs cu_seqlens_q")
-        out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
-                                   sliding_window=sliding_window, stats=stats)
-        if out is not None:
-            return out
+        # NOTE: a split step (a small chunk grid over a long context: the late chunks of a long prompt)
+        # takes the paged kernel: the TMA kernel computes a chunk with a cached prefix in its unsplit
+        # synchronized fallback.
+        num_splits = prefill_splits(q, k_cache, meta)
+        if num_splits == 1:
+            out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
+                                       sliding_window=sliding_window, stats=stats)
+            if out is not None:
+                return out
         return paged_prefill_attention(
             q, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.cu_seqlens_q,
             scale=scale, max_seqlen_q=meta.max_seqlen_q, phi=phi, window=window,
-            sliding_window=sliding_window, stats=stats)
+            sliding_window=sliding_window, stats=stats, num_splits=num_splits)
     from fdpp.kernels.attention_decode import paged_decode_attention
     if q.shape[0] != meta.num_seqs:
         raise ValueError(f"attention: decode step has {q.shape[0]} query tokens but {meta.num_seqs} sequences")
@@ -213,6 +218,35 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         q, k_cache, v_cache, meta.block_tables, meta.context_lens,
         scale=scale, max_context_len=max_context_len, phi=phi, window=window,
         sliding_window=sliding_window, stats=stats)
+
+
+def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
+    """Key splits for the paged prefill of `q` (split-KV for chunks over long contexts).
+
+    FDPP_PREFILL_SPLITS=N forces N (1: never split; for tests and benchmarks); else on a CUDA device
+    `choose_prefill_splits` from the grid (q tiles x heads x sequences), the SM count and
+    meta.max_context_len: the step's longest context in an eager step, max_model_len in a captured
+    mixed step (the split length is computed in the kernel from each tile's keys, so a split count
+    fixed at capture is right for any context the graph sees; splits past a short context are empty
+    and cheap). Off the GPU (Triton's interpreter) 1 unless forced."""
+    forced = os.environ.get("FDPP_PREFILL_SPLITS", "")
+    if forced:
+        try:
+            n = int(forced)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"FDPP_PREFILL_SPLITS must be an integer >= 1 (1: no split), got {forced!r}")
+        return n
+    if q.device.type != "cuda" or meta.cu_seqlens_q is None:
+        return 1
+    from fdpp.kernels.attention_prefill import choose_prefill_splits, prefill_block_m
+    from fdpp.kernels.device import num_sms
+    sms = num_sms(q.device)
+    block_m = prefill_block_m(q.shape[-1], q.dtype, True)
+    q_tiles = -(-max(1, meta.max_seqlen_q) // block_m)
+    max_context = meta.max_context_len or int(k_cache.shape[1] * meta.block_tables.shape[1])
+    return choose_prefill_splits(q_tiles, q.shape[1], int(meta.cu_seqlens_q.shape[0]) - 1, max_context, sms)
 
 
 # Head dims whose Hopper TMA prefill config has been measured on an H200 (bench/sweep_prefill.py).
