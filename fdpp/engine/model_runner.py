@@ -110,6 +110,9 @@ class _GraphInputs:
 
 # Mixed graphs are captured for the decode buckets up to this many rows (capture time and memory).
 MAX_MIXED_GRAPH_BATCH = 64
+# The split count of the decode graphs replayed for unequal rows (ModelRunner.balanced_graphs): a 16k-token
+# row among 1k-token rows then walks 2k keys per program instead of 16k.
+DECODE_BALANCE_GRAPH_SPLITS = 8
 
 
 class ModelRunner:
@@ -146,6 +149,10 @@ class ModelRunner:
         self._decode_inputs: _GraphInputs | None = None
         # Mixed steps (decode rows + one prompt chunk padded to mixed_chunk_tokens): see init_mixed_inputs.
         self.mixed_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Decode steps of unequal rows (one long context among short ones): the same step captured with
+        # DECODE_BALANCE_GRAPH_SPLITS splits, for the buckets whose own split count is smaller.
+        self.balanced_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.num_balanced_replays = 0
         self.mixed_batch_sizes: list[int] = []
         self.mixed_chunk_tokens = 0
         self._mixed_inputs: _GraphInputs | None = None
@@ -231,11 +238,14 @@ class ModelRunner:
             block_tables=block_tables,
             slot_mapping=self._to_device(slots, torch.int64),
             max_context_len=max(context_lens),
+            # every sequence starts at token 0 (no cached prefix, no earlier chunk): a fresh prefill
+            fresh_prefill=nd == 0 and all(c == n for c, n in zip(context_lens, batch.num_new_tokens)),
+            decode_num_splits=self.decode_splits(context_lens) if nd == len(batch) else None,
         )
         if 0 < nd < len(batch):
             meta.decode_part = AttentionMetadata(
                 is_prefill=False, context_lens=ctx[:nd], block_tables=block_tables[:nd],
-                max_context_len=max(context_lens[:nd]),
+                max_context_len=max(context_lens[:nd]), decode_num_splits=self.decode_splits(context_lens[:nd]),
             )
             meta.prefill_part = AttentionMetadata(
                 is_prefill=True,
@@ -249,6 +259,20 @@ class ModelRunner:
         ids = self._to_device(input_ids, torch.int64)
         pos = self._to_device(positions, torch.int64)
         return ids, pos, meta, sample_rows, sample_seqs
+
+    def decode_splits(self, context_lens: list[int]) -> int | None:
+        """The decode split count for rows of these context lengths when they are unequal enough that
+        the longest row would be the step's tail (`balance_num_splits`) and the batch's own split count
+        (`choose_num_splits`) is smaller; else None (the batch's own)."""
+        from fdpp.kernels.attention_decode import balance_num_splits, choose_num_splits
+        from fdpp.kernels.device import num_sms
+        if self.kv_cache is None:
+            return None
+        kvh, sms = int(self.kv_cache.shape[4]), num_sms(self.device)
+        want = balance_num_splits(context_lens, kvh, sms)
+        if want is None or want <= choose_num_splits(len(context_lens), kvh, max(context_lens), sms):
+            return None
+        return want
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor through pinned memory, without a device sync."""
@@ -357,6 +381,7 @@ class ModelRunner:
         """Free the GPU memory this runner holds: graphs, the KV cache and the model's weights."""
         self.graphs.clear()
         self.mixed_graphs.clear()
+        self.balanced_graphs.clear()
         self._decode_inputs = self._mixed_inputs = None
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
@@ -494,8 +519,12 @@ class ModelRunner:
         """
         from tqdm.auto import tqdm
 
+        from fdpp.kernels.attention_decode import choose_num_splits
+        from fdpp.kernels.device import num_sms
+
         self.graphs.clear()
         self.mixed_graphs.clear()
+        self.balanced_graphs.clear()
         sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_batch_size]
         self.graph_batch_sizes = []
         if mixed_chunk_tokens is None:
@@ -523,6 +552,13 @@ class ModelRunner:
                     return self.model.compute_logits(hidden)
 
             steps.append((self.graphs, bs, bs, step))
+            kvh = int(self.kv_cache.shape[4])
+            if DECODE_BALANCE_GRAPH_SPLITS > choose_num_splits(bs, kvh, self.max_model_len, num_sms(dev)):
+                long_meta = AttentionMetadata(
+                    is_prefill=False, context_lens=meta.context_lens, block_tables=meta.block_tables,
+                    slot_mapping=meta.slot_mapping, max_seqlen_q=1, max_context_len=self.max_model_len,
+                    decode_num_splits=DECODE_BALANCE_GRAPH_SPLITS)
+                steps.append((self.balanced_graphs, bs, bs, lambda bs=bs, meta=long_meta: step(bs, meta)))
         for bs in self.mixed_batch_sizes:
             steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
                           lambda bs=bs: self.mixed_step(bs)))
@@ -578,6 +614,9 @@ class ModelRunner:
         if device_tokens is not None:
             self._scatter_device_tokens(inp.ids, device_tokens)
         graph, logits = self.graphs[bucket]
+        if bucket in self.balanced_graphs and self.decode_splits([s.num_tokens for s in seqs]) is not None:
+            graph, logits = self.balanced_graphs[bucket]  # one long row among short ones: more splits
+            self.num_balanced_replays += 1
         graph.replay()
         return logits[:bs]
 

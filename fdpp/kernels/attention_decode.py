@@ -57,6 +57,7 @@ a second launch (then the fallback is the separate launch too).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -431,6 +432,39 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, nu
     by_len = max(1, max_context_len // min_tokens)
     n = int(max(1, min(want, by_len, cap)))
     return 1 << (n.bit_length() - 1)
+
+
+# Unequal rows (balance_num_splits): a batch counts as unbalanced when its longest context is at least
+# DECODE_BALANCE_MIN_TOKENS and DECODE_BALANCE_RATIO times the mean; the split count then keeps the longest
+# row's programs at about the work a program gets with DECODE_BALANCE_PROGRAMS_PER_SM programs per SM.
+DECODE_BALANCE_MIN_TOKENS = 2048
+DECODE_BALANCE_RATIO = 4
+DECODE_BALANCE_PROGRAMS_PER_SM = 4
+
+
+def balance_num_splits(context_lens: Sequence[int], num_kv_heads: int, num_sms: int) -> int | None:
+    """Split count for a decode batch whose longest row would otherwise be the step's tail, else None.
+
+    `choose_num_splits` sizes the split count for the batch: with 32 rows x 32 KV heads the GPU is already
+    full at 1 split. But one 16k-token row among 32 rows of ~1k then walks its 16k keys in one program per
+    head while the rest of the GPU idles (an H200 step of 27-30 ms against 6.3 ms with equal rows:
+    bench_prefix.py itl, 2026-12-03). Every row is split into the same number of equal parts, so s splits
+    cap the longest program at max / s keys (short rows get short splits). Returns the power of 2 s nearest
+    to the count that brings max / s down to the balanced work per program (total keys x KV heads / (programs per SM x SMs)),
+    within DECODE_MAX_SPLITS and at least DECODE_MIN_TOKENS_PER_SPLIT keys per split of the longest row;
+    None when the batch is balanced (longest < DECODE_BALANCE_MIN_TOKENS or < DECODE_BALANCE_RATIO x mean).
+    """
+    n = len(context_lens)
+    if n < 2:
+        return None
+    longest, total = max(context_lens), sum(context_lens)
+    if longest < DECODE_BALANCE_MIN_TOKENS or longest * n < DECODE_BALANCE_RATIO * total:
+        return None
+    per_program = max(total * num_kv_heads / (DECODE_BALANCE_PROGRAMS_PER_SM * max(1, num_sms)),
+                      DECODE_MIN_TOKENS_PER_SPLIT)
+    want = min(-(-longest // int(per_program)), DECODE_MAX_SPLITS, max(1, longest // DECODE_MIN_TOKENS_PER_SPLIT))
+    n = 1 << round(math.log2(want))  # the nearest power of 2: the splits divide the tiles evenly
+    return n if n > 1 else None
 
 
 def split_counters(device: torch.device, numel: int) -> torch.Tensor:

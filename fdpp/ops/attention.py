@@ -55,6 +55,10 @@ class AttentionMetadata:
     block_tables: `[num_seqs, max_blocks_per_seq]` int32.
     slot_mapping: `[num_tokens]` int64, cache slot of each new token (-1: skip).
     max_context_len: largest context_lens entry (host int; fixes the decode split count).
+    fresh_prefill: every sequence's queries are its whole context (no cached prefix, no earlier
+    chunk; host bool): the step may take the TMA prefill kernel, which reads this step's own k/v.
+    decode_num_splits: the decode kernel's split count (None: `choose_num_splits` for the batch; the
+    model runner sets it for batches of unequal rows, see `balance_num_splits`).
     """
     is_prefill: bool
     context_lens: torch.Tensor
@@ -63,6 +67,8 @@ class AttentionMetadata:
     cu_seqlens_q: torch.Tensor | None = None
     max_seqlen_q: int = 1
     max_context_len: int = 0
+    fresh_prefill: bool = False
+    decode_num_splits: int | None = None
     # A mixed step (decode rows first, then prefill chunks): the metadata of each part. Attention
     # runs each part through its own kernel; the fields above describe the whole step (cache writes).
     decode_part: AttentionMetadata | None = None
@@ -197,11 +203,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         from fdpp.kernels.attention_prefill import paged_prefill_attention
         if meta.cu_seqlens_q is None:
             raise ValueError("attention: prefill metadata needs cu_seqlens_q")
-        # NOTE: a split step (a small chunk grid over a long context: the late chunks of a long prompt)
-        # takes the paged kernel: the TMA kernel computes a chunk with a cached prefix in its unsplit
-        # synchronized fallback.
+        # NOTE: only a fresh prefill takes the TMA kernel: it would compute a chunk with a cached
+        # prefix (a later chunk of a long prompt, a prefix-cache hit) in its unsplit synchronized
+        # fallback, slower than the paged kernel (split-KV over long contexts).
         num_splits = prefill_splits(q, k_cache, meta)
-        if num_splits == 1:
+        if meta.fresh_prefill and num_splits == 1:
             out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
                                        sliding_window=sliding_window, stats=stats)
             if out is not None:
@@ -217,7 +223,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
     return paged_decode_attention(
         q, k_cache, v_cache, meta.block_tables, meta.context_lens,
         scale=scale, max_context_len=max_context_len, phi=phi, window=window,
-        sliding_window=sliding_window, stats=stats)
+        sliding_window=sliding_window, stats=stats, num_splits=meta.decode_num_splits)
 
 
 def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:

@@ -204,3 +204,70 @@ def test_eager_mixed_step_tensors_keep_one_triton_specialization(runner, nd):
         assert t.data_ptr() % 16 == 0
     assert meta.block_tables.stride(0) % 16 == 0
     assert part.context_lens.tolist() == [37]
+
+
+def test_fresh_prefill_flag(runner):
+    """Only a step whose sequences all start at token 0 is a fresh prefill (the TMA prefill kernel reads
+    the step's own k/v and would recompute a cached prefix in its slow fallback)."""
+    blocks = _Blocks()
+    a = _seq(list(range(1, 30)), blocks)
+    b = _seq(list(range(2, 12)), blocks)
+    *_, meta, _, _ = runner.prepare(ScheduledBatch([a, b], [29, 10], True))
+    assert meta.is_prefill and meta.fresh_prefill
+    *_, meta, _, _ = runner.prepare(ScheduledBatch([a], [16], True))  # the first chunk of a
+    assert meta.fresh_prefill
+    a.num_computed_tokens = 16  # the next chunk sees a computed prefix
+    *_, meta, _, _ = runner.prepare(ScheduledBatch([a, b], [13, 10], True))
+    assert meta.is_prefill and not meta.fresh_prefill
+    batch = _setup(runner, 1, 20, 0, 16, seed=3)  # mixed: decode rows are never fresh
+    *_, meta, _, _ = runner.prepare(batch)
+    assert not meta.fresh_prefill and not meta.prefill_part.fresh_prefill
+
+
+def test_tma_dispatch_only_for_fresh_prefills(monkeypatch):
+    """attention() offers a prefill to the TMA kernel only when the metadata says fresh_prefill."""
+    from fdpp.ops import attention as ops
+    calls = []
+
+    def dispatch(*args, **kw):
+        calls.append(args[3].fresh_prefill)
+
+    monkeypatch.setattr(ops, "prefill_tma_dispatch", dispatch)
+    monkeypatch.setattr(ops, "attention_backend", lambda device: "triton")  # the kernels' path, interpreted
+    q = torch.randn(4, 2, 16)
+    cache = torch.randn(2, 16, 2, 16)
+    for fresh in (True, False):
+        meta = ops.AttentionMetadata(
+            is_prefill=True, context_lens=torch.tensor([4], dtype=torch.int32),
+            block_tables=torch.tensor([[0]], dtype=torch.int32), slot_mapping=torch.arange(4),
+            cu_seqlens_q=torch.tensor([0, 4], dtype=torch.int32), max_seqlen_q=4, max_context_len=4,
+            fresh_prefill=fresh)
+        ops.attention(q, cache, cache, meta, scale=0.25, layer_idx=0)
+    assert calls == [True]
+
+
+def test_unequal_decode_rows_get_balanced_splits(runner, monkeypatch):
+    """An eager decode step with one long row among short ones carries the balanced split count in its
+    metadata (thresholds lowered to the tiny cache's sizes), and attention with it equals the unsplit one."""
+    from fdpp.kernels import attention_decode as ad
+    from fdpp.ops import attention as ops
+    monkeypatch.setattr(ad, "DECODE_BALANCE_MIN_TOKENS", 64)
+    monkeypatch.setattr(ad, "DECODE_MIN_TOKENS_PER_SPLIT", 16)
+    blocks = _Blocks()
+    g = torch.Generator().manual_seed(5)
+    seqs = []
+    for n in (200, 7, 7, 7, 7, 7):
+        s = _seq(torch.randint(0, 128, (n,), generator=g).tolist(), blocks)
+        _computed(runner, s, n - 1)
+        seqs.append(s)
+    *_, meta, _, _ = runner.prepare(ScheduledBatch(seqs, [1] * 6, True))
+    assert meta.decode_num_splits is not None and meta.decode_num_splits > 1
+    *_, even, _, _ = runner.prepare(ScheduledBatch(seqs[1:], [1] * 5, True))
+    assert even.decode_num_splits is None  # equal rows: the batch's own split count
+    monkeypatch.setattr(ops, "attention_backend", lambda device: "triton")
+    kc, vc = runner.kv_cache[0, 0], runner.kv_cache[0, 1]
+    q = torch.randn(6, 2 * kc.shape[2], kc.shape[3], generator=g)
+    split = ops.attention(q, kc, vc, meta, scale=0.25, layer_idx=0)
+    meta.decode_num_splits = None
+    whole = ops.attention(q, kc, vc, meta, scale=0.25, layer_idx=0)
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)

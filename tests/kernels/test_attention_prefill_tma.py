@@ -32,7 +32,8 @@ def _case(q_lens, num_heads, num_kv_heads, head_dim, dtype, context_lens=None, b
     q = torch.randn(cu[-1], num_heads, head_dim, generator=gen).to(dtype)
     meta = AttentionMetadata(is_prefill=True, context_lens=torch.tensor(context_lens, dtype=torch.int32),
                              block_tables=block_tables, cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
-                             max_seqlen_q=max(q_lens), max_context_len=max(context_lens), slot_mapping=slots)
+                             max_seqlen_q=max(q_lens), max_context_len=max(context_lens), slot_mapping=slots,
+                             fresh_prefill=list(context_lens) == list(q_lens))
     dev = [x.to(DEVICE) for x in (q, k, v, k_cache, v_cache)]
     for name in ("context_lens", "block_tables", "cu_seqlens_q", "slot_mapping"):
         setattr(meta, name, getattr(meta, name).to(DEVICE))
