@@ -246,7 +246,8 @@ class Bench:
         s = self.size
         n, long_len = s["itl_streams"], s["itl_long"]
         res = {}
-        for budget, long_prefill in s["itl_budgets"]:
+        configs = s["itl_budgets"][:1] if self.args.itl_default_only else s["itl_budgets"]
+        for budget, long_prefill in configs:
             stream_out = 4096  # more than the run lasts: the streams decode throughout
             max_len = long_len + 64
             llm = self.llm(model, True, max_len, n + 1, budget, long_prefill)
@@ -470,6 +471,8 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=["shared", "multiturn", "itl", "decode"],
                     choices=["shared", "multiturn", "itl", "decode"])
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
+    ap.add_argument("--itl-default-only", action="store_true",
+                    help="itl: only the engine's default budget and chunk cap (not the other budgets)")
     ap.add_argument("--no-mixed-graphs", action="store_true",
                     help="run mixed steps (decode rows + a prompt chunk) eagerly, not through their CUDA graphs")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="results folder")

@@ -189,23 +189,24 @@ def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
 def test_balanced_decode_graphs_for_one_long_row(tmp_path):
     """A batch with one long row among short ones replays the decode graph captured with more splits
     (ModelRunner.balanced_graphs) and decodes the same greedy tokens as eager steps (fp32)."""
-    from fdpp.engine.model_runner import DECODE_BALANCE_GRAPH_SPLITS
     write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=8192)
+                     num_key_value_heads=4, vocab_size=512, max_position_embeddings=8192)
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in [6000] + [40] * 7]
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in [6000] + [40] * 23]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = {}
     for eager in (True, False):
         llm = LLM(str(tmp_path), dtype="float32", device="cuda", show_progress=False, enforce_eager=eager,
-                  max_num_seqs=8, max_model_len=6100, gpu_memory_utilization=0.3)
-        runner = llm.engine.runner
-        if not eager:
-            assert 8 in runner.balanced_graphs
-            assert runner.decode_splits([6000] + [40] * 7) is not None
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        tokens[eager] = [o.outputs[0].token_ids for o in outs]
-        if not eager:
-            assert runner.num_balanced_replays > 0, DECODE_BALANCE_GRAPH_SPLITS
-        llm.close()
+                  max_num_seqs=24, max_model_len=6100, gpu_memory_utilization=0.3)
+        try:
+            runner = llm.engine.runner
+            assert runner.decode_splits([6000] + [40] * 23) is not None
+            if not eager:
+                assert 24 in runner.balanced_graphs  # 24 rows x 4 KV heads: the batch's own count is 2
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            tokens[eager] = [o.outputs[0].token_ids for o in outs]
+            if not eager:
+                assert runner.num_balanced_replays > 0
+        finally:
+            llm.close()
     assert tokens[True] == tokens[False]

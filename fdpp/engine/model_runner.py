@@ -558,7 +558,7 @@ class ModelRunner:
                     is_prefill=False, context_lens=meta.context_lens, block_tables=meta.block_tables,
                     slot_mapping=meta.slot_mapping, max_seqlen_q=1, max_context_len=self.max_model_len,
                     decode_num_splits=DECODE_BALANCE_GRAPH_SPLITS)
-                steps.append((self.balanced_graphs, bs, bs, lambda bs=bs, meta=long_meta: step(bs, meta)))
+                steps.append((self.balanced_graphs, bs, bs, lambda bs=bs, meta=long_meta, fn=step: fn(bs, meta)))
         for bs in self.mixed_batch_sizes:
             steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
                           lambda bs=bs: self.mixed_step(bs)))
