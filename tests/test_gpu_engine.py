@@ -197,7 +197,8 @@ def test_balanced_decode_graphs_for_one_long_row(tmp_path):
     tokens = {}
     for eager in (True, False):
         llm = LLM(str(tmp_path), dtype="float32", device="cuda", show_progress=False, enforce_eager=eager,
-                  max_num_seqs=24, max_model_len=6100, gpu_memory_utilization=0.3)
+                  max_num_seqs=24, max_model_len=6100, gpu_memory_utilization=0.3,
+                  cuda_graph_balanced_decode=True)
         try:
             runner = llm.engine.runner
             assert runner.decode_splits([6000] + [40] * 23) is not None

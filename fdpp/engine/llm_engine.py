@@ -125,7 +125,8 @@ class LLMEngine:
         if self.device.type == "cuda" and not config.enforce_eager:
             # mixed steps (decode rows + one prompt chunk of at most the chunk cap) replay graphs too
             self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress,
-                                            mixed_chunk_tokens=threshold if config.cuda_graph_mixed else 0)
+                                            mixed_chunk_tokens=threshold if config.cuda_graph_mixed else 0,
+                                            balanced_decode=config.cuda_graph_balanced_decode)
         # tokens -> text, stop checks, RequestOutputs (ending a sequence stays here: _finish)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, RequestState] = {}

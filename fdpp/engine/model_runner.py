@@ -506,10 +506,12 @@ class ModelRunner:
     # ---- CUDA graphs ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_cuda_graphs(self, max_batch_size: int, show_progress: bool = True,
-                            mixed_chunk_tokens: int | None = None) -> None:
+                            mixed_chunk_tokens: int | None = None, balanced_decode: bool = False) -> None:
         """Capture one decode step per batch-size bucket and, with ``mixed_chunk_tokens`` = C > 0, one
         mixed step per bucket up to MAX_MIXED_GRAPH_BATCH rows (those decode rows, then one prompt
-        chunk padded to C tokens: ``mixed_step``); largest first, sharing one memory pool. Replaces
+        chunk padded to C tokens: ``mixed_step``); with ``balanced_decode``, each decode bucket whose own
+        split count is below DECODE_BALANCE_GRAPH_SPLITS also with that many (``balanced_graphs``,
+        replayed for rows of unequal length: ``decode_splits``); largest first, sharing one memory pool. Replaces
         the graphs captured before. ``mixed_chunk_tokens`` None: the previous call's C (0 at first).
 
         Buffers are static: a step copies its ids, positions, slots, context lengths and block tables
@@ -553,7 +555,7 @@ class ModelRunner:
 
             steps.append((self.graphs, bs, bs, step))
             kvh = int(self.kv_cache.shape[4])
-            if DECODE_BALANCE_GRAPH_SPLITS > choose_num_splits(bs, kvh, self.max_model_len, num_sms(dev)):
+            if balanced_decode and DECODE_BALANCE_GRAPH_SPLITS > choose_num_splits(bs, kvh, self.max_model_len, num_sms(dev)):
                 long_meta = AttentionMetadata(
                     is_prefill=False, context_lens=meta.context_lens, block_tables=meta.block_tables,
                     slot_mapping=meta.slot_mapping, max_seqlen_q=1, max_context_len=self.max_model_len,
