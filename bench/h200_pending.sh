@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the open issues still need (state of 2026-12-03, evening), in priority order, each bounded
+# The H200 measurements the open issues still need (state of 2026-12-03, night), in priority order, each bounded
 # so that one device call (< 10 minutes) runs them all. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
 #     OUT=/tmp/out bash bench/h200_pending.sh
@@ -18,15 +18,14 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
   s "$name"; timeout "$secs" "$@" > "$R/$name.txt" 2>&1; s "$name rc=$?"; tail -4 "$R/$name.txt"
   tar czf "$OUT/res.tgz" -C "$(dirname "$R")" "$(basename "$R")"  # after each step: a call cut short keeps what ran
 }
-# GPU tests: the engine set, the backends, the mixed-step graphs (kernels' do_not_specialize is new)
-run pytest_gpu 140 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/engine/test_backends.py tests/test_gpu_mixed_graphs.py
-# 13: the long-prompt ITL after the specialization fix (Triton compiles inside the window are listed)
-run prefix_itl 100 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --out "$R/prefix_itl"
-# 17: JSON schema vs unconstrained at batch 64, without a profiler this time
-run structured 70 python bench/bench_structured.py ${TOK:+--tokenizer $TOK} --batch 64 --max-tokens 64 --out "$R/structured"
-# 12: the fresh GEMM check (both bench_gemm budget bugs fixed) and Llama-3-8B batch 1
-run gemm 100 python bench/bench_gemm.py --quick --time-budget 85 --results-dir "$R/gemm"
-run e2e_l3 90 python bench/e2e_latency.py --models llama-3-8b --budget-s 70 --out "$R/e2e_l3"
-# 13: the Llama-3-8B prefix scenarios (shared prompt, multi-turn)
-run prefix_l3 90 python bench/bench_prefix.py --quick --scenarios shared multiturn --models llama-3-8b --out "$R/prefix_l3"
+# 13: the long-prompt ITL with split-KV prefill chunks (default), then without splits, then with the balanced decode graphs
+run itl 70 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl"
+run itl_nosplit 60 env FDPP_PREFILL_SPLITS=1 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl_nosplit"
+run itl_balanced 60 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --balanced-decode-graphs --out "$R/itl_balanced"
+# GPU tests of the new paths: balanced decode graphs, split prefill (kernel, engine, mixed graphs), TMA prefill
+run pytest_gpu 170 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/kernels/test_attention_prefill_split.py tests/engine/test_prefill_split_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_attention_prefill_tma.py
+# the re-tuned split heuristic (1 program per SM, 1k keys per split) at its points
+run chunk 100 python bench/bench_chunk_attention.py --quick --out "$R/chunk"
+# 12: batch 1 / batch 64 after the TMA prefill (TTFT at 1k) and the split changes
+run e2e 100 python bench/e2e_latency.py --models llama-2-7b --budget-s 85 --out "$R/e2e"
 s done

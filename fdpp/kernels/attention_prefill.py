@@ -297,9 +297,12 @@ def prefill_combine_kernel(
             tl.atomic_add(stats_ptr + 1, num_rows)
 
 
-# Split heuristic (see choose_prefill_splits): aim at ~2 programs per SM, >= 2k keys per split, <= 16.
-SPLIT_TARGET_PROGRAMS_PER_SM = 2
-SPLIT_MIN_KEYS = 2048
+# Split heuristic (see choose_prefill_splits): ~1 program per SM, >= 1k keys per split, <= 16. Measured on
+# an H200 (bench/bench_chunk_attention.py, 2026-12-03, 32 heads, fp16): the best split count of a 128/256-
+# query chunk at 4k and 16k keys is the one that makes ~128 programs (4 / 2 splits: 2.73x / 1.64x the
+# unsplit kernel at 16k); the first constants (2 per SM, 2k keys) picked 8 / 4, 0.77-0.91x of the best.
+SPLIT_TARGET_PROGRAMS_PER_SM = 1
+SPLIT_MIN_KEYS = 1024
 SPLIT_MAX = 16
 
 

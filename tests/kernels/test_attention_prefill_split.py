@@ -135,11 +135,12 @@ def test_split_bad_num_splits():
 
 def test_choose_prefill_splits():
     # the issue-13 case: a 256-token chunk (2 tiles) x 32 heads at 16k context on 132 SMs
-    assert choose_prefill_splits(2, 32, 1, 16384, 132) == 4
-    assert choose_prefill_splits(1, 32, 1, 16384, 132) == 8
+    assert choose_prefill_splits(2, 32, 1, 16384, 132) == 2          # the H200's best at these points
+    assert choose_prefill_splits(1, 32, 1, 16384, 132) == 4
+    assert choose_prefill_splits(1, 32, 1, 4096, 132) == 4
     assert choose_prefill_splits(1, 8, 1, 65536, 132) == 16          # capped
-    assert choose_prefill_splits(2, 32, 1, 2048, 132) == 1           # short context: no split
-    assert choose_prefill_splits(2, 32, 1, 5000, 132) == 2
+    assert choose_prefill_splits(1, 32, 1, 1024, 132) == 1           # short context: no split
+    assert choose_prefill_splits(1, 32, 1, 2500, 132) == 2
     assert choose_prefill_splits(32, 32, 1, 16384, 132) == 1         # grid already fills the GPU
     assert choose_prefill_splits(2, 32, 4, 16384, 132) == 1
     with pytest.raises(ValueError, match="num_sms"):
