@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fdpp.benchmark import graph_median_us
 from fdpp.kernels import attention_decode as dec
 from fdpp.kernels.attention_prefill import paged_prefill_attention
 from fdpp.kernels.device import num_sms
@@ -56,14 +57,7 @@ DEV = "cpu" if SMOKE else "cuda"
 
 def bench(fn) -> float:
     """Median microseconds of fn() replayed from a CUDA graph."""
-    fn()
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    torch.cuda.synchronize()
-    ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
-    return ms * 1e3
+    return graph_median_us(fn, smoke=SMOKE, rep=30)
 
 
 def copy_bandwidth() -> float:

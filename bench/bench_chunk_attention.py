@@ -38,6 +38,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fdpp.benchmark import graph_median_us, rel_norm_err  # noqa: E402
 from fdpp.kernels.attention_prefill import (  # noqa: E402
     choose_prefill_splits,
     paged_prefill_attention,
@@ -57,19 +58,10 @@ SPLITS = (2, 4, 8, 16)
 
 def bench_us(fn) -> float:
     """Median microseconds of fn() replayed from a CUDA graph (SMOKE: one eager call)."""
-    fn()
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median") * 1e3
+    return graph_median_us(fn, smoke=SMOKE, rep=30)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
+rel_err = rel_norm_err
 
 
 class ChunkCase:

@@ -44,6 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from fdpp.benchmark import graph_median_us, rel_norm_err  # noqa: E402
 from fdpp.kernels.attention_prefill import paged_prefill_attention  # noqa: E402
 from fdpp.kernels.attention_prefill_tma import prefill_attention_tma  # noqa: E402
 from fdpp.ops.attention import safe_window  # noqa: E402
@@ -107,19 +108,10 @@ SHIPPABLE = [n for n, kw in VARIANTS.items() if kw.get("mode", "unified") == "un
 
 
 def bench_us(fn) -> float:
-    fn()
-    if SMOKE:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e6
-    torch.cuda.synchronize()
-    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median") * 1e3
+    return graph_median_us(fn, smoke=SMOKE, rep=20)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return float((out.float() - ref).norm() / ref.norm())
+rel_err = rel_norm_err
 
 
 def _short(e: Exception) -> str:

@@ -14,6 +14,28 @@ from fdpp.sampling_params import SamplingParams
 from fdpp.utils import dtype_name
 
 
+def graph_median_us(fn: Any, *, smoke: bool = False, rep: int = 30) -> float:
+    """Median microseconds of ``fn()`` replayed from a CUDA graph (Triton's do_bench_cudagraph), after
+    one warm-up call. ``smoke``: one timed eager call (the CPU smoke runs of the bench scripts)."""
+    fn()
+    if smoke:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e6
+    import triton.testing
+
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+def rel_norm_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN when ``out`` holds a non-finite value."""
+    if not torch.isfinite(out).all():
+        return float("nan")
+    ref = ref.double()
+    return float((out.double() - ref).norm() / ref.norm())
+
+
 @contextlib.contextmanager
 def triton_compiles() -> Iterator[list[tuple[float, str]]]:
     """Record the Triton kernels JIT-compiled inside the block: a list of (perf_counter time, the kernel's
