@@ -306,6 +306,8 @@ class Bench:
                 "prefill_window_itl_p99_ms": pct(window, 99) * 1e3,
                 "prefill_window_itl_max_ms": max(window) * 1e3 if window else float("nan"),
                 "long_prompt_ttft_s": long_first - long_at,
+                # the long prompt's next 3 tokens: decode steps with one 16k row among the short streams
+                "long_row_decode_steps_ms": [d * 1e3 for t, d in steps if t > long_first + 1e-9][:3],
                 "prefill_steps": sum(1 for t, _ in steps if long_at <= t <= long_first + 1e-9),
                 "step_trace_ms": [(t - long_at, d * 1e3) for t, d in steps[max(0, steady_end - 20):]],
                 # Triton JIT compiles (each a stall of ~1 s) during the run: the kernel signatures
@@ -316,6 +318,7 @@ class Bench:
             log(f"  steady step {r['steady_step_ms_median']:.2f} ms; ITL during the prefill p50 "
                 f"{r['prefill_window_itl_p50_ms']:.1f} / p99 {r['prefill_window_itl_p99_ms']:.1f} ms "
                 f"({ratio:.2f}x); long prompt TTFT {r['long_prompt_ttft_s']:.2f} s in {r['prefill_steps']} steps")
+            log(f"  decode steps with the long row: {', '.join(f'{d:.1f}' for d in r['long_row_decode_steps_ms'])} ms")
             for t, sig in r["triton_compiles"]:
                 log(f"  Triton compile at {t:+.2f} s (from the long prompt's arrival): {sig[:300]}")
             self.target(model, "long_prompt_itl_p99_over_steady_step", ratio, "<= 3x", ratio <= 3,
