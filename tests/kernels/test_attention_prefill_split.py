@@ -3,32 +3,19 @@ unsplit kernel and a float64 reference. Runs in Triton's interpreter on the CPU:
 import pytest
 import torch
 
-from fdpp.kernels.attention_prefill import choose_prefill_splits, paged_prefill_attention
-from fdpp.ops.attention import AttentionMetadata, safe_window
-from tests.kernels.paged_utils import TOL, make_paged_kv, reference, rel_err
+from fdpp.kernels.attention_prefill import choose_prefill_splits
+from fdpp.ops.attention import safe_window
+from tests.kernels.paged_utils import TOL, prefill_case, reference, rel_err, run_paged_prefill
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, q_scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    k_cache, v_cache, block_tables = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype,
-                                                   DEVICE, gen)
-    cu = [0]
-    for n in q_lens:
-        cu.append(cu[-1] + n)
-    q = (torch.randn(cu[-1], num_heads, head_dim, generator=gen) * q_scale).to(dtype).to(DEVICE)
-    meta = AttentionMetadata(is_prefill=True,
-                             context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE),
-                             block_tables=block_tables,
-                             cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=DEVICE),
-                             max_seqlen_q=max(q_lens), max_context_len=max(context_lens))
-    return q, k_cache, v_cache, meta
+    return prefill_case(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, DEVICE,
+                        seed, q_scale)
 
 
-def _run(q, k_cache, v_cache, meta, scale, **kw):
-    return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
-                                   meta.cu_seqlens_q, scale=scale, max_seqlen_q=meta.max_seqlen_q, **kw)
+_run = run_paged_prefill
 
 
 # (q_len, context_len): full prompt, chunk after a cached prefix (q_len < context), one token, a
