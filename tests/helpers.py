@@ -1,9 +1,26 @@
 """Shared test helpers: tiny random-weight checkpoints written to disk, compared against transformers."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
+import sys
+from types import ModuleType
 
 import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str) -> ModuleType:
+    """Import the benchmark script bench/<name>.py as a module (bench/ on sys.path: the scripts import
+    each other's helpers)."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def write_tiny_llama(path: str, **overrides) -> object:

@@ -1,20 +1,18 @@
 """The stored benchmark reports are what their JSON says: targets are recomputed from the rows and the
 Markdown is re-rendered from the JSON (bench/bench_gemm.py --render), so a report cannot drift from its data."""
-import importlib.util
 import json
 import pathlib
 
 import pytest
+
+from tests.helpers import load_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench_gemm():
-    spec = importlib.util.spec_from_file_location("bench_gemm", ROOT / "bench" / "bench_gemm.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_gemm")
 
 
 def test_gemm_h200_report_matches_its_json(bench_gemm):

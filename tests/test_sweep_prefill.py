@@ -1,18 +1,12 @@
 """bench/sweep_prefill.py's targets and report from synthetic rows (no kernel runs)."""
-import importlib.util
-import pathlib
-
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("sweep_prefill", ROOT / "bench" / "sweep_prefill.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("sweep_prefill")
 
 
 def _row(seq, us, kv=32):

@@ -2,21 +2,17 @@
 rows and its markdown re-rendered from the JSON; the perplexity report's targets from its perplexities."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import sys
+
+from tests.helpers import load_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 H200 = ROOT / "bench/results/quant_NVIDIA_H200_2026-12-03_quick"
 
 
 def _bench_quant():
-    sys.path.insert(0, str(ROOT / "bench"))  # bench_quant imports bench_gemm's copy-bandwidth probe
-    spec = importlib.util.spec_from_file_location("bench_quant", ROOT / "bench" / "bench_quant.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("bench_quant")  # bench_quant imports bench_gemm's copy-bandwidth probe
 
 
 def test_h200_quant_report_matches_its_json():
