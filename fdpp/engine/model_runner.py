@@ -15,7 +15,7 @@ from fdpp.engine.sequence import Sequence
 from fdpp.errors import CacheTooSmallError
 from fdpp.layers.context import forward_context
 from fdpp.layers.sampler import SamplerOutput, SamplingBatch, sample
-from fdpp.ops.attention import AttentionMetadata
+from fdpp.ops.attention import AttentionMetadata, balanced_decode_splits, decode_splits
 from fdpp.ops.backend import Backends
 from fdpp.structured.backend import StructuredOutputBackend
 
@@ -261,18 +261,11 @@ class ModelRunner:
         return ids, pos, meta, sample_rows, sample_seqs
 
     def decode_splits(self, context_lens: list[int]) -> int | None:
-        """The decode split count for rows of these context lengths when they are unequal enough that
-        the longest row would be the step's tail (`balance_num_splits`) and the batch's own split count
-        (`choose_num_splits`) is smaller; else None (the batch's own)."""
-        from fdpp.kernels.attention_decode import balance_num_splits, choose_num_splits
-        from fdpp.kernels.device import num_sms
+        """The decode split count for rows of these context lengths when one is long enough to be the
+        step's tail (`fdpp.ops.attention.balanced_decode_splits`); else None (the batch's own)."""
         if self.kv_cache is None:
             return None
-        kvh, sms = int(self.kv_cache.shape[4]), num_sms(self.device)
-        want = balance_num_splits(context_lens, kvh, sms)
-        if want is None or want <= choose_num_splits(len(context_lens), kvh, max(context_lens), sms):
-            return None
-        return want
+        return balanced_decode_splits(context_lens, int(self.kv_cache.shape[4]), self.device)
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor through pinned memory, without a device sync."""
@@ -521,9 +514,6 @@ class ModelRunner:
         """
         from tqdm.auto import tqdm
 
-        from fdpp.kernels.attention_decode import choose_num_splits
-        from fdpp.kernels.device import num_sms
-
         self.graphs.clear()
         self.mixed_graphs.clear()
         self.balanced_graphs.clear()
@@ -538,6 +528,7 @@ class ModelRunner:
         self._decode_inputs = inp = _GraphInputs(sizes[-1], sizes[-1], sizes[-1], self.max_blocks_per_seq, dev)
         # (graphs dict, bucket, tokens of the step, the step): the largest first, for the pool's reuse
         steps: list[tuple[dict, int, int, Callable[[], torch.Tensor]]] = []
+        kvh = int(self.kv_cache.shape[4])
         for bs in sizes:
             meta = AttentionMetadata(
                 is_prefill=False,
@@ -554,8 +545,7 @@ class ModelRunner:
                     return self.model.compute_logits(hidden)
 
             steps.append((self.graphs, bs, bs, step))
-            kvh = int(self.kv_cache.shape[4])
-            if balanced_decode and DECODE_BALANCE_GRAPH_SPLITS > choose_num_splits(bs, kvh, self.max_model_len, num_sms(dev)):
+            if balanced_decode and DECODE_BALANCE_GRAPH_SPLITS > decode_splits(bs, kvh, self.max_model_len, dev):
                 long_meta = AttentionMetadata(
                     is_prefill=False, context_lens=meta.context_lens, block_tables=meta.block_tables,
                     slot_mapping=meta.slot_mapping, max_seqlen_q=1, max_context_len=self.max_model_len,

@@ -226,6 +226,24 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         sliding_window=sliding_window, stats=stats, num_splits=meta.decode_num_splits)
 
 
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """The decode kernel's split count for a batch (`choose_num_splits` on this device's SMs)."""
+    from fdpp.kernels.attention_decode import choose_num_splits
+    from fdpp.kernels.device import num_sms
+    return choose_num_splits(num_seqs, num_kv_heads, max_context_len, num_sms(device))
+
+
+def balanced_decode_splits(context_lens: list[int], num_kv_heads: int, device: torch.device) -> int | None:
+    """A split count for decode rows so unequal that the longest is the step's tail (`balance_num_splits`)
+    when it is above the batch's own (`decode_splits`); else None (the batch's own)."""
+    from fdpp.kernels.attention_decode import balance_num_splits
+    from fdpp.kernels.device import num_sms
+    want = balance_num_splits(context_lens, num_kv_heads, num_sms(device))
+    if want is None or want <= decode_splits(len(context_lens), num_kv_heads, max(context_lens), device):
+        return None
+    return want
+
+
 def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetadata) -> int:
     """Key splits for the paged prefill of `q` (split-KV for chunks over long contexts).
 
