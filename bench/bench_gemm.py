@@ -323,7 +323,10 @@ def main() -> int:
         table.meta.update({"created": date, "torch": torch.__version__, "triton": triton.__version__,
                            "source": "bench/bench_gemm.py", "m_grid": ms})
         table_path = table.save(out_dir / f"table_{gpu_slug(gpu)}.json")
-        (out_dir / "sweep.json").write_text(json.dumps(sweep) + "\n")
+        (out_dir / "sweep.json").write_text(json.dumps({
+            "gpu": gpu, "date": date, "torch": torch.__version__, "triton": triton.__version__,
+            "note": "every timer call of the tuning run (the results and targets: bench_gemm.json)",
+            "timer_calls": sweep}) + "\n")
         log(f"wrote {table_path}")
         for dt in tune_dtypes[1:]:
             sp = []

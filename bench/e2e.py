@@ -216,7 +216,26 @@ def profile_decode(out: dict, model: str, batch_size: int, input_len: int) -> No
     llm.close()
 
 
+def targets(out: dict) -> list[dict]:
+    """One reported figure per fdpp point (TTFT and decode tok/s: before/after comparisons, e.g. issue 11's
+    TTFT at 16k / 32k), and issue 12's >= 2x transformers' static cache at batch 1 where peers ran."""
+    res = []
+    for r in out.get("fdpp", []):
+        key = f"e2e.{r['model']}.b{r['batch_size']}_in{r['input_len']}" + (".eager" if r.get("eager") else "")
+        res.append({"name": key + ".ttft_ms", "value": r["prefill_ms"], "goal": "report", "met": True})
+        res.append({"name": key + ".decode_tok_s", "value": r["decode_tokens_per_s"], "goal": "report", "met": True})
+    static = {(r["model"], r["input_len"]): r["decode_tokens_per_s"] for r in out.get("transformers", [])
+              if r.get("mode") == "static" and r.get("batch_size") == 1 and "decode_tokens_per_s" in r}
+    speed = [r["decode_tokens_per_s"] / static[(r["model"], r["input_len"])] for r in out.get("fdpp", [])
+             if r["batch_size"] == 1 and not r.get("eager") and (r["model"], r["input_len"]) in static]
+    if speed:
+        res.append({"name": "e2e.vs_transformers_static.b1_speedup_min", "value": min(speed), "goal": ">= 2.0",
+                    "met": min(speed) >= 2.0})
+    return res
+
+
 def write(out: dict, out_dir: str) -> str:
+    out["targets"] = targets(out)
     os.makedirs(out_dir, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     date = datetime.date.today().isoformat()
