@@ -70,6 +70,7 @@ class AttentionMetadata:
     max_context_len: int = 0
     fresh_prefill: bool = False
     decode_num_splits: int | None = None
+    prefill_num_splits: int | None = None  # set by the first prefill attention call of the step
     # A mixed step (decode rows first, then prefill chunks): the metadata of each part. Attention
     # runs each part through its own kernel; the fields above describe the whole step (cache writes).
     decode_part: AttentionMetadata | None = None
@@ -207,7 +208,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, met
         # NOTE: only a fresh prefill takes the TMA kernel: it would compute a chunk with a cached
         # prefix (a later chunk of a long prompt, a prefix-cache hit) in its unsplit synchronized
         # fallback, slower than the paged kernel (split-KV over long contexts).
-        num_splits = prefill_splits(q, k_cache, meta)
+        if meta.prefill_num_splits is None:  # once per step, not once per layer
+            meta.prefill_num_splits = prefill_splits(q, k_cache, meta)
+        num_splits = meta.prefill_num_splits
         if meta.fresh_prefill and num_splits == 1:
             out = prefill_tma_dispatch(q, k_cache, v_cache, meta, scale=scale, phi=phi, window=window,
                                        sliding_window=sliding_window, stats=stats)
