@@ -311,7 +311,7 @@ class Bench:
                 "prefill_steps": sum(1 for t, _ in steps if long_at <= t <= long_first + 1e-9),
                 "step_trace_ms": [(t - long_at, d * 1e3) for t, d in steps[max(0, steady_end - 20):]],
                 # Triton JIT compiles (each a stall of ~1 s) during the run: the kernel signatures
-                "triton_compiles": [(round(t - long_at, 3), sig[:400]) for t, sig in compiles],
+                "triton_compiles": [(round(t - long_at, 3), sig[:4000]) for t, sig in compiles],
             }
             res[key] = r
             ratio = r["prefill_window_itl_p99_ms"] / r["steady_step_ms_median"]

@@ -186,6 +186,23 @@ def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
     assert err < 5e-3, err
 
 
+def test_full_batch_not_a_bucket_replays_a_graph(tmp_path):
+    """max_num_seqs that is not one of the standard buckets (5) still gets a decode graph of its own:
+    a full batch replays it instead of running eagerly (a 33-row engine ran its full steps eagerly)."""
+    write_tiny_llama(str(tmp_path), vocab_size=512)
+    llm = LLM(str(tmp_path), dtype="float16", device="cuda", show_progress=False, max_num_seqs=5,
+              gpu_memory_utilization=0.3)
+    try:
+        runner = llm.engine.runner
+        assert runner.graph_batch_sizes == [1, 2, 4, 5]
+        outs = llm.generate([[5, 6, 7, 8]] * 5, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                            use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
+        assert runner.num_decode_replays >= 6  # the 7 decode steps of 5 rows each (minus async slack)
+    finally:
+        llm.close()
+
+
 def test_balanced_decode_graphs_for_one_long_row(tmp_path):
     """A batch with one long row among short ones replays the decode graph captured with more splits
     (ModelRunner.balanced_graphs) and decodes the same greedy tokens as eager steps (fp32)."""

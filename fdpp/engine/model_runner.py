@@ -110,6 +110,19 @@ class _GraphInputs:
 
 # Mixed graphs are captured for the decode buckets up to this many rows (capture time and memory).
 MAX_MIXED_GRAPH_BATCH = 64
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+def graph_bucket_sizes(max_batch_size: int) -> list[int]:
+    """The decode graph buckets for at most ``max_batch_size`` rows: GRAPH_BUCKETS up to it, and
+    ``max_batch_size`` itself as the last, so every decode step of the engine replays a graph. (Without
+    it, a 33-row engine's full batches ran eagerly: host-bound 22-28 ms steps against 6.3 ms, and a kernel
+    variant compiled in the middle of serving; bench_prefix.py itl on an H200, 2026-12-03.)"""
+    sizes = [b for b in GRAPH_BUCKETS if b <= max_batch_size]
+    if max_batch_size > 0 and (not sizes or sizes[-1] != max_batch_size):
+        sizes.append(max_batch_size)
+    return sizes
 # The split count of the decode graphs replayed for unequal rows (ModelRunner.balanced_graphs): a 16k-token
 # row among 1k-token rows then walks 2k keys per program instead of 16k.
 DECODE_BALANCE_GRAPH_SPLITS = 8
@@ -153,6 +166,7 @@ class ModelRunner:
         # DECODE_BALANCE_GRAPH_SPLITS splits, for the buckets whose own split count is smaller.
         self.balanced_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.num_balanced_replays = 0
+        self.num_decode_replays = 0  # decode steps that replayed a graph (balanced ones included)
         self.mixed_batch_sizes: list[int] = []
         self.mixed_chunk_tokens = 0
         self._mixed_inputs: _GraphInputs | None = None
@@ -517,7 +531,7 @@ class ModelRunner:
         self.graphs.clear()
         self.mixed_graphs.clear()
         self.balanced_graphs.clear()
-        sizes = [b for b in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if b <= max_batch_size]
+        sizes = graph_bucket_sizes(max_batch_size)
         self.graph_batch_sizes = []
         if mixed_chunk_tokens is None:
             mixed_chunk_tokens = self.mixed_chunk_tokens
@@ -551,6 +565,18 @@ class ModelRunner:
                     slot_mapping=meta.slot_mapping, max_seqlen_q=1, max_context_len=self.max_model_len,
                     decode_num_splits=DECODE_BALANCE_GRAPH_SPLITS)
                 steps.append((self.balanced_graphs, bs, bs, lambda bs=bs, meta=long_meta, fn=step: fn(bs, meta)))
+        # Eager steps (a mixed step no graph covers: its decode part) use the balanced split count for
+        # unequal rows, a kernel variant (the batched config with several splits) that no graph above
+        # needs unless balanced graphs are captured: compile it here, not in the middle of serving (seen
+        # on an H200: a 1.7 s stall in a 16k prompt's prefill window, bench_prefix.py itl, 2026-12-03).
+        warm_split = None
+        top = sizes[-1]
+        if not balanced_decode and DECODE_BALANCE_GRAPH_SPLITS > decode_splits(top, kvh, self.max_model_len, dev):
+            warm_meta = AttentionMetadata(
+                is_prefill=False, context_lens=inp.ints[:top], block_tables=inp.tables[:top],
+                slot_mapping=inp.slots[:top], max_seqlen_q=1, max_context_len=self.max_model_len,
+                decode_num_splits=DECODE_BALANCE_GRAPH_SPLITS)
+            warm_split = (top, lambda: step(top, warm_meta))  # the last step(): one body for every bucket
         for bs in self.mixed_batch_sizes:
             steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
                           lambda bs=bs: self.mixed_step(bs)))
@@ -559,6 +585,8 @@ class ModelRunner:
         bar = tqdm(steps, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
         for graphs, bs, _, step in bar:
             step()  # warm-up: compiles kernels outside the capture
+            if warm_split is not None and bs == warm_split[0]:
+                warm_split[1]()  # the eager balanced-split variant (see below), at the largest bucket
             torch.cuda.synchronize(dev)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -610,6 +638,7 @@ class ModelRunner:
             graph, logits = self.balanced_graphs[bucket]  # one long row among short ones: more splits
             self.num_balanced_replays += 1
         graph.replay()
+        self.num_decode_replays += 1
         return logits[:bs]
 
     # ---- mixed steps (decode rows + one prompt chunk), padded to static shapes -----------------------

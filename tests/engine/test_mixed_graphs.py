@@ -271,3 +271,12 @@ def test_unequal_decode_rows_get_balanced_splits(runner, monkeypatch):
     meta.decode_num_splits = None
     whole = ops.attention(q, kc, vc, meta, scale=0.25, layer_idx=0)
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("max_batch", "want"), [
+    (1, [1]), (5, [1, 2, 4, 5]), (32, [1, 2, 4, 8, 16, 24, 32]), (33, [1, 2, 4, 8, 16, 24, 32, 33]),
+    (256, list(mr.GRAPH_BUCKETS)), (300, [*mr.GRAPH_BUCKETS, 300]), (0, []),
+])
+def test_graph_buckets_end_at_max_batch(max_batch, want):
+    """The decode graph buckets end at the engine's max batch, so a full batch never runs eagerly."""
+    assert mr.graph_bucket_sizes(max_batch) == want
