@@ -91,8 +91,8 @@ class Bench:
         kw = {"dtype": DTYPES[model]} if model in DTYPES and self.args.device != "cpu" else {}
         if getattr(self.args, "no_mixed_graphs", False):
             kw["cuda_graph_mixed"] = False
-        if getattr(self.args, "balanced_decode_graphs", False):
-            kw["cuda_graph_balanced_decode"] = True
+        if getattr(self.args, "no_balanced_decode_graphs", False):
+            kw["cuda_graph_balanced_decode"] = False
         llm = LLM(model, device=self.args.device, enable_prefix_caching=caching, max_model_len=max_len,
                   max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, long_prefill_token_threshold=long_prefill,
                   show_progress=False, **kw)
@@ -476,9 +476,9 @@ def main() -> int:
     ap.add_argument("--scenarios", nargs="+", default=["shared", "multiturn", "itl", "decode"],
                     choices=["shared", "multiturn", "itl", "decode"])
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu")
-    ap.add_argument("--balanced-decode-graphs", action="store_true",
-                    help="capture the decode graphs with more splits for unequal rows too "
-                         "(EngineConfig.cuda_graph_balanced_decode)")
+    ap.add_argument("--no-balanced-decode-graphs", action="store_true",
+                    help="do not capture the decode graphs a second time with more splits for unequal rows "
+                         "(EngineConfig.cuda_graph_balanced_decode=False)")
     ap.add_argument("--itl-default-only", action="store_true",
                     help="itl: only the engine's default budget and chunk cap (not the other budgets)")
     ap.add_argument("--no-mixed-graphs", action="store_true",

@@ -132,6 +132,23 @@ def targets(result: dict, model: str, batch: int, input_len: int) -> list[dict]:
             ratio = default["wall_decode_tokens_per_s"] / runs[other]["wall_decode_tokens_per_s"]
             out.append({"name": f"e2e.{model}.b{batch}_in{input_len}.wall_decode_vs_{other}", "value": round(ratio, 3),
                         "goal": f">= 0.98 ({why} cost the batch nothing)", "met": ratio >= 0.98})
+    # synchronized decode steps of the full batch: the unified softmax against the synchronized one (#11:
+    # the unified path must not be slower), the prefix cache off against on (#13: no regression)
+    def decode_ms(v: dict) -> float | None:
+        full = [st[3] for st in v["steps"] if len(st) > 5 and st[5] == "decode" and st[0] == batch]
+        return statistics.median(full) if full else None
+
+    if default and decode_ms(default):
+        for other, name, limit, why in (
+                ("sync_softmax", f"attention.{model}.b{batch}_in{input_len}.decode_step_unified_over_sync", 1.0,
+                 "the unified softmax's decode step no slower than the synchronized one's"),
+                ("no_prefix_cache", f"prefix.{model}.b{batch}_in{input_len}.decode_step_cache_off_over_on", 1.02,
+                 "prefix caching off: no slower decode step")):
+            if other in runs and decode_ms(runs[other]):
+                ours, theirs = decode_ms(default), decode_ms(runs[other])
+                ratio = ours / theirs if other == "sync_softmax" else theirs / ours
+                out.append({"name": name, "value": round(ratio, 3), "goal": f"<= {limit} ({why})",
+                            "met": ratio <= limit})
     steps = [st for v in runs.values() for st in v["steps"] if len(st) > 5]
     graphed = [st for st in steps if st[5] == "mixed_graph"]
     if graphed:

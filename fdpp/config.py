@@ -178,8 +178,8 @@ class EngineConfig:
     cuda_graph_mixed: bool = True
     # Also capture each decode bucket with DECODE_BALANCE_GRAPH_SPLITS key splits, replayed for a batch
     # with one long row among short ones (the long row is otherwise the step's tail: 27-30 ms against
-    # 6.3 ms on an H200). Off until measured on a GPU; eager decode steps balance their splits always.
-    cuda_graph_balanced_decode: bool = False
+    # 6.3 ms on an H200). Eager decode steps balance their splits always.
+    cuda_graph_balanced_decode: bool = True
     # Overlap the host with the device (vLLM v1's async scheduling): step t+1 is scheduled and
     # launched while step t runs, its input ids taken from step t's sampled ids on the device, and
     # step t's tokens are read one step late. None: on for CUDA, off on the CPU (nothing to overlap).

@@ -206,8 +206,8 @@ def test_full_batch_not_a_bucket_replays_a_graph(tmp_path):
 def test_balanced_decode_graphs_for_one_long_row(tmp_path):
     """A batch with one long row among short ones replays the decode graph captured with more splits
     (ModelRunner.balanced_graphs) and decodes the same greedy tokens as eager steps (fp32)."""
-    write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
-                     num_key_value_heads=4, vocab_size=512, max_position_embeddings=8192)
+    hf = write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=4, vocab_size=512, max_position_embeddings=8192)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in [6000] + [40] * 23]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -219,12 +219,16 @@ def test_balanced_decode_graphs_for_one_long_row(tmp_path):
         try:
             runner = llm.engine.runner
             assert runner.decode_splits([6000] + [40] * 23) is not None
-            if not eager:
-                assert 24 in runner.balanced_graphs  # 24 rows x 4 KV heads: the batch's own count is 2
+            if not eager:  # 24 rows x 4 KV heads: the batch's own count is 2
+                assert 24 in runner.balanced_graphs, (runner.graph_batch_sizes, sorted(runner.balanced_graphs))
             outs = llm.generate(prompts, params, use_tqdm=False)
             tokens[eager] = [o.outputs[0].token_ids for o in outs]
             if not eager:
-                assert runner.num_balanced_replays > 0
+                assert runner.num_balanced_replays > 0, (runner.num_decode_replays, runner.num_balanced_replays)
         finally:
             llm.close()
-    assert tokens[True] == tokens[False]
+    # Eager steps and the graphs may split the keys differently (fp32 sums in another order): a
+    # sequence whose tokens differ must still be the fp32 reference's argmax up to that rounding.
+    hf = hf.to("cuda", torch.float32)
+    for i in [i for i, (a, b) in enumerate(zip(tokens[True], tokens[False])) if a != b]:
+        _greedy_is_argmax_up_to_rounding(hf, prompts[i], tokens[False][i], 0.02)

@@ -84,6 +84,12 @@ class _GraphInputs:
         self.long[2].fill_(-1)
         self.ids, self.pos, self.slots = self.long[0], self.long[1], self.long[2]
         self.ints = torch.zeros(num_ints, dtype=torch.int32, device=device)
+        # NOTE: the width (the kernels' block-table stride) is a multiple of 16, as the eager steps' tables
+        # are (`_block_table_tensor`): Triton specializes on the stride's divisibility by 16, so with
+        # max_model_len's own block count (1028 for 16448) a variant compiled at capture could not serve an
+        # eager step. (Suspected source of the paged_decode_kernel compile seen 1.3 s before the long prompt
+        # in bench_prefix itl on an H200, 2026-12-04; not re-measured yet.)
+        max_blocks = -(-max_blocks // 16) * 16
         self.tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device)
         # NOTE: two sets of pinned staging buffers, used in turn: with async scheduling step t+1's
         # inputs are written while step t's host->device copies may still be queued; the set of
@@ -576,7 +582,7 @@ class ModelRunner:
                 is_prefill=False, context_lens=inp.ints[:top], block_tables=inp.tables[:top],
                 slot_mapping=inp.slots[:top], max_seqlen_q=1, max_context_len=self.max_model_len,
                 decode_num_splits=DECODE_BALANCE_GRAPH_SPLITS)
-            warm_split = (top, lambda: step(top, warm_meta))  # the last step(): one body for every bucket
+            warm_split = (top, lambda fn=step: fn(top, warm_meta))  # bound now: `step` is rebound below
         for bs in self.mixed_batch_sizes:
             steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
                           lambda bs=bs: self.mixed_step(bs)))

@@ -253,6 +253,9 @@ def test_unequal_decode_rows_get_balanced_splits(runner, monkeypatch):
     from fdpp.ops import attention as ops
     monkeypatch.setattr(ad, "DECODE_BALANCE_MIN_TOKENS", 64)
     monkeypatch.setattr(ad, "DECODE_MIN_TOKENS_PER_SPLIT", 16)
+    # attention is called below without the step's own K/V write: each row's last slot must hold a finite
+    # value, not what the cache held before (torch.empty: NaN in CI, 2026-12-03)
+    runner.kv_cache.uniform_(-1, 1)
     blocks = _Blocks()
     g = torch.Generator().manual_seed(5)
     seqs = []
@@ -280,3 +283,11 @@ def test_unequal_decode_rows_get_balanced_splits(runner, monkeypatch):
 def test_graph_buckets_end_at_max_batch(max_batch, want):
     """The decode graph buckets end at the engine's max batch, so a full batch never runs eagerly."""
     assert mr.graph_bucket_sizes(max_batch) == want
+
+
+def test_graph_block_tables_share_the_eager_stride_class():
+    """The graphs' block tables are as wide as a multiple of 16, like an eager step's: Triton specializes on
+    the stride's divisibility by 16, so another width would need kernel variants no capture compiled."""
+    inp = mr._GraphInputs(4, 4, 3, 1028, torch.device("cpu"))
+    assert inp.tables.shape == (3, 1040) and inp.tables.stride(0) % 16 == 0
+    assert mr._GraphInputs(4, 4, 3, 64, torch.device("cpu")).tables.shape == (3, 64)
