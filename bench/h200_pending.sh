@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H200 measurements the open issues still need (state of 2026-12-03, 19:30), in priority order, each bounded
+# The H200 measurements the open issues still need (state of 2026-12-04, 06:00), in priority order, each bounded
 # so that one device call (< 10 minutes) runs them all. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
 #     OUT=/tmp/out bash bench/h200_pending.sh
@@ -18,12 +18,13 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
   s "$name"; timeout "$secs" "$@" > "$R/$name.txt" 2>&1; s "$name rc=$?"; tail -4 "$R/$name.txt"
   tar czf "$OUT/res.tgz" -C "$(dirname "$R")" "$(basename "$R")"  # after each step: a call cut short keeps what ran
 }
-# 13: the long-prompt ITL after the full-batch bucket fix (33 rows now replay a graph), then with the balanced
-# decode graphs (8 splits for unequal rows), Llama-2-7B fp16 and Llama-3-8B bf16
+# 1. The graph block tables now a multiple of 16 wide (not GPU-tested yet): the GPU engine tests, then the ITL
+#    run, whose log must no longer show a paged_decode_kernel compile (seen 1.3 s before the long prompt).
+run pytest_gpu 170 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py
 run itl 80 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl"
-run itl_balanced 70 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --balanced-decode-graphs --out "$R/itl_balanced"
-run itl3 80 python bench/bench_prefix.py --quick --scenarios itl --models llama-3-8b --itl-default-only --out "$R/itl3"
-run itl3_balanced 70 python bench/bench_prefix.py --quick --scenarios itl --models llama-3-8b --itl-default-only --balanced-decode-graphs --out "$R/itl3_balanced"
-# GPU tests of the engine paths: the new full-batch bucket, balanced decode graphs, mixed graphs
-run pytest_gpu 200 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py
+# 2. The batch-64 decode step: 15.2 ms (2026-12-04) against 13.54 ms on 2026-11-26 (86.9% of the copy
+#    bandwidth); the unified softmax costs 2.8% of it (sync_softmax), the prefix cache nothing. The other
+#    suspects, one variant each: the fused RMSNorm prologue, async scheduling.
+run b64 200 python bench/step_trace.py --variants default sync_softmax no_async --budget-s 150 --out "$R"
+run b64_nofuse 90 env FDPP_FUSED_NORM=0 python bench/step_trace.py --variants default --budget-s 60 --out "$R/nofuse"
 s done
