@@ -40,5 +40,8 @@ fi
 if [ "$PART" = 2 ]; then
 run b64 200 python bench/step_trace.py --variants default sync_softmax no_async --budget-s 150 --out "$R"
 run b64_nofuse 90 env FDPP_FUSED_NORM=0 python bench/step_trace.py --variants default --budget-s 60 --out "$R/nofuse"
+# the decode kernel alone on the full grid (B64 x 1k MHA: 252.9 us unified / 246.8 sync / 236.6 cuDNN per layer on
+# 2026-11-26, bench/results/attention_NVIDIA_H200_2026-11-26.json): did the kernel slow down at large batches?
+run attn_decode 240 python bench/bench_attention.py --skip-prefill --dtypes fp16 --out "$R/attn"
 fi
 s done
