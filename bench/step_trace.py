@@ -138,14 +138,15 @@ def targets(result: dict, model: str, batch: int, input_len: int) -> list[dict]:
         full = [st[3] for st in v["steps"] if len(st) > 5 and st[5] == "decode" and st[0] == batch]
         return statistics.median(full) if full else None
 
-    if default and decode_ms(default):
+    ours = decode_ms(default) if default else None
+    if ours:
         for other, name, limit, why in (
                 ("sync_softmax", f"attention.{model}.b{batch}_in{input_len}.decode_step_unified_over_sync", 1.0,
                  "the unified softmax's decode step no slower than the synchronized one's"),
                 ("no_prefix_cache", f"prefix.{model}.b{batch}_in{input_len}.decode_step_cache_off_over_on", 1.02,
                  "prefix caching off: no slower decode step")):
-            if other in runs and decode_ms(runs[other]):
-                ours, theirs = decode_ms(default), decode_ms(runs[other])
+            theirs = decode_ms(runs[other]) if other in runs else None
+            if theirs:
                 ratio = ours / theirs if other == "sync_softmax" else theirs / ours
                 out.append({"name": name, "value": round(ratio, 3), "goal": f"<= {limit} ({why})",
                             "met": ratio <= limit})

@@ -69,6 +69,12 @@ class PendingSample:
         return self._host
 
 
+def _table_width(num_blocks: int) -> int:
+    """A block table's width (the kernels' row stride): ``num_blocks`` rounded up to a multiple of 16, for
+    eager steps and graph inputs alike, so that both see one Triton specialization class."""
+    return -(-num_blocks // 16) * 16
+
+
 class _GraphInputs:
     """The static device inputs a captured graph reads, filled through pinned staging buffers.
 
@@ -89,7 +95,7 @@ class _GraphInputs:
         # max_model_len's own block count (1028 for 16448) a variant compiled at capture could not serve an
         # eager step. (Suspected source of the paged_decode_kernel compile seen 1.3 s before the long prompt
         # in bench_prefix itl on an H200, 2026-12-04; not re-measured yet.)
-        max_blocks = -(-max_blocks // 16) * 16
+        max_blocks = _table_width(max_blocks)
         self.tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device)
         # NOTE: two sets of pinned staging buffers, used in turn: with async scheduling step t+1's
         # inputs are written while step t's host->device copies may still be queued; the set of
@@ -200,7 +206,7 @@ class ModelRunner:
         # NOTE: the width is a multiple of 16 so that the kernels see one stride class and 16-byte
         # aligned row slices (a mixed step's prefill rows): Triton specializes on both, and each new
         # class is a ~1 s JIT compile in the middle of serving.
-        width = -(-max(len(s.block_table) for s in seqs) // 16) * 16
+        width = _table_width(max(len(s.block_table) for s in seqs))
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return self._to_device(rows, torch.int32)
 
