@@ -199,11 +199,16 @@ def profile_decode(out: dict, model: str, batch_size: int, input_len: int) -> No
     from fdpp import LLM, SamplingParams
 
     llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=batch_size, max_model_len=input_len + 64,
-              enforce_eager=True, show_progress=False)
+              enforce_eager=True, show_progress=False, max_num_batched_tokens=max(8192, input_len))
     eng = llm.engine
     for _ in range(batch_size):
-        eng.add_request(None, list(range(1, input_len + 1)), SamplingParams(max_tokens=40, ignore_eos=True))
-    for _ in range(8):
+        eng.add_request(None, list(range(1, input_len + 1)), SamplingParams(max_tokens=60, ignore_eos=True))
+    # until every prompt is computed (chunked prompts stay in `waiting`), then a few decode steps
+    for _ in range(200):
+        eng.step()
+        if not eng.scheduler.waiting:
+            break
+    for _ in range(3):
         eng.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -20,22 +20,22 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
 }
 PART=${1:-1}
 if [ "$PART" = 1 ]; then
-# 1. The graph block tables now a multiple of 16 wide (not GPU-tested yet): the GPU engine tests, then the ITL
-#    run, whose log must no longer show a paged_decode_kernel compile (seen 1.3 s before the long prompt).
-run pytest_gpu 170 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py
-run itl 80 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl"
-# 2. The batch-64 decode step: 15.2 ms (2026-12-04) against 13.54 ms on 2026-11-26 (86.9% of the copy
-#    bandwidth); the unified softmax costs 2.8% of it (sync_softmax), the prefix cache nothing. The other
-#    suspects, one variant each: the fused RMSNorm prologue, async scheduling.
-#    First the same B64 x 1024 run of bench/e2e.py with the 2026-11-26 tree (9923ff0, the 13.54 ms figure) and
-#    with this one, back to back: the gap on one machine. Make the old tree once, here (carry .bisect too):
+# 1. The batch-64 decode step: 15.2 ms (2026-12-04) against 13.54 ms on 2026-11-26 (86.9% of the copy
+#    bandwidth); the unified softmax costs 2.8% of it (sync_softmax), the prefix cache nothing. First the
+#    same B64 x 1024 run of bench/e2e.py with the 2026-11-26 tree (9923ff0, the 13.54 ms figure) and with this
+#    one, back to back, each with --profile (the kernel-time table of eager decode steps): the gap on one
+#    machine, kernel by kernel. Make the old tree once, here (carry .bisect too):
 #      echo /.bisect/ >> .git/info/exclude; mkdir -p .bisect
 #      git archive --format=tar 9923ff0 fdpp bench/e2e.py pyproject.toml > .bisect/fdpp_9923ff0.tar
 if [ -f .bisect/fdpp_9923ff0.tar ]; then
   mkdir -p /tmp/old && tar xf .bisect/fdpp_9923ff0.tar -C /tmp/old
-  run b64_old 150 env -C /tmp/old PYTHONPATH=/tmp/pydeps:/tmp/old python bench/e2e.py --models llama-2-7b --batch-sizes 64 --input-lens 1024 --out "$R/old"
-  run b64_new 150 python bench/e2e.py --models llama-2-7b --batch-sizes 64 --input-lens 1024 --out "$R/new"
+  run b64_old 150 env -C /tmp/old PYTHONPATH=/tmp/pydeps:/tmp/old python bench/e2e.py --models llama-2-7b --batch-sizes 64 --input-lens 1024 --profile --out "$R/old"
+  run b64_new 150 python bench/e2e.py --models llama-2-7b --batch-sizes 64 --input-lens 1024 --profile --out "$R/new"
 fi
+# 2. The graph block tables now a multiple of 16 wide (not GPU-tested yet): the GPU engine tests, then the ITL
+#    run, whose log must no longer show a paged_decode_kernel compile (seen 1.3 s before the long prompt).
+run pytest_gpu 170 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py
+run itl 80 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl"
 fi
 if [ "$PART" = 2 ]; then
 run b64 200 python bench/step_trace.py --variants default sync_softmax no_async --budget-s 150 --out "$R"
