@@ -44,4 +44,18 @@ run b64_nofuse 90 env FDPP_FUSED_NORM=0 python bench/step_trace.py --variants de
 # 2026-11-26, bench/results/attention_NVIDIA_H200_2026-11-26.json): did the kernel slow down at large batches?
 run attn_decode 240 python bench/bench_attention.py --skip-prefill --dtypes fp16 --out "$R/attn"
 fi
+if [ "$PART" = 3 ]; then
+# The B64 x 1024 decode step kernel by kernel (bench/decode_profile.py: distinct random prompts, so attention
+# reads HBM; e2e.py --profile's identical prompts share their KV through the prefix cache): the 2026-11-26 tree
+# against this one, graphs on, then this one's variants.
+if [ -f .bisect/fdpp_9923ff0.tar ]; then
+  mkdir -p /tmp/old && tar xf .bisect/fdpp_9923ff0.tar -C /tmp/old
+  run prof_old 90 env PYTHONPATH=/tmp/pydeps:/tmp/old python bench/decode_profile.py --tag old_9923ff0 --out "$R"
+fi
+run prof_new 90 python bench/decode_profile.py --tag default --out "$R"
+run prof_nofuse 90 python bench/decode_profile.py --tag no_fused_norm --llm-kw '{"fuse_norm": false}' --out "$R"
+run prof_sync 90 python bench/decode_profile.py --tag sync_softmax --llm-kw '{"attention_backend": "triton-sync"}' --out "$R"
+run prof_noasync 90 python bench/decode_profile.py --tag no_async --llm-kw '{"async_scheduling": false}' --out "$R"
+run prof_eager 90 python bench/decode_profile.py --tag eager --eager --out "$R"
+fi
 s done

@@ -1,0 +1,102 @@
+"""Kernel by kernel, where a decode step's device time goes: torch-profile steady decode steps of a batch
+(CUDA graphs on or off) and time them, for one engine configuration per run.
+
+    python bench/decode_profile.py --batch 64 --input-len 1024 --out $OUT            # graphs on
+    python bench/decode_profile.py --eager --llm-kw '{"fuse_norm": false}' --tag nofuse
+
+Every prompt is distinct random tokens (identical prompts would share their KV blocks through the
+prefix cache, and attention would then read L2 instead of HBM). Only the public engine surface is used
+(`LLM`, `llm.engine.add_request` / `step`), so the same script also profiles an older tree put first on
+PYTHONPATH (bench/h200_pending.sh does this with the 2026-11-26 tree). Prints the table and writes
+decode_profile_<gpu>_<date>_<tag>.json: the step time (synchronized, mean of the timed steps), the
+per-step device time of each kernel and their sum.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-2-7b", help="preset (random weights) or path")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10, help="profiled decode steps")
+    ap.add_argument("--timed-steps", type=int, default=20)
+    ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--llm-kw", default="{}", help="JSON of extra LLM keyword arguments")
+    ap.add_argument("--tag", default="default")
+    ap.add_argument("--device", default="cuda", help="cuda (the profile's subject) or cpu (a smoke test)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    import fdpp
+    from fdpp import LLM, SamplingParams
+
+    kw = json.loads(args.llm_kw)
+    cuda = args.device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    need = args.steps + args.timed_steps + 16
+    llm = LLM(args.model, dtype="float16" if cuda else "float32", device=args.device, max_num_seqs=args.batch,
+              max_model_len=args.input_len + need + 16, enforce_eager=args.eager, show_progress=False,
+              max_num_batched_tokens=max(8192, args.input_len), **kw)
+    eng = llm.engine
+    rng = random.Random(0)
+    vocab = min(eng.model_config.vocab_size, 32000)
+    for _ in range(args.batch):
+        eng.add_request(None, [rng.randrange(1, vocab) for _ in range(args.input_len)],
+                        SamplingParams(max_tokens=need, ignore_eos=True))
+    for _ in range(400):  # until every prompt is computed (chunked prompts stay in `waiting`)
+        eng.step()
+        if not eng.scheduler.waiting:
+            break
+    for _ in range(4):
+        eng.step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.timed_steps):
+        eng.step()
+    sync()
+    step_ms = (time.perf_counter() - t) * 1e3 / args.timed_steps
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            eng.step()
+        sync()
+    def self_us(e) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = [e for e in prof.key_averages() if self_us(e) > 0]
+    kernels = sorted(((e.key, self_us(e) / 1e3 / args.steps, e.count / args.steps) for e in events),
+                     key=lambda r: -r[1])
+    total = sum(k[1] for k in kernels)
+    print(f"{args.tag}: fdpp from {os.path.dirname(fdpp.__file__)}; graphs {not args.eager}; B{args.batch} x "
+          f"{args.input_len}; step {step_ms:.3f} ms (synchronized mean of {args.timed_steps}); device time "
+          f"{total:.3f} ms per step")
+    for name, ms, n in kernels[:25]:
+        print(f"  {ms:8.3f} ms  {n:6.1f}/step  {ms / max(n, 1e-9) * 1e3:9.1f} us  {name[:90]}")
+    llm.close()
+    os.makedirs(args.out, exist_ok=True)
+    gpu_name = torch.cuda.get_device_name() if cuda else "cpu"
+    gpu = gpu_name.replace(" ", "_")
+    path = os.path.join(args.out, f"decode_profile_{gpu}_{datetime.date.today().isoformat()}_{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump({"gpu": gpu_name, "date": datetime.date.today().isoformat(),
+                   "torch": torch.__version__, "argv": sys.argv, "fdpp": os.path.dirname(fdpp.__file__),
+                   "step_ms": step_ms, "device_ms_per_step": total,
+                   "kernels": [{"name": n, "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels],
+                   "targets": [{"name": f"e2e.{args.model}.b{args.batch}_in{args.input_len}.{args.tag}.decode_step_ms",
+                                "value": round(step_ms, 3), "goal": "report", "met": True}]}, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
