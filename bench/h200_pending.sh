@@ -58,4 +58,12 @@ run prof_sync 90 python bench/decode_profile.py --tag sync_softmax --llm-kw '{"a
 run prof_noasync 90 python bench/decode_profile.py --tag no_async --llm-kw '{"async_scheduling": false}' --out "$R"
 run prof_eager 90 python bench/decode_profile.py --tag eager --eager --out "$R"
 fi
+if [ "$PART" = 4 ]; then
+# The fused-norm rule (flat GEMM fuses only up to FUSED_NORM_FLAT_MAX_M rows) and the sampled-decode sync fix:
+# the per-M evidence, then the B64 step greedy and sampled, then the e2e table.
+run fused_norm 220 python bench/bench_fused_norm.py --ms 1 2 4 8 12 16 24 32 48 64 --out "$R"
+run prof_greedy 90 python bench/decode_profile.py --tag greedy --out "$R"
+run prof_sampled 90 python bench/decode_profile.py --tag sampled --temperature 1 --out "$R"
+run e2e 200 python bench/e2e.py --models llama-2-7b --batch-sizes 1 8 64 --input-lens 128 1024 --out "$R/e2e"
+fi
 s done

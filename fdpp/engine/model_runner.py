@@ -296,7 +296,12 @@ class ModelRunner:
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """Host list -> device tensor through pinned memory, without a device sync."""
         t = torch.tensor(values, dtype=dtype, pin_memory=self._pin)
-        return t.to(self.device, non_blocking=True) if self._pin else t
+        return t.to(self.device, non_blocking=True) if self._pin else t.to(self.device)
+
+    def _host_to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host tensor -> device through pinned memory, without a device sync (the caching host allocator
+        keeps the pinned copy alive until the transfer is done)."""
+        return t.pin_memory().to(self.device, non_blocking=True) if self._pin else t.to(self.device)
 
     def sampling_batch(self, seqs: list[Sequence], bitmask: torch.Tensor | None = None) -> SamplingBatch:
         b = self._sampling_params_batch(seqs)
@@ -338,21 +343,23 @@ class ModelRunner:
         return host.to(self.device, non_blocking=True) if self._pin else host.clone()
 
     def _sampling_params_batch(self, seqs: list[Sequence]) -> SamplingBatch:
-        dev = self.device
         params = [s.params for s in seqs]
         V = self.vocab_size
         if all(p.is_greedy and p.logprobs is None and not p.has_penalties and
                (p.min_tokens == 0 or p.ignore_eos) for p in params):
             return SamplingBatch.greedy()
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=dev)
+        # NOTE: every host -> device copy here goes through pinned memory without a sync: a plain
+        # torch.tensor(..., device=cuda) waits for the stream, i.e. for the step in flight (measured on an
+        # H200, B64 sampled decode: 16.4 ms a step with async scheduling, the same as without it).
+        temps = self._to_device([p.temperature for p in params], torch.float32)
         # NOTE: clamped to the vocabulary on the host, so any top_k the params allow fits int64
-        top_k = torch.tensor([p.top_k if 0 < p.top_k < V else V for p in params], dtype=torch.int64, device=dev)
+        top_k = self._to_device([p.top_k if 0 < p.top_k < V else V for p in params], torch.int64)
         enabled_k = [p.top_k for p in params if 0 < p.top_k < V and not p.is_greedy]
         b = SamplingBatch(
             temperatures=temps,
             top_k=top_k,
-            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=dev),
-            min_p=torch.tensor([p.min_p for p in params], dtype=torch.float32, device=dev),
+            top_p=self._to_device([p.top_p for p in params], torch.float32),
+            min_p=self._to_device([p.min_p for p in params], torch.float32),
             all_greedy=all(p.is_greedy for p in params),
             max_top_k=max(enabled_k, default=0),
             use_top_p=any(p.top_p < 1.0 and not p.is_greedy for p in params),
@@ -360,9 +367,9 @@ class ModelRunner:
             num_logprobs=min(max((p.logprobs for p in params if p.logprobs is not None), default=-1), V),
         )
         if any(p.has_penalties for p in params):
-            b.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], device=dev)
-            b.presence_penalty = torch.tensor([p.presence_penalty for p in params], device=dev)
-            b.frequency_penalty = torch.tensor([p.frequency_penalty for p in params], device=dev)
+            b.repetition_penalty = self._to_device([p.repetition_penalty for p in params], torch.float32)
+            b.presence_penalty = self._to_device([p.presence_penalty for p in params], torch.float32)
+            b.frequency_penalty = self._to_device([p.frequency_penalty for p in params], torch.float32)
             counts = torch.zeros(len(seqs), V, dtype=torch.float32)
             seen = torch.zeros(len(seqs), V, dtype=torch.bool)
             for row, s in enumerate(seqs):
@@ -370,8 +377,8 @@ class ModelRunner:
                     ids = torch.tensor(list(s.output_counts.keys()))
                     counts[row, ids] = torch.tensor(list(s.output_counts.values()), dtype=torch.float32)
                 seen[row, torch.tensor(s.token_ids)] = True
-            b.output_counts = counts.to(dev)
-            b.seen_mask = seen.to(dev)
+            b.output_counts = self._host_to_device(counts)
+            b.seen_mask = self._host_to_device(seen)
         # NOTE: a grammar decides alone when a constrained sequence may stop (min_tokens is ignored).
         banned_rows = [
             row for row, s in enumerate(seqs)
@@ -382,7 +389,7 @@ class ModelRunner:
             for row in banned_rows:
                 stop_ids = list(self.eos_token_ids) + list(seqs[row].params.stop_token_ids or [])
                 banned[row, [i for i in stop_ids if 0 <= i < V]] = True
-            b.banned = banned.to(dev)
+            b.banned = self._host_to_device(banned)
         if any(p.seed is not None for p in params):
             b.generators = [self._generator(s) for s in seqs]
         return b
@@ -418,8 +425,8 @@ class ModelRunner:
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy whole KV blocks ``src -> dst`` in every layer (copy-on-write of shared blocks)."""
-        src = torch.tensor([c[0] for c in copies], dtype=torch.int64, device=self.device)
-        dst = torch.tensor([c[1] for c in copies], dtype=torch.int64, device=self.device)
+        src = self._to_device([c[0] for c in copies], torch.int64)
+        dst = self._to_device([c[1] for c in copies], torch.int64)
         self.kv_cache.index_copy_(2, dst, self.kv_cache.index_select(2, src))
 
     @torch.inference_mode()

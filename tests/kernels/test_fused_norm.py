@@ -72,3 +72,33 @@ def test_fused_decoder_matches_separate_norms(tiny_llm, backend):
         model.set_fuse_norm(False)
     torch.testing.assert_close(fused, separate, rtol=1e-4, atol=1e-4)
     assert fused.argmax(-1).tolist() == separate.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("impl, m, fused", [("gemv", 1, True), ("gemv", 8, True), ("flat", 16, True),
+                                            ("flat", 17, False), ("flat", 64, False), ("cublas", 1, False)])
+def test_linear_fuses_the_norm_only_where_the_rule_says(monkeypatch, impl, m, fused):
+    """``linear`` hands norm_weight to the kernel's prologue only where ``fuses_norm`` says so (the flat GEMM
+    up to FUSED_NORM_FLAT_MAX_M rows: slower fused above, measured on an H200); elsewhere the norm op runs
+    first and the kernel gets the normed x. Same values either way."""
+    import fdpp.kernels.flat_gemm as flat_mod
+    import fdpp.kernels.gemv as gemv_mod
+    import fdpp.ops.linear as lin
+
+    assert lin.fuses_norm(impl, m) is fused
+    seen = []
+    for mod, name in ((gemv_mod, "gemv"), (flat_mod, "flat_gemm")):
+        real = getattr(mod, name)
+
+        def spy(*a, real=real, **kw):
+            seen.append(kw.get("norm_weight") is not None)
+            return real(*a, **kw)
+
+        monkeypatch.setattr(mod, name, spy)
+    monkeypatch.setattr(lin, "choose_impl", lambda *a, **k: (impl, None))
+    torch.manual_seed(0)
+    x, w, g = torch.randn(m, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE), torch.rand(32, device=DEVICE) + 0.5
+    with use_backends(linear="table"):
+        y = lin.linear(x, w, norm_weight=g, norm_eps=1e-6)
+    assert seen == ([] if impl == "cublas" else [fused])
+    ref = gemv_reference(x, w, norm_weight=g, norm_eps=1e-6)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
