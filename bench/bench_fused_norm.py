@@ -1,5 +1,5 @@
 """RMSNorm in the GEMV / flat-GEMM prologue against the norm kernel + the same linear, per M: where does
-fusing pay? Sets the evidence for ``fdpp.ops.linear.FUSED_NORM_FLAT_MAX_M``.
+fusing pay? The evidence for ``fdpp.ops.linear.fuses_norm``.
 
     python bench/bench_fused_norm.py --out $OUT       # Llama-2-7B and Llama-3-8B qkv and gate_up, fp16 + bf16
 
@@ -40,7 +40,7 @@ def main() -> None:
     from fdpp.dataflow.tuner import GraphTimer
     from fdpp.kernels.flat_gemm import flat_gemm
     from fdpp.kernels.gemv import gemv
-    from fdpp.ops.linear import FUSED_NORM_FLAT_MAX_M, fuses_norm
+    from fdpp.ops.linear import fuses_norm
     from fdpp.ops.norm import rms_norm
 
     kernels = {"gemv": gemv, "flat": flat_gemm}
@@ -98,11 +98,11 @@ def main() -> None:
     stem = os.path.join(args.out, f"fused_norm_{gpu.replace(' ', '_')}_{date}")
     with open(stem + ".json", "w") as f:
         json.dump({"gpu": gpu, "date": date, "torch": torch.__version__, "argv": sys.argv,
-                   "flat_max_m": FUSED_NORM_FLAT_MAX_M, "rows": rows, "targets": targets}, f, indent=1)
+                   "rows": rows, "targets": targets}, f, indent=1)
     with open(stem + ".md", "w") as f:
         f.write(f"# RMSNorm fused into the linear's prologue vs separate ({gpu}, {date})\n\n"
-                f"`python bench/bench_fused_norm.py`; the rule fuses the GEMV always, the flat GEMM up to M = "
-                f"{FUSED_NORM_FLAT_MAX_M}.\n\n| model | layer | dtype | M | impl | fused us | separate us | "
+                "`python bench/bench_fused_norm.py`; the rule (`fdpp.ops.linear.fuses_norm`) fuses the GEMV only."
+                "\n\n| model | layer | dtype | M | impl | fused us | separate us | "
                 "fused/separate | rule |\n|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['model']} | {r['layer']} | {r['dtype']} | {r['m']} | {r['impl']} | {r['fused_us']:.1f} | "

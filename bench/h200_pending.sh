@@ -59,11 +59,17 @@ run prof_noasync 90 python bench/decode_profile.py --tag no_async --llm-kw '{"as
 run prof_eager 90 python bench/decode_profile.py --tag eager --eager --out "$R"
 fi
 if [ "$PART" = 4 ]; then
-# The fused-norm rule (flat GEMM fuses only up to FUSED_NORM_FLAT_MAX_M rows) and the sampled-decode sync fix:
-# the per-M evidence, then the B64 step greedy and sampled, then the e2e table.
-run fused_norm 220 python bench/bench_fused_norm.py --ms 1 2 4 8 12 16 24 32 48 64 --out "$R"
-run prof_greedy 90 python bench/decode_profile.py --tag greedy --out "$R"
-run prof_sampled 90 python bench/decode_profile.py --tag sampled --temperature 1 --out "$R"
-run e2e 200 python bench/e2e.py --models llama-2-7b --batch-sizes 1 8 64 --input-lens 128 1024 --out "$R/e2e"
+# The fused-norm rule (fdpp.ops.linear.fuses_norm: the GEMV only) and the sampled-decode sync fix: the per-M
+# evidence, the decode step kernel by kernel at B64 / B8 / B1, the GPU engine tests.
+run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 8 12 16 24 32 48 64 --out "$R"
+run prof_b64 80 python bench/decode_profile.py --tag b64_greedy --out "$R"
+run prof_b64_sampled 80 python bench/decode_profile.py --tag b64_sampled --temperature 1 --out "$R"
+run prof_b8 60 python bench/decode_profile.py --batch 8 --tag b8_greedy --out "$R"
+run prof_b1 60 python bench/decode_profile.py --batch 1 --input-len 128 --steps 20 --timed-steps 60 --tag b1_in128_greedy --out "$R"
+run pytest_gpu 180 python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/engine/test_backends.py
+fi
+if [ "$PART" = 5 ]; then
+# Issue 12's figures, wall clock through LLM.generate, with transformers' static cache in the same run.
+run e2e_latency 560 python bench/e2e_latency.py --peers --budget-s 420 --out "$R"
 fi
 s done
