@@ -72,4 +72,10 @@ if [ "$PART" = 5 ]; then
 # Issue 12's figures, wall clock through LLM.generate, with transformers' static cache in the same run.
 run e2e_latency 560 python bench/e2e_latency.py --peers --budget-s 420 --out "$R"
 fi
+if [ "$PART" = 6 ]; then
+# The cuBLAS path's epilogues (silu_and_mul in one Triton pass, residual inside addmm): GPU tests, then
+# issue 12's figures again (no peers: the transformers figures of part 5 stand).
+run pytest_gpu 130 python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_activation.py tests/test_gpu_engine.py
+run e2e_latency 170 python bench/e2e_latency.py --budget-s 140 --out "$R"
+fi
 s done

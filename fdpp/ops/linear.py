@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fdpp.dataflow.table import choose_impl
-from fdpp.kernels.device import capability
+from fdpp.kernels.device import capability, interpreting
 from fdpp.kernels.gemv import linear_reference
 from fdpp.ops.backend import linear_backend
 from fdpp.quant.formats import FP8_MAX, QuantParts, QuantTensor
@@ -116,10 +116,26 @@ def linear(
         y = flat_gemm(x2, weight, bias, residual=res2, act=act, config=config,
                       norm_weight=norm_weight, norm_eps=norm_eps)
     elif impl == "cublas":
-        y = linear_reference(x2, weight, bias, res2, act)
+        y = tensor_core_linear(x2, weight, bias, res2, act)
     else:
         raise ValueError(f"linear: backend {impl!r} unknown; choose reference | table | gemv | flat | cublas")
     return y.reshape(*lead, n_out)
+
+
+def tensor_core_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       residual: torch.Tensor | None, act: str | None) -> torch.Tensor:
+    """ImplC on 2-D x: the dense GEMM (cuBLAS on a GPU) with its epilogue in as few kernels as it allows.
+    A residual without bias goes into the GEMM itself (``addmm``, beta = 1: no separate add); the gated
+    activation is one Triton pass (``fdpp.kernels.activation``) where Triton runs (CUDA, or its interpreter),
+    else PyTorch's two kernels. Same math as ``linear_reference`` up to one rounding per fused step."""
+    if act == "silu_and_mul" and (x.is_cuda or interpreting()):
+        from fdpp.kernels.activation import silu_and_mul
+
+        y = silu_and_mul(torch.nn.functional.linear(x, weight, bias))
+        return y if residual is None else y + residual
+    if act is None and residual is not None and bias is None:
+        return torch.addmm(residual, x, weight.t())
+    return linear_reference(x, weight, bias, residual, act)
 
 
 def quant_linear(
