@@ -185,8 +185,10 @@ class EngineConfig:
     # step t's tokens are read one step late. None: on for CUDA, off on the CPU (nothing to overlap).
     # Requests with a grammar or penalties run in synchronous steps (they need the previous token).
     async_scheduling: bool | None = None
-    # RMSNorm (+ residual add) fused into the prologue of the qkv and gate_up GEMV / flat GEMM
-    # (one launch fewer per norm). None: on for Triton linear kernels unless FDPP_FUSED_NORM=0.
+    # The decoder's RMSNorms go to the qkv / gate_up linears and its residual adds to the o / down epilogues;
+    # the GEMV (M = 1) takes the norm in its prologue (one launch fewer), other kernels run the norm first
+    # (fdpp.ops.linear.fuses_norm: the flat GEMM is slower fused). None: on for Triton linear kernels
+    # unless FDPP_FUSED_NORM=0.
     fuse_norm: bool | None = None
     # Ranks one model is sharded over (vLLM's name; fdpp.distributed): on one node fdpp spawns them, under
     # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
