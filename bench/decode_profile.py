@@ -24,6 +24,21 @@ import time
 import torch
 
 
+def start_decoding(eng, batch: int, input_len: int, params, warm_steps: int = 4) -> None:
+    """Add ``batch`` requests of distinct random prompts (no two share a KV block through the prefix cache),
+    step until every prompt is computed (chunked prompts stay in ``waiting``), then ``warm_steps`` decode steps."""
+    rng = random.Random(0)
+    vocab = min(eng.model_config.vocab_size, 32000)
+    for _ in range(batch):
+        eng.add_request(None, [rng.randrange(1, vocab) for _ in range(input_len)], params)
+    for _ in range(400):
+        eng.step()
+        if not eng.scheduler.waiting:
+            break
+    for _ in range(warm_steps):
+        eng.step()
+
+
 def device_gaps(prof, steps: int, short_us: float = 20.0) -> dict:
     """Per step, the device's idle time between consecutive kernels/copies of the profiled window: gaps
     shorter than ``short_us`` (launch bubbles inside a graph or a burst) and longer ones (the device waited
@@ -76,17 +91,8 @@ def main() -> None:
               max_model_len=args.input_len + need + 16, enforce_eager=args.eager, show_progress=False,
               max_num_batched_tokens=max(8192, args.input_len), **kw)
     eng = llm.engine
-    rng = random.Random(0)
-    vocab = min(eng.model_config.vocab_size, 32000)
-    for _ in range(args.batch):
-        eng.add_request(None, [rng.randrange(1, vocab) for _ in range(args.input_len)],
-                        SamplingParams(temperature=args.temperature, max_tokens=need, ignore_eos=True))
-    for _ in range(400):  # until every prompt is computed (chunked prompts stay in `waiting`)
-        eng.step()
-        if not eng.scheduler.waiting:
-            break
-    for _ in range(4):
-        eng.step()
+    start_decoding(eng, args.batch, args.input_len,
+                   SamplingParams(temperature=args.temperature, max_tokens=need, ignore_eos=True))
     sync()
     t = time.perf_counter()
     for _ in range(args.timed_steps):

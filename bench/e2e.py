@@ -194,22 +194,16 @@ def bench_hf(out: dict, models: list[str], batch_sizes: list[int], input_lens: l
 
 def profile_decode(out: dict, model: str, batch_size: int, input_len: int) -> None:
     """Kernel-time breakdown of eager decode steps (torch profiler), to explain the step time."""
+    from decode_profile import start_decoding  # bench/
     from torch.profiler import ProfilerActivity, profile
 
     from fdpp import LLM, SamplingParams
 
     llm = LLM(model, dtype="float16", device="cuda", max_num_seqs=batch_size, max_model_len=input_len + 64,
               enforce_eager=True, show_progress=False, max_num_batched_tokens=max(8192, input_len))
+    # distinct prompts: identical ones would share their KV blocks (prefix cache) and attention would read L2
     eng = llm.engine
-    for _ in range(batch_size):
-        eng.add_request(None, list(range(1, input_len + 1)), SamplingParams(max_tokens=60, ignore_eos=True))
-    # until every prompt is computed (chunked prompts stay in `waiting`), then a few decode steps
-    for _ in range(200):
-        eng.step()
-        if not eng.scheduler.waiting:
-            break
-    for _ in range(3):
-        eng.step()
+    start_decoding(eng, batch_size, input_len, SamplingParams(max_tokens=60, ignore_eos=True), warm_steps=3)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(10):

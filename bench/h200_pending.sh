@@ -46,7 +46,7 @@ run b64 150 python bench/step_trace.py --variants default sync_softmax --budget-
 fi
 if [ "$PART" = 3 ]; then
 # The B64 x 1024 decode step kernel by kernel (bench/decode_profile.py: distinct random prompts, so attention
-# reads HBM; e2e.py --profile's identical prompts share their KV through the prefix cache): the 2026-11-26 tree
+# reads HBM; e2e.py --profile used identical prompts then, which share their KV through the prefix cache): the 2026-11-26 tree
 # against this one, graphs on, then this one's variants.
 if [ -f .bisect/fdpp_9923ff0.tar ]; then
   mkdir -p /tmp/old && tar xf .bisect/fdpp_9923ff0.tar -C /tmp/old

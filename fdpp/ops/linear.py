@@ -28,8 +28,8 @@ from fdpp.quant.formats import FP8_MAX, QuantParts, QuantTensor
 ACTS = (None, "silu_and_mul")
 
 
-def fuses_norm(impl: str, m: int) -> bool:
-    """Whether ``impl`` at ``m`` rows takes a ``norm_weight`` in its prologue (else the norm op runs first).
+def fuses_norm(impl: str) -> bool:
+    """Whether ``impl`` takes a ``norm_weight`` in its prologue (else the norm op runs first).
 
     Only the GEMV. The flat GEMM's prologue scales each x^T tile inside the pipelined K loop (the dot's
     shared-memory operand is rewritten every step) and re-reads the rows for 1/rms; measured on an H200
@@ -102,7 +102,7 @@ def linear(
     impl = backend
     if backend == "table":
         impl, config = choose_impl(x.device, x.dtype, n, k, m)
-    if norm_weight is not None and not fuses_norm(impl, m):
+    if norm_weight is not None and not fuses_norm(impl):
         from fdpp.ops.norm import rms_norm
 
         x2, norm_weight = rms_norm(x2, norm_weight, norm_eps), None
@@ -128,14 +128,14 @@ def tensor_core_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     A residual without bias goes into the GEMM itself (``addmm``, beta = 1: no separate add); the gated
     activation is one Triton pass (``fdpp.kernels.activation``) where Triton runs (CUDA, or its interpreter),
     else PyTorch's two kernels. Same math as ``linear_reference`` up to one rounding per fused step."""
+    if act is None and residual is not None and bias is None:
+        return torch.addmm(residual, x, weight.t())
+    y = torch.nn.functional.linear(x, weight, bias)
     if act == "silu_and_mul" and (x.is_cuda or interpreting()):
         from fdpp.kernels.activation import silu_and_mul
 
-        y = silu_and_mul(torch.nn.functional.linear(x, weight, bias))
-        return y if residual is None else y + residual
-    if act is None and residual is not None and bias is None:
-        return torch.addmm(residual, x, weight.t())
-    return linear_reference(x, weight, bias, residual, act)
+        y, act = silu_and_mul(y), None
+    return linear_reference_epilogue(y, None, residual, act)
 
 
 def quant_linear(
