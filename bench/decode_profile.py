@@ -67,6 +67,7 @@ def device_gaps(prof, steps: int, short_us: float = 20.0) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-2-7b", help="preset (random weights) or path")
+    ap.add_argument("--dtype", default=None, help="float16 | bfloat16 (default: float16 on CUDA, float32 on the CPU)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10, help="profiled decode steps")
@@ -87,7 +88,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     need = args.steps + args.timed_steps + 16
-    llm = LLM(args.model, dtype="float16" if cuda else "float32", device=args.device, max_num_seqs=args.batch,
+    llm = LLM(args.model, dtype=args.dtype or ("float16" if cuda else "float32"), device=args.device, max_num_seqs=args.batch,
               max_model_len=args.input_len + need + 16, enforce_eager=args.eager, show_progress=False,
               max_num_batched_tokens=max(8192, args.input_len), **kw)
     eng = llm.engine

@@ -78,4 +78,11 @@ if [ "$PART" = 6 ]; then
 run pytest_gpu 130 python -m pytest -q -m gpu -p no:cacheprovider tests/kernels/test_activation.py tests/test_gpu_engine.py
 run e2e_latency 170 python bench/e2e_latency.py --budget-s 140 --out "$R"
 fi
+if [ "$PART" = 7 ]; then
+# (2026-12-04 late) Diagnosis of issue 12's B1 misses: where the prefill's host and device time go (TTFT),
+# and the Llama-3-8B bf16 B1 decode step kernel by kernel beside Llama-2-7B's.
+run ttft_prof 200 python bench/ttft_trace.py --input-lens 128 1024 --repeats 3 --profile
+run prof_l3_b1 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024 --out "$R"
+run prof_l2_b1 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024 --out "$R"
+fi
 s done

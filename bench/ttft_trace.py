@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--llm-kw", default="{}", help="JSON of extra LLM keyword arguments")
     ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after the engine is built")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed runs, one more run per length under torch.profiler (device time per kernel, "
+                         "the device's busy time) and one under cProfile (host time per Python function)")
     args = ap.parse_args()
     from step_trace import trace_run  # bench/: every engine step timed (host, synchronized)
 
@@ -61,8 +64,55 @@ def main() -> None:
         print(f"{args.model} {kw} gc_freeze={args.gc_freeze} n={n}: wall(1) median {statistics.median(walls[1:]):.1f} ms "
               f"(runs {[round(w, 1) for w in walls[1:]]}); last run's steps (rows, tokens, prefill, synchronized ms, "
               f"host ms, kind) {steps}; GC pauses {[round(p, 2) for p in pauses]} ms", flush=True)
+        if args.profile:
+            profile_prefill(llm, n)
     gc.callbacks.remove(on_gc)
     llm.close()
+
+
+def profile_prefill(llm, n: int) -> None:
+    """One B1 prefill of ``n`` random tokens under torch.profiler, then one under cProfile: where its device
+    and host time go (the prefix cache is reset first, so the prompt is computed)."""
+    import cProfile
+    import io
+    import pstats
+    import random
+
+    import torch
+
+    from fdpp import SamplingParams
+
+    rng = random.Random(n)
+    vocab = llm.engine.model_config.vocab_size
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+
+    def once():
+        llm.engine.reset_prefix_cache()
+        llm.generate([[rng.randrange(vocab) for _ in range(n)]], params, use_tqdm=False)
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    cuda = llm.engine.device.type == "cuda"
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        once()
+    ka = prof.key_averages()
+    if cuda:
+        busy = sum(e.self_device_time_total for e in ka) / 1e3
+        print(f"--- n={n}: device kernels (busy {busy:.2f} ms, sum of kernel times) ---")
+        print(ka.table(sort_by="self_device_time_total", row_limit=20, max_name_column_width=70))
+    print(f"--- n={n}: host ops by self CPU time ---")
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=70))
+    pr = cProfile.Profile()
+    pr.enable()
+    once()
+    pr.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf)
+    st.sort_stats("tottime").print_stats(30)
+    st.sort_stats("cumulative").print_stats(40)
+    print(f"--- n={n}: cProfile of one generate ---")
+    print(buf.getvalue())
 
 
 if __name__ == "__main__":
