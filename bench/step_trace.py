@@ -51,7 +51,8 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
     """One generate of ``batch`` random prompts; every model step synchronized and timed:
     (rows, tokens, is_prefill, ms, host_ms, kind), host_ms being the time until ``execute`` returned (the
     launch), before the synchronize; kind: "prefill", "decode", "mixed" (decode rows and prompt chunks,
-    eager) or "mixed_graph" (a mixed graph replayed). ``profile_steps`` > 0: torch-profile that many mixed steps (from
+    eager), "mixed_graph" (a mixed graph replayed) or "prefill_graph" (a prefill graph replayed).
+    ``profile_steps`` > 0: torch-profile that many mixed steps (from
     the second step on) and return the profiler's tables (by device time and by host time)."""
     dev = llm.engine.device
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -72,12 +73,13 @@ def trace_run(llm: LLM, batch: int, input_len: int, output_len: int,
             prof.__enter__()
         sync()
         t = time.perf_counter()
-        replays = self.num_mixed_replays
+        replays, prefill_replays = self.num_mixed_replays, getattr(self, "num_prefill_replays", 0)
         result = original(self, b, device_tokens, before_sample)
         host = time.perf_counter() - t
         sync()
         nd = ModelRunner.num_decode_rows(b)
         kind = ("mixed_graph" if self.num_mixed_replays > replays else "mixed" if 0 < nd < len(b)
+                else "prefill_graph" if getattr(self, "num_prefill_replays", 0) > prefill_replays
                 else "prefill" if b.is_prefill else "decode")
         steps.append((len(b.seqs), sum(b.num_new_tokens), bool(b.is_prefill), round((time.perf_counter() - t) * 1e3, 2),
                       round(host * 1e3, 2), kind))

@@ -47,3 +47,33 @@ def test_mixed_graphs_give_the_eager_mixed_tokens(tmp_path, dtype):
             _greedy_is_argmax_up_to_rounding(hf, pr, tokens, 0.02 if dtype == "float32" else 0.05)
     if dtype == "float32":  # fp16 may round a near-tie either way (other GEMM shapes): checked above
         assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_prefill_graphs_give_the_eager_prefill_tokens(tmp_path, dtype):
+    """Prompts arriving one at a time (batch-1 prefills, the TTFT case) replay the prefill graphs up to
+    cuda_graph_prefill_max_tokens, padded to their bucket; a longer one runs eagerly; same tokens as with
+    the prefill graphs off (float32), the argmax up to rounding (float16)."""
+    hf = write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    hf = hf.to("cuda", torch.float32)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (5, 100, 256, 300)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    runs = {}
+    for max_tokens in (256, 0):
+        llm = LLM(str(tmp_path), dtype=dtype, device="cuda", show_progress=False, max_num_seqs=4,
+                  gpu_memory_utilization=0.3, cuda_graph_prefill_max_tokens=max_tokens)
+        try:
+            runner = llm.engine.runner
+            assert sorted(runner.prefill_graphs) == ([16, 32, 64, 128, 192, 256] if max_tokens else [])
+            outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+            llm.engine.check_integrity()
+            assert runner.num_prefill_replays == (3 if max_tokens else 0)
+            runs[max_tokens] = [o.outputs[0].token_ids for o in outs]
+        finally:
+            llm.close()
+    for pr, tokens in zip(prompts, runs[256]):
+        _greedy_is_argmax_up_to_rounding(hf, pr, tokens, 0.02 if dtype == "float32" else 0.05)
+    if dtype == "float32":
+        assert runs[256] == runs[0]

@@ -16,6 +16,7 @@ from fdpp.engine.model_runner import (
     PendingSample,
     kv_bytes_per_token,
     num_blocks_for_budget,
+    prefill_graph_sizes,
     profile_activation_bytes,
 )
 from fdpp.engine.output_processor import OutputProcessor, RequestState
@@ -122,11 +123,18 @@ class LLMEngine:
         self.calibration = apply_calibration(self, config.calibration)
         if self.calibration is not None:
             self.executor.set_calibration(self.calibration)
+        if config.cuda_graph_prefill_max_tokens < 0:
+            raise InvalidRequestError("cuda_graph_prefill_max_tokens must be >= 0 (0: no prefill graphs), "
+                                      f"got {config.cuda_graph_prefill_max_tokens}")
         if self.device.type == "cuda" and not config.enforce_eager:
-            # mixed steps (decode rows + one prompt chunk of at most the chunk cap) replay graphs too
-            self.runner.capture_cuda_graphs(config.max_num_seqs, show_progress=config.show_progress,
-                                            mixed_chunk_tokens=threshold if config.cuda_graph_mixed else 0,
-                                            balanced_decode=config.cuda_graph_balanced_decode)
+            # mixed steps (decode rows + one prompt chunk of at most the chunk cap) and prefill steps of one
+            # chunk (up to cuda_graph_prefill_max_tokens) replay graphs too
+            self.runner.capture_cuda_graphs(
+                config.max_num_seqs, show_progress=config.show_progress,
+                mixed_chunk_tokens=threshold if config.cuda_graph_mixed else 0,
+                balanced_decode=config.cuda_graph_balanced_decode,
+                prefill_tokens=prefill_graph_sizes(config.cuda_graph_prefill_max_tokens, self.max_num_batched_tokens,
+                                                   self.max_model_len))
         # tokens -> text, stop checks, RequestOutputs (ending a sequence stays here: _finish)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, RequestState] = {}

@@ -135,6 +135,19 @@ def graph_bucket_sizes(max_batch_size: int) -> list[int]:
     if max_batch_size > 0 and (not sizes or sizes[-1] != max_batch_size):
         sizes.append(max_batch_size)
     return sizes
+# Prefill graphs (one prompt chunk, no decode rows, padded to the next of these token counts): an eager
+# batch-1 prefill is host-bound up to several hundred tokens (Llama-2-7B on an H200, 2026-12-04: 21-23 ms
+# of host time whatever the length, against ~5 ms of device work at 128 tokens; bench/ttft_trace.py),
+# while a padded replay costs the device work of the bucket. Multiples of 16: one Triton specialization.
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def prefill_graph_sizes(max_tokens: int, token_budget: int, max_model_len: int) -> list[int]:
+    """The prefill graph buckets up to ``max_tokens`` (0: none), a step's token budget and the model length."""
+    cap = min(max_tokens, token_budget, max_model_len)
+    return [t for t in PREFILL_GRAPH_TOKENS if t <= cap]
+
+
 # The split count of the decode graphs replayed for unequal rows (ModelRunner.balanced_graphs): a 16k-token
 # row among 1k-token rows then walks 2k keys per program instead of 16k.
 DECODE_BALANCE_GRAPH_SPLITS = 8
@@ -183,6 +196,12 @@ class ModelRunner:
         self.mixed_chunk_tokens = 0
         self._mixed_inputs: _GraphInputs | None = None
         self.num_mixed_replays = 0  # mixed steps run through the padded static step (a replay on CUDA)
+        # Prefill steps of one prompt chunk (no decode rows) padded to a token bucket: see init_prefill_inputs.
+        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_token_sizes: list[int] = []
+        self._prefill_inputs: _GraphInputs | None = None
+        self._prefill_meta: dict[int, AttentionMetadata] = {}
+        self.num_prefill_replays = 0  # prefill steps run through the padded static step (a replay on CUDA)
         # Set by the engine: fills the grammar bitmask of constrained rows (fdpp.structured).
         self.structured: StructuredOutputBackend | None = None
         self._bitmask_host: torch.Tensor | None = None
@@ -450,8 +469,12 @@ class ModelRunner:
             static = self._replay(batch, device_tokens), batch.seqs
         elif (bucket := self._mixed_bucket(batch, nd)) is not None:
             static = self._run_mixed(batch, bucket, device_tokens)
+        elif (tokens := self._prefill_bucket(batch, nd)) is not None:
+            static = self._run_prefill(batch, tokens, device_tokens)
         if static is not None:
             logits, seqs = static
+            if not seqs:  # a prompt chunk that does not complete its prompt: nothing to sample
+                return seqs, None
             if batch.forks:  # a prompt completing in this step of an n > 1 request: its samples too
                 rows, seqs = self._with_forks(batch, seqs)
                 logits = logits[self._to_device(rows, torch.int64)]
@@ -532,13 +555,16 @@ class ModelRunner:
     # ---- CUDA graphs ---------------------------------------------------------------------------------
     @torch.inference_mode()
     def capture_cuda_graphs(self, max_batch_size: int, show_progress: bool = True,
-                            mixed_chunk_tokens: int | None = None, balanced_decode: bool = False) -> None:
+                            mixed_chunk_tokens: int | None = None, balanced_decode: bool = False,
+                            prefill_tokens: list[int] | None = None) -> None:
         """Capture one decode step per batch-size bucket and, with ``mixed_chunk_tokens`` = C > 0, one
         mixed step per bucket up to MAX_MIXED_GRAPH_BATCH rows (those decode rows, then one prompt
         chunk padded to C tokens: ``mixed_step``); with ``balanced_decode``, each decode bucket whose own
         split count is below DECODE_BALANCE_GRAPH_SPLITS also with that many (``balanced_graphs``,
-        replayed for rows of unequal length: ``decode_splits``); largest first, sharing one memory pool. Replaces
-        the graphs captured before. ``mixed_chunk_tokens`` None: the previous call's C (0 at first).
+        replayed for rows of unequal length: ``decode_splits``); with ``prefill_tokens``, one prefill step of
+        one prompt chunk padded to each of these token counts (``prefill_step``); largest first, sharing one
+        memory pool. Replaces the graphs captured before. ``mixed_chunk_tokens`` / ``prefill_tokens`` None:
+        the previous call's (none at first).
 
         Buffers are static: a step copies its ids, positions, slots, context lengths and block tables
         into them and replays the bucket's graph; rows past the batch are padding (context length 0,
@@ -550,11 +576,13 @@ class ModelRunner:
         self.graphs.clear()
         self.mixed_graphs.clear()
         self.balanced_graphs.clear()
+        self.prefill_graphs.clear()
         sizes = graph_bucket_sizes(max_batch_size)
         self.graph_batch_sizes = []
         if mixed_chunk_tokens is None:
             mixed_chunk_tokens = self.mixed_chunk_tokens
         self.init_mixed_inputs(mixed_chunk_tokens, [b for b in sizes if b <= MAX_MIXED_GRAPH_BATCH])
+        self.init_prefill_inputs(self.prefill_token_sizes if prefill_tokens is None else prefill_tokens)
         if not sizes:
             return
         dev = self.device
@@ -599,6 +627,8 @@ class ModelRunner:
         for bs in self.mixed_batch_sizes:
             steps.append((self.mixed_graphs, bs, bs + self.mixed_chunk_tokens,
                           lambda bs=bs: self.mixed_step(bs)))
+        for t in self.prefill_token_sizes:
+            steps.append((self.prefill_graphs, t, t, lambda t=t: self.prefill_step(t)))
         steps.sort(key=lambda x: -x[2])
         pool = None
         bar = tqdm(steps, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
@@ -769,6 +799,93 @@ class ModelRunner:
         self.num_mixed_replays += 1
         sampled = end == seq.num_tokens
         return logits[: nd + sampled], decode + [seq] * sampled
+
+    # ---- prefill steps (one prompt chunk, no decode rows), padded to static shapes ---------------------
+    # ``ints`` layout: [0] the context length, [4:6] cu_seqlens_q [0, n], [8] the row whose logits are
+    # computed (each part 16-byte aligned: Triton specializes pointer arguments on it).
+    _PF_CTX, _PF_CU, _PF_ROW, _PF_INTS = 0, 4, 8, 12
+
+    def init_prefill_inputs(self, token_sizes: list[int]) -> None:
+        """Allocate the static inputs of prefill steps of one prompt chunk padded to a bucket of
+        ``token_sizes`` tokens (each a positive multiple of 16). ``execute`` then runs a step of one chunk
+        of at most the largest bucket (no decode rows, no prompt logprobs) through ``prefill_step``: a graph
+        replay where ``capture_cuda_graphs`` captured one, else eagerly (the CPU tests drive it so). An
+        empty list: prefill steps run as any other step.
+
+        Attention runs through the paged prefill kernel (the route of the mixed graphs' chunk), with the
+        split count of a max_model_len context fixed at capture: any chunk up to the bucket is exact,
+        a cached prefix and an earlier chunk included (the kernel reads them from the cache)."""
+        bad = [t for t in token_sizes if t <= 0 or t % 16]
+        if bad:
+            raise ValueError(f"init_prefill_inputs: token sizes must be positive multiples of 16, got {bad}")
+        self.prefill_graphs.clear()
+        self.prefill_token_sizes = sorted(set(token_sizes))
+        self._prefill_inputs = None
+        self._prefill_meta = {}
+        if self.prefill_token_sizes:
+            self._prefill_inputs = _GraphInputs(self.prefill_token_sizes[-1], self._PF_INTS, 1,
+                                                self.max_blocks_per_seq, self.device)
+
+    def _prefill_metadata(self, tokens: int) -> AttentionMetadata:
+        """A prefill step's metadata over the static buffers, for any chunk of at most ``tokens`` tokens:
+        max_seqlen_q = the bucket (the grid; q tiles past the chunk exit early), max_context_len =
+        max_model_len (the split count)."""
+        meta = self._prefill_meta.get(tokens)
+        if meta is None:
+            inp = self._prefill_inputs
+            meta = AttentionMetadata(
+                is_prefill=True, context_lens=inp.ints[self._PF_CTX: self._PF_CTX + 1], block_tables=inp.tables[:1],
+                slot_mapping=inp.slots[:tokens], cu_seqlens_q=inp.ints[self._PF_CU: self._PF_CU + 2],
+                max_seqlen_q=tokens, max_context_len=self.max_model_len)
+            self._prefill_meta[tokens] = meta
+        return meta
+
+    def prefill_step(self, tokens: int) -> torch.Tensor:
+        """The padded static prefill step of ``tokens`` tokens (what a prefill graph captures): the forward
+        over the static inputs, the logits of the staged row ``[1, vocab]``."""
+        inp = self._prefill_inputs
+        with forward_context(self._prefill_metadata(tokens), self.backends):
+            hidden = self.model(inp.ids[:tokens], inp.pos[:tokens])
+            return self.model.compute_logits(hidden.index_select(0, inp.ints[self._PF_ROW: self._PF_ROW + 1]))
+
+    def _prefill_bucket(self, batch: ScheduledBatch, nd: int) -> int | None:
+        """The prefill bucket that runs ``batch``, or None (eager): one prompt chunk (no decode row) of at
+        most the largest bucket's tokens, no prompt logprobs."""
+        if (not self.prefill_token_sizes or nd or len(batch) != 1 or batch.seqs[0].prompt_logprobs is not None
+                or batch.num_new_tokens[0] > self.prefill_token_sizes[-1]):
+            return None
+        return next(t for t in self.prefill_token_sizes if t >= batch.num_new_tokens[0])
+
+    def _run_prefill(self, batch: ScheduledBatch, tokens: int,
+                     device_tokens: DeviceTokens | None) -> tuple[torch.Tensor, list[Sequence]]:
+        """Stage ``batch``'s chunk into the prefill inputs, run the bucket of ``tokens`` (replay, or
+        ``prefill_step``); return the logits of the sampled row (none unless the chunk completes its
+        prompt) and its sequence."""
+        inp = self._prefill_inputs
+        seq, n = batch.seqs[0], batch.num_new_tokens[0]
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        h_long, h_ints, h_tables = inp.host()
+        h_long[0, :n] = seq.token_ids[start:end]
+        h_long[1, :n] = range(start, end)
+        h_long[2, :n] = self._slots(seq, start, end)
+        self._pad_rows(h_long, None, n, tokens)
+        h_ints[:] = 0
+        h_ints[self._PF_CTX] = end
+        h_ints[self._PF_CU + 1] = n
+        h_ints[self._PF_ROW] = n - 1
+        h_tables[0, : len(seq.block_table)] = seq.block_table
+        inp.upload(tokens, self._PF_INTS, 1, len(seq.block_table))
+        if device_tokens is not None:
+            self._scatter_device_tokens(inp.ids, device_tokens)
+        captured = self.prefill_graphs.get(tokens)
+        if captured is not None:
+            captured[0].replay()
+            logits = captured[1]
+        else:
+            logits = self.prefill_step(tokens)
+        self.num_prefill_replays += 1
+        sampled = end == seq.num_tokens
+        return logits[:int(sampled)], [seq] * sampled
 
     @staticmethod
     def _with_forks(batch: ScheduledBatch, seqs: list[Sequence]) -> tuple[list[int], list[Sequence]]:

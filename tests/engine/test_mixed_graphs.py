@@ -1,6 +1,7 @@
 """Mixed steps (decode rows + one prompt chunk) through the padded static step that a mixed CUDA graph
-captures (``ModelRunner.mixed_step``), run eagerly on the CPU: the sampled rows' logits equal the eager
-step's, the KV cache afterwards is the eager step's, and padded rows write nothing."""
+captures (``ModelRunner.mixed_step``), and prefill steps of one prompt chunk through the padded static step
+of a prefill graph (``ModelRunner.prefill_step``), run eagerly on the CPU: the sampled rows' logits equal
+the eager step's, the KV cache afterwards is the eager step's, and padded rows write nothing."""
 import pytest
 import torch
 
@@ -33,6 +34,7 @@ def runner(tiny_llm, monkeypatch):
         yield r
     finally:
         r.init_mixed_inputs(0, [])
+        r.init_prefill_inputs([])
         r.kv_cache.copy_(saved)
         del r.logits
 
@@ -291,3 +293,145 @@ def test_graph_block_tables_share_the_eager_stride_class():
     inp = mr._GraphInputs(4, 4, 3, 1028, torch.device("cpu"))
     assert inp.tables.shape == (3, 1040) and inp.tables.stride(0) % 16 == 0
     assert mr._GraphInputs(4, 4, 3, 64, torch.device("cpu")).tables.shape == (3, 64)
+
+
+# ---- prefill steps (one prompt chunk, no decode rows) ---------------------------------------------------
+PREFILL_BUCKETS = [16, 32, 64]
+
+
+def _prefill_step(runner, batch, static: bool, device_tokens=None):
+    runner.init_prefill_inputs(PREFILL_BUCKETS if static else [])
+    before = runner.num_prefill_replays
+    seqs, out = runner.execute(batch, device_tokens)
+    assert runner.num_prefill_replays - before == int(static), "the step did not take the expected path"
+    return seqs, (runner.logits[-1] if out is not None else None), (out.token_ids if out is not None else None)
+
+
+@pytest.mark.parametrize("prompt_len, prefix, n", [
+    (5, 0, 5),  # a short prompt: bucket 16, 11 padded rows
+    (16, 0, 16),  # exactly a bucket
+    (40, 0, 40),  # bucket 64, across block boundaries
+    (36, 20, 16),  # the last chunk on a cached prefix (a partial block)
+    (60, 16, 30),  # a chunk that does not complete its prompt: nothing sampled
+])
+def test_static_prefill_step_matches_the_eager_step(runner, prompt_len, prefix, n):
+    r = runner
+    r.kv_cache.fill_(SENTINEL)
+    batch = _setup(r, 0, prompt_len, prefix, n, seed=prompt_len)
+    before = r.kv_cache.clone()
+    r.logits.clear()
+    seqs_e, logits_e, tokens_e = _prefill_step(r, batch, static=False)
+    cache_e = r.kv_cache.clone()
+    r.kv_cache.copy_(before)
+    seqs_s, logits_s, tokens_s = _prefill_step(r, batch, static=True)
+    completes = prefix + n == prompt_len
+    assert [s.seq_id for s in seqs_s] == [s.seq_id for s in seqs_e]
+    assert len(seqs_s) == int(completes) and (logits_s is None) == (not completes) and len(r.logits) == 2 * completes
+    if completes:
+        assert logits_s.shape == logits_e.shape == (1, logits_e.shape[1])
+        torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokens_s, tokens_e)
+    written = (cache_e != before)
+    assert written.any()
+    assert torch.equal(r.kv_cache != before, written)
+    assert not written[:, :, 0].any()  # padded rows (slot -1) wrote nothing, block 0 included
+    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+
+
+def test_static_prefill_step_forks_its_samples(runner):
+    """n = 2: the completing prompt's one logits row is sampled for each fork, as in the eager step."""
+    r = runner
+    batch = _setup(r, 0, 9, 0, 9, seed=11)
+    seq = batch.seqs[0]
+    child = Sequence("fork", list(seq.token_ids), seq.params, 0.0)
+    batch.forks = {seq.seq_id: [child]}
+    outs = []
+    for static in (False, True):
+        seqs, logits, tokens = _prefill_step(r, batch, static)
+        assert [s.seq_id for s in seqs] == [seq.seq_id, child.seq_id]
+        outs.append((logits, tokens))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(outs[1][1], outs[0][1])
+
+
+def test_other_prefill_steps_stay_eager(runner):
+    """Two prompts, a chunk longer than the largest bucket, prompt logprobs, a step with decode rows (the
+    mixed path's, off here): the eager step (the counter does not move)."""
+    r = runner
+    r.init_prefill_inputs(PREFILL_BUCKETS)
+    cases = [_setup(r, 0, 65, 0, 65, seed=1)]
+    b = _setup(r, 0, 10, 0, 10, seed=2)
+    extra = _seq(list(range(6)), _Blocks())
+    extra.block_table = [60]
+    cases.append(ScheduledBatch(b.seqs + [extra], b.num_new_tokens + [6], True))
+    b = _setup(r, 0, 10, 0, 10, seed=3)
+    b.seqs[-1].prompt_logprobs = [None]
+    cases.append(b)
+    cases.append(_setup(r, 2, 10, 0, 10, seed=4))
+    for b in cases:
+        before = r.num_prefill_replays
+        r.execute(b)
+        assert r.num_prefill_replays == before
+    with pytest.raises(ValueError, match="positive multiples of 16"):
+        r.init_prefill_inputs([16, 24])
+
+
+@pytest.mark.parametrize(("max_tokens", "budget", "model_len", "want"), [
+    (512, 2048, 4096, [16, 32, 64, 128, 192, 256, 384, 512]),
+    (512, 256, 4096, [16, 32, 64, 128, 192, 256]),  # the step's token budget caps it
+    (1024, 2048, 300, [16, 32, 64, 128, 192, 256]),  # so does the model length
+    (0, 2048, 4096, []), (8, 2048, 4096, []),
+])
+def test_prefill_graph_sizes(max_tokens, budget, model_len, want):
+    assert mr.prefill_graph_sizes(max_tokens, budget, model_len) == want
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_prefills_through_the_static_step(tiny_llm, async_scheduling):
+    """The engine end to end: prompts arriving one at a time while nothing decodes are prefilled through the
+    static step (a long one in chunks: its first chunks up to the largest bucket, the rest eagerly), and
+    give the eager steps' tokens; n = 2 forks the sample of a static step."""
+    eng = tiny_llm.engine
+    r = eng.runner
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (5, 33, 64)]
+    saved = eng.async_scheduling
+    eng.async_scheduling = async_scheduling
+    runs = []
+    try:
+        for static in (False, True):
+            eng.reset_prefix_cache()
+            r.init_prefill_inputs(PREFILL_BUCKETS if static else [])
+            before = r.num_prefill_replays
+            outs = []
+            for i, p in enumerate(prompts):  # one at a time: each prefill step holds one prompt only
+                params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, n=2 if i == 1 else 1)
+                outs += tiny_llm.generate([p], params, use_tqdm=False)
+            eng.check_integrity()
+            runs.append([[c.token_ids for c in o.outputs] for o in outs])
+            assert r.num_prefill_replays - before == (3 if static else 0)
+    finally:
+        r.init_prefill_inputs([])
+        eng.async_scheduling = saved
+    assert runs[1] == runs[0]
+    assert [len(o) for o in runs[0]] == [1, 2, 1] and all(len(t) == 6 for o in runs[0] for t in o)
+
+
+@pytest.mark.parametrize("prompt_len, prefix, n", [(5, 0, 5), (36, 20, 16)])
+def test_static_prefill_step_through_the_triton_kernels(runner, monkeypatch, prompt_len, prefix, n):
+    """The padded static prefill step through the paged prefill kernel (Triton's interpreter here, the
+    graphs' route on a GPU): padded query rows past the chunk and the max_model_len grid give the eager
+    step's logits and cache."""
+    from fdpp.ops import attention as ops
+    monkeypatch.setattr(ops, "attention_backend", lambda device: "triton")
+    r = runner
+    r.kv_cache.fill_(SENTINEL)
+    batch = _setup(r, 0, prompt_len, prefix, n, seed=prompt_len + 1)
+    before = r.kv_cache.clone()
+    _, logits_e, tokens_e = _prefill_step(r, batch, static=False)
+    cache_e = r.kv_cache.clone()
+    r.kv_cache.copy_(before)
+    _, logits_s, tokens_s = _prefill_step(r, batch, static=True)
+    torch.testing.assert_close(logits_s, logits_e, atol=1e-4, rtol=1e-4)
+    assert torch.equal(tokens_s, tokens_e)
+    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
