@@ -19,9 +19,11 @@ program loads gate rows j and up rows j + F and writes silu(gate) * up), residua
 
 Prologue (optional, ``norm_weight``): RMSNorm of x fused in front of the product, so the norm costs no
 launch of its own. ``rms_norm(x) @ W^T = rstd * ((x * w_norm) @ W^T)`` with one scalar ``rstd`` per row:
-each program first sums x^2 over the whole row (x is a few KB and stays in L1/L2, W is what streams from
-HBM), then multiplies every x chunk by the norm weight in the K loop and scales its partial sums by rstd
-before the epilogue. With split-K each split scales its own partial (the scaling is linear).
+the K loop multiplies every x chunk by the norm weight and, when the program walks the whole row (one
+split), also sums the chunk's squares, so rstd costs no second pass over x; the partial sums are scaled
+by rstd before the epilogue. A split-K program sees only its part of the row: it sums x^2 over the whole
+row after its loop (x is a few KB and stays in L1/L2, W is what streams from HBM) and scales its own
+partial (the scaling is linear).
 """
 from __future__ import annotations
 
@@ -72,9 +74,11 @@ def _epilogue_store(
 
 
 @triton.jit
-def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M: tl.constexpr, HAS_NORM: tl.constexpr):
+def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M: tl.constexpr,
+                 HAS_NORM: tl.constexpr, NORM_IN_LOOP: tl.constexpr):
     """One K chunk of up to 4 rows of x (rows past BLOCK_M alias row 0 and are never used); with
-    HAS_NORM multiplied by the norm weight, in fp32."""
+    HAS_NORM multiplied by the norm weight, in fp32, and with NORM_IN_LOOP each row's squares added to
+    its [BLOCK_K] sum-of-squares accumulator ``ss*`` (returned after the four rows)."""
     xa = tl.load(x0 + offs_k, mask=mask_k, other=0.0)
     xb = xa
     xc = xa
@@ -85,22 +89,35 @@ def _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M: tl.constexpr, 
         xc = tl.load(x2 + offs_k, mask=mask_k, other=0.0)
         xd = tl.load(x3 + offs_k, mask=mask_k, other=0.0)
     if HAS_NORM:
+        xa = xa.to(tl.float32)
+        xb = xb.to(tl.float32)
+        xc = xc.to(tl.float32)
+        xd = xd.to(tl.float32)
+        if NORM_IN_LOOP:
+            ss0 += xa * xa
+            if BLOCK_M > 1:
+                ss1 += xb * xb
+            if BLOCK_M > 2:
+                ss2 += xc * xc
+                ss3 += xd * xd
         wn = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xa = xa.to(tl.float32) * wn
-        xb = xb.to(tl.float32) * wn
-        xc = xc.to(tl.float32) * wn
-        xd = xd.to(tl.float32) * wn
-    return xa, xb, xc, xd
+        xa = xa * wn
+        xb = xb * wn
+        xc = xc * wn
+        xd = xd * wn
+    return xa, xb, xc, xd, ss0, ss1, ss2, ss3
 
 
 @triton.jit
-def _row_rstd(x_row, K, eps, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of one row of x (fp32), by a pass over the whole row."""
-    offs = tl.arange(0, BLOCK_K)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        ss += v * v
+def _row_rstd(x_row, ss, K, eps, BLOCK_K: tl.constexpr, NORM_IN_LOOP: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of one row of x (fp32): from ``ss``, the squares the K loop summed
+    (NORM_IN_LOOP: the program walked the whole row), else by a pass over the whole row (a split-K
+    program saw only its part). Both sum the same BLOCK_K chunks in the same order."""
+    if not NORM_IN_LOOP:
+        offs = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            v = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            ss += v * v
     return 1.0 / tl.sqrt(tl.sum(ss, axis=0) / K + eps)
 
 
@@ -162,6 +179,7 @@ def gemv_kernel(
     PREFETCH: tl.constexpr,  # software double buffering of the W/x chunks in registers
     HAS_NORM: tl.constexpr = False,  # RMSNorm prologue (see the module docstring)
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch: W's first chunk before gdc_wait
+    NORM_IN_LOOP: tl.constexpr = False,  # HAS_NORM and one split: the K loop also sums x^2 (no 2nd pass)
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -198,6 +216,10 @@ def gemv_kernel(
     up1 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     up2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     up3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    ss0 = tl.zeros([BLOCK_K], dtype=tl.float32)  # RMSNorm: sums of x^2 per row (NORM_IN_LOOP)
+    ss1 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ss2 = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ss3 = tl.zeros([BLOCK_K], dtype=tl.float32)
     offs_kk = tl.arange(0, BLOCK_K)
     if PREFETCH:
         # Register double buffering: chunk kb is requested before chunk kb-1 is multiplied, so every
@@ -210,7 +232,8 @@ def gemv_kernel(
             w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
         if USE_PDL:  # x (and the residual) are the previous kernel's output: wait for it
             tl.extra.cuda.gdc_wait()
-        xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
+        xa, xb, xc, xd, ss0, ss1, ss2, ss3 = _load_x_rows(
+            x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
         for kb in range(1, KB_PER_SPLIT):
             offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
@@ -218,7 +241,8 @@ def gemv_kernel(
             w_up_next = w_next
             if IS_GATED:
                 w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            xa_n, xb_n, xc_n, xd_n = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
+            xa_n, xb_n, xc_n, xd_n, ss0, ss1, ss2, ss3 = _load_x_rows(
+                x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
             if IS_GATED:
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
@@ -238,25 +262,26 @@ def gemv_kernel(
             offs_k = k_start + kb * BLOCK_K + offs_kk
             mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
-            xa, xb, xc, xd = _load_x_rows(x0, x1, x2, x3, offs_k, mask_k, nw_ptr, BLOCK_M, HAS_NORM)
+            xa, xb, xc, xd, ss0, ss1, ss2, ss3 = _load_x_rows(
+            x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
             if IS_GATED:
                 w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
 
     if HAS_NORM:
-        r0 = _row_rstd(x0, K, eps, BLOCK_K)
+        r0 = _row_rstd(x0, ss0, K, eps, BLOCK_K, NORM_IN_LOOP)
         acc0 *= r0
         up0 *= r0
         if BLOCK_M > 1:
-            r1 = _row_rstd(x1, K, eps, BLOCK_K)
+            r1 = _row_rstd(x1, ss1, K, eps, BLOCK_K, NORM_IN_LOOP)
             acc1 *= r1
             up1 *= r1
         if BLOCK_M > 2:
-            r2 = _row_rstd(x2, K, eps, BLOCK_K)
+            r2 = _row_rstd(x2, ss2, K, eps, BLOCK_K, NORM_IN_LOOP)
             acc2 *= r2
             up2 *= r2
-            r3 = _row_rstd(x3, K, eps, BLOCK_K)
+            r3 = _row_rstd(x3, ss3, K, eps, BLOCK_K, NORM_IN_LOOP)
             acc3 *= r3
             up3 *= r3
     _finish_row(acc0, up0, m0, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr, stride_rm,
@@ -512,6 +537,7 @@ def gemv(
         BLOCK_K=block_k,
         **flags,
         PREFETCH=bool(cfg.get("PREFETCH", True)),
+        NORM_IN_LOOP=norm_weight is not None and num_splits == 1,
         num_warps=int(cfg.get("num_warps", 4)),
         num_stages=int(cfg.get("num_stages", 2)),
         **pdl,

@@ -11,11 +11,17 @@ from fdpp.ops.backend import use_backends
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
-# (kernel, M, N, K, act, residual, config): split-K and 4-row programs included
+# (kernel, M, N, K, act, residual, config): split-K (the default config splits these small grids) and
+# 4-row programs included
 CASES = [
     (gemv, 1, 37, 100, None, False, {"BLOCK_N": 16, "BLOCK_K": 32}),
     (gemv, 3, 24, 70, "silu_and_mul", True, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 2}),
     (gemv, 2, 30, 90, "silu_and_mul", False, {"BLOCK_N": 8, "BLOCK_K": 32, "PREFETCH": False}),
+    # one split: the K loop sums x^2 itself (NORM_IN_LOOP), with and without the register prefetch
+    (gemv, 1, 37, 100, None, True, {"BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 1}),
+    (gemv, 3, 24, 70, "silu_and_mul", False, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 1,
+                                              "PREFETCH": False}),
+    (gemv, 2, 16, 64, None, False, {"BLOCK_M": 2, "BLOCK_N": 8, "BLOCK_K": 16, "SPLIT_K": 1}),
     (flat_gemm, 20, 40, 72, None, True, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}),
     (flat_gemm, 17, 48, 64, "silu_and_mul", False, {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 2}),
 ]
