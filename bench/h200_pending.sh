@@ -1,8 +1,9 @@
 #!/bin/bash
-# The H200 measurements the open issues still need (state of 2026-12-04, 19:00), in priority order, each bounded
+# The H200 measurements the open issues still need (state of 2026-12-04, 21:00; no GPU was lent that
+# evening, so nothing of its changes has run on one), in priority order, each bounded
 # so that one device call (< 10 minutes) runs one part. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
-#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2; 0 and 3-6 re-run the 2026-12-04 evening measurements
+#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 7, 8, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
 # (carry .wheels and .bisect)
 # Python packages missing on the device (xgrammar, gguf, fastapi, ...) travel as wheels in .wheels/ (ignored by git).
 set -o pipefail
@@ -21,9 +22,34 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
 }
 PART=${1:-1}
 if [ "$PART" = 1 ]; then
-# 1. (next session) The GPU tests after the cuBLAS-epilogue change (2026-12-04: 12 of 13 passed before that
-#    call's time limit; the balanced-decode-graph test was cut off), all GPU-marked engine and kernel tests.
-run pytest_gpu 400 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_activation.py tests/engine/test_backends.py
+# 1. (next session) The GPU tests after this session's changes, none of which has run on a GPU yet: the prefill
+#    graphs (tests/test_gpu_mixed_graphs.py), the GEMV's one-pass RMSNorm prologue (tests/kernels, GPU-marked
+#    ones), the cuBLAS-epilogue change (2026-12-04: 12 of 13 passed before that call's time limit), the
+#    sampling-without-sync test.
+run pytest_gpu 450 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_activation.py tests/kernels/test_fused_norm.py tests/kernels/test_gemv.py tests/engine/test_backends.py
+fi
+if [ "$PART" = 2 ]; then
+# 2. Issue 12's TTFT with the prefill graphs (cuda_graph_prefill_max_tokens, default 512) against without them,
+#    at 128 / 512 / 1024 tokens (1024 is past the graphs: eager either way), with the device-kernel table and
+#    the host profile of one prefill each (ttft_trace --profile), then issue 12's table (e2e_latency, no peers).
+run ttft_graphs 170 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --profile
+run ttft_eager_prefill 110 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --llm-kw '{"cuda_graph_prefill_max_tokens": 0}'
+run e2e_latency 250 python bench/e2e_latency.py --budget-s 220 --out "$R"
+fi
+if [ "$PART" = 8 ]; then
+# 8. The GEMV's one-pass RMSNorm prologue (the K loop sums x^2; 2026-12-04 late): the per-M fused vs separate
+#    table again (before: fused slower for Llama-3-8B qkv / gate_up and bf16 gate_up at M = 1), then the
+#    kernel-by-kernel B1 steps (part 7 without the TTFT profile).
+run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 --out "$R"
+run prof_l3_b1 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024 --out "$R"
+run prof_l2_b1 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024 --out "$R"
+fi
+if [ "$PART" = 9 ]; then
+# 9. Issue 11: the decode kernel on the full grid, fp16 (B64 x 1k MHA: 268 us a layer in the engine on 2026-12-04,
+#    bench/decode_profile.py; 252.9 us unified / 246.8 sync / 236.6 cuDNN in the kernel bench on 2026-11-26):
+#    the kernel alone at large batches, and unified vs synchronized at every point.
+run attn_decode 400 python bench/bench_attention.py --skip-prefill --dtypes fp16 --out "$R/attn"
+run b64 150 python bench/step_trace.py --variants default sync_softmax --budget-s 120 --out "$R"
 fi
 if [ "$PART" = 0 ]; then
 # (done 2026-12-04 evening) B64 x 1024 with the 2026-11-26 tree (9923ff0) and this one, back to back, each with
@@ -36,13 +62,6 @@ if [ -f .bisect/fdpp_9923ff0.tar ]; then
   run b64_new 150 python bench/e2e.py --models llama-2-7b --batch-sizes 64 --input-lens 1024 --profile --out "$R/new"
 fi
 run itl 80 python bench/bench_prefix.py --quick --scenarios itl --models llama-2-7b --itl-default-only --out "$R/itl"
-fi
-if [ "$PART" = 2 ]; then
-# 2. Issue 11: the decode kernel on the full grid, fp16 (B64 x 1k MHA: 268 us a layer in the engine on 2026-12-04,
-#    bench/decode_profile.py; 252.9 us unified / 246.8 sync / 236.6 cuDNN in the kernel bench on 2026-11-26):
-#    the kernel alone at large batches, and unified vs synchronized at every point.
-run attn_decode 400 python bench/bench_attention.py --skip-prefill --dtypes fp16 --out "$R/attn"
-run b64 150 python bench/step_trace.py --variants default sync_softmax --budget-s 120 --out "$R"
 fi
 if [ "$PART" = 3 ]; then
 # The B64 x 1024 decode step kernel by kernel (bench/decode_profile.py: distinct random prompts, so attention
