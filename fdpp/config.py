@@ -178,8 +178,8 @@ class EngineConfig:
     cuda_graph_mixed: bool = True
     # Also capture graphs of prefill steps of one prompt chunk (no decode rows) padded to a bucket of
     # 16..this many tokens (fdpp.engine.model_runner.PREFILL_GRAPH_TOKENS): a batch-1 prefill run eagerly is
-    # host-bound (the TTFT of a short prompt). 0: off.
-    cuda_graph_prefill_max_tokens: int = 512
+    # host-bound (the TTFT of a prompt of up to ~1k tokens). 0: off.
+    cuda_graph_prefill_max_tokens: int = 1024
     # Also capture each decode bucket with DECODE_BALANCE_GRAPH_SPLITS key splits, replayed for a batch
     # with one long row among short ones (the long row is otherwise the step's tail: 27-30 ms against
     # 6.3 ms on an H200). Eager decode steps balance their splits always.

@@ -46,9 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory fdpp may use (weights + activations + KV cache)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
-    g.add_argument("--cuda-graph-prefill-max-tokens", type=int, default=512, metavar="N",
+    g.add_argument("--cuda-graph-prefill-max-tokens", type=int, default=1024, metavar="N",
                    help="capture CUDA graphs of one-prompt prefill steps padded to 16..N tokens, so a short "
-                   "prompt's prefill is one replay instead of hundreds of launches (default 512; 0: off)")
+                   "prompt's prefill is one replay instead of hundreds of launches (default 1024; 0: off)")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule step t+1 while step t runs on the GPU, reading tokens one step late "
                    "(default: on for CUDA, off on CPU)")

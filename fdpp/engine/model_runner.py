@@ -136,9 +136,11 @@ def graph_bucket_sizes(max_batch_size: int) -> list[int]:
         sizes.append(max_batch_size)
     return sizes
 # Prefill graphs (one prompt chunk, no decode rows, padded to the next of these token counts): an eager
-# batch-1 prefill is host-bound up to several hundred tokens (Llama-2-7B on an H200, 2026-12-04: 21-23 ms
-# of host time whatever the length, against ~5 ms of device work at 128 tokens; bench/ttft_trace.py),
-# while a padded replay costs the device work of the bucket. Multiples of 16: one Triton specialization.
+# batch-1 prefill is host-bound up to about 1k tokens (Llama-2-7B on an H200, 2026-12-04: 21-23 ms of host
+# time whatever the length; synchronized 22.7 ms at 128 tokens, ~5 ms of it device work, and 26.1 ms at
+# 1024, of an estimated ~20 ms of device work; bench/ttft_trace.py), while a padded replay costs the device
+# work of its bucket, at most 1/3 more than the prompt's from 512 tokens on. Multiples of 16: one Triton
+# specialization.
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
 
 
