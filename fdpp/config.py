@@ -194,6 +194,10 @@ class EngineConfig:
     # (fdpp.ops.linear.fuses_norm: the flat GEMM is slower fused). None: on for Triton linear kernels
     # unless FDPP_FUSED_NORM=0.
     fuse_norm: bool | None = None
+    # The qkv GEMV also applies the rotary embedding and writes k and v into the KV cache in its epilogue
+    # (Llama family; one launch fewer a layer at batch 1). None: off unless FDPP_FUSED_ROPE=1 (not yet
+    # measured on a GPU).
+    fuse_rope: bool | None = None
     # Ranks one model is sharded over (vLLM's name; fdpp.distributed): on one node fdpp spawns them, under
     # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
     tensor_parallel_size: int = 1

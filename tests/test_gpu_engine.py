@@ -186,6 +186,38 @@ def test_fused_norm_matches_separate_norms_on_cuda(tmp_path):
     assert err < 5e-3, err
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_fused_rope_gives_the_unfused_tokens_on_cuda(tmp_path, monkeypatch, dtype):
+    """fuse_rope: the batch-1 qkv GEMV rotates q and k and writes the KV cache in its epilogue (eager and in
+    the decode graphs); the tokens are the unfused engine's (float32) or the fp32 argmax up to rounding, and
+    the fused kernel ran."""
+    import fdpp.kernels.gemv as gemv_mod
+
+    hf = write_tiny_llama(str(tmp_path), hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024)
+    hf = hf.to("cuda", torch.float32)
+    calls = []
+    real = gemv_mod.gemv_rope_store
+    monkeypatch.setattr(gemv_mod, "gemv_rope_store", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    prompt = torch.randint(3, 512, (77,), generator=torch.Generator().manual_seed(2)).tolist()
+    runs = {}
+    for fuse in (False, True):
+        for eager in (True, False):
+            calls.clear()
+            llm = LLM(str(tmp_path), dtype=dtype, device="cuda", show_progress=False, max_num_seqs=4,
+                      gpu_memory_utilization=0.3, fuse_rope=fuse, enforce_eager=eager)
+            try:
+                out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+                                   use_tqdm=False)[0].outputs[0].token_ids
+            finally:
+                llm.close()
+            assert bool(calls) is fuse, calls
+            runs[fuse, eager] = out
+            _greedy_is_argmax_up_to_rounding(hf, prompt, out, 0.02 if dtype == "float32" else 0.08)
+    if dtype == "float32":
+        assert runs[True, True] == runs[False, True] and runs[True, False] == runs[False, False]
+
+
 def test_full_batch_not_a_bucket_replays_a_graph(tmp_path):
     """max_num_seqs that is not one of the standard buckets (5) still gets a decode graph of its own:
     a full batch replays it instead of running eagerly (a 33-row engine ran its full steps eagerly)."""

@@ -55,6 +55,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fuse-norm", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse RMSNorm (+ residual) into the qkv / gate_up GEMV prologue "
                    "(default: on with Triton linear kernels; env FDPP_FUSED_NORM=0 disables)")
+    g.add_argument("--fuse-rope", action=argparse.BooleanOptionalAction, default=None,
+                   help="let the qkv GEMV apply the rotary embedding and write the KV cache in its epilogue "
+                   "(Llama family; default: off unless env FDPP_FUSED_ROPE=1)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="shard the model over N ranks (GPUs; gloo processes on the CPU); under torchrun the "
                    "ranks join its rendezvous (docs/TENSOR_PARALLEL.md)")
@@ -141,6 +144,7 @@ def llm_from_args(args: argparse.Namespace, **engine_overrides: Any) -> Any:
         cuda_graph_prefill_max_tokens=args.cuda_graph_prefill_max_tokens,
         async_scheduling=args.async_scheduling,
         fuse_norm=args.fuse_norm,
+        fuse_rope=args.fuse_rope,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         enable_prefix_caching=args.enable_prefix_caching,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -108,6 +108,9 @@ class LLMEngine:
                           and hasattr(self.model, "set_fuse_norm"))
         if self.fuse_norm:
             self.model.set_fuse_norm(True)
+        self.fuse_rope = (tp == 1 and _resolve_fuse_rope(config.fuse_rope) and hasattr(self.model, "set_fuse_rope"))
+        if self.fuse_rope:
+            self.model.set_fuse_rope(True)
         self.runner = self.executor.make_runner(loaded, block_size, num_blocks, self.max_model_len,
                                                 self.eos_token_ids)
         from fdpp.structured.backend import StructuredOutputBackend
@@ -603,6 +606,14 @@ def _resolve_fuse_norm(fuse_norm: bool | None, device: torch.device) -> bool:
     if fuse_norm is not None:
         return fuse_norm
     return device.type == "cuda" and os.environ.get("FDPP_FUSED_NORM", "1") != "0"
+
+
+def _resolve_fuse_rope(fuse_rope: bool | None) -> bool:
+    """EngineConfig.fuse_rope: None is off unless FDPP_FUSED_ROPE=1 (the fused epilogue has not been timed on
+    a GPU yet); where the qkv projection is not a GEMV the layer falls back by itself."""
+    if fuse_rope is not None:
+        return fuse_rope
+    return os.environ.get("FDPP_FUSED_ROPE", "0") == "1"
 
 
 def _nth_seed(seed: int | None, i: int) -> int | None:

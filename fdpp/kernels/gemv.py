@@ -151,6 +151,48 @@ def _finish_row(acc, acc_up, m, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, o
 
 
 @triton.jit
+def _rope_finish_row(acc, acc_hi, m, offs_n, p, M, NP, bias_ptr, out_ptr, stride_om, pos_ptr, cs_ptr, stride_cs,
+                     kc_ptr, vc_ptr, slot_ptr, num_q_heads, num_kv_heads,
+                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The ROPE epilogue of one row of x: the program's dims i (``acc``) and i + HEAD_DIM/2 (``acc_hi``)
+    of pair indices ``p`` (wrapped; ``offs_n`` unwrapped, for the mask) are rotated by the row's
+    position (neox style: halves) and stored, q to ``out`` [M, num_q_heads * HEAD_DIM], k to ``kc_ptr``
+    and v (not rotated) to ``vc_ptr`` at the row's cache slot ([slot, num_kv_heads, HEAD_DIM]; slot -1: no
+    write)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    y_lo = tl.sum(acc, axis=1)  # [BLOCK_N]
+    y_hi = tl.sum(acc_hi, axis=1)
+    head = p // HALF  # q heads, then k heads, then v heads
+    i = p % HALF
+    lo = head * HEAD_DIM + i  # the row of W (and of a plain qkv output)
+    offs_m = tl.zeros([BLOCK_N], dtype=tl.int32) + m  # a tensor, so masks stay vector-shaped
+    ok = (offs_n < NP) & (offs_m < M)
+    if HAS_BIAS:
+        y_lo += tl.load(bias_ptr + lo, mask=ok, other=0.0).to(tl.float32)
+        y_hi += tl.load(bias_ptr + lo + HALF, mask=ok, other=0.0).to(tl.float32)
+    row = m % M  # rows past M alias a valid one (their stores are masked)
+    pos = tl.load(pos_ptr + row)
+    cos = tl.load(cs_ptr + pos * stride_cs + i, mask=ok, other=1.0)
+    sin = tl.load(cs_ptr + pos * stride_cs + HALF + i, mask=ok, other=0.0)
+    is_q = head < num_q_heads
+    is_v = head >= num_q_heads + num_kv_heads
+    r_lo = tl.where(is_v, y_lo, y_lo * cos - y_hi * sin)
+    r_hi = tl.where(is_v, y_hi, y_hi * cos + y_lo * sin)
+    q_ptrs = out_ptr + offs_m * stride_om + lo
+    tl.store(q_ptrs, r_lo.to(out_ptr.dtype.element_ty), mask=ok & is_q)
+    tl.store(q_ptrs + HALF, r_hi.to(out_ptr.dtype.element_ty), mask=ok & is_q)
+    slot = tl.zeros([BLOCK_N], dtype=tl.int64) + tl.load(slot_ptr + row).to(tl.int64)  # vector-shaped
+    kv_head = tl.where(is_v, head - num_q_heads - num_kv_heads, head - num_q_heads)
+    c_off = slot * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM + i
+    ok_c = ok & (slot >= 0) & (head >= num_q_heads)
+    is_k = head < num_q_heads + num_kv_heads
+    tl.store(kc_ptr + c_off, r_lo.to(kc_ptr.dtype.element_ty), mask=ok_c & is_k)
+    tl.store(kc_ptr + c_off + HALF, r_hi.to(kc_ptr.dtype.element_ty), mask=ok_c & is_k)
+    tl.store(vc_ptr + c_off, r_lo.to(vc_ptr.dtype.element_ty), mask=ok_c & is_v)
+    tl.store(vc_ptr + c_off + HALF, r_hi.to(vc_ptr.dtype.element_ty), mask=ok_c & is_v)
+
+
+@triton.jit
 def gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] (N = 2F when gated)
@@ -180,6 +222,18 @@ def gemv_kernel(
     HAS_NORM: tl.constexpr = False,  # RMSNorm prologue (see the module docstring)
     USE_PDL: tl.constexpr = False,  # programmatic dependent launch: W's first chunk before gdc_wait
     NORM_IN_LOOP: tl.constexpr = False,  # HAS_NORM and one split: the K loop also sums x^2 (no 2nd pass)
+    # ROPE: W is a merged [q; k; v] projection and the epilogue rotates q and k and writes k and v into the
+    # paged cache (_rope_finish_row); N_OUT is then the number of (i, i + HEAD_DIM/2) row pairs
+    ROPE: tl.constexpr = False,
+    pos_ptr=None,  # [M] positions (ROPE)
+    cs_ptr=None,  # [max_positions, HEAD_DIM] fp32 cos | sin (ROPE)
+    stride_cs=0,
+    kc_ptr=None,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM] contiguous (ROPE)
+    vc_ptr=None,
+    slot_ptr=None,  # [M] cache slots, -1: no write (ROPE)
+    num_q_heads=0,
+    num_kv_heads=0,
+    HEAD_DIM: tl.constexpr = 2,
 ):
     if USE_PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -197,10 +251,14 @@ def gemv_kernel(
     # their results are dropped by the store mask, and the hot loop keeps unmasked row addressing.
     rows = offs_n % N_OUT
     k_start = pid_k * KB_PER_SPLIT * BLOCK_K
+    if ROPE:  # rows are pairs: dim i of a head (its "lo" row) and dim i + HEAD_DIM/2 (the "up" row set)
+        rows = (rows // (HEAD_DIM // 2)) * HEAD_DIM + rows % (HEAD_DIM // 2)
     w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn
     w_rows_up = w_rows
     if IS_GATED:
         w_rows_up = w_ptr + (rows + F)[:, None].to(tl.int64) * stride_wn
+    if ROPE:
+        w_rows_up = w_ptr + (rows + HEAD_DIM // 2)[:, None].to(tl.int64) * stride_wn
     x0 = x_ptr + (m0 % M) * stride_xm
     x1 = x_ptr + ((m0 + 1) % M) * stride_xm
     x2 = x_ptr + ((m0 + 2) % M) * stride_xm
@@ -228,7 +286,7 @@ def gemv_kernel(
         mask_k = offs_k < K
         w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
         w_up = w
-        if IS_GATED:
+        if IS_GATED or ROPE:
             w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
         if USE_PDL:  # x (and the residual) are the previous kernel's output: wait for it
             tl.extra.cuda.gdc_wait()
@@ -239,12 +297,12 @@ def gemv_kernel(
             mask_k = offs_k < K
             w_next = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
             w_up_next = w_next
-            if IS_GATED:
+            if IS_GATED or ROPE:
                 w_up_next = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
             xa_n, xb_n, xc_n, xd_n, ss0, ss1, ss2, ss3 = _load_x_rows(
                 x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
-            if IS_GATED:
+            if IS_GATED or ROPE:
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
             w = w_next
             w_up = w_up_next
@@ -253,7 +311,7 @@ def gemv_kernel(
             xc = xc_n
             xd = xd_n
         acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
-        if IS_GATED:
+        if IS_GATED or ROPE:
             up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
     else:
         if USE_PDL:
@@ -263,9 +321,9 @@ def gemv_kernel(
             mask_k = offs_k < K
             w = tl.load(w_rows + offs_k[None, :], mask=mask_k[None, :], other=0.0)
             xa, xb, xc, xd, ss0, ss1, ss2, ss3 = _load_x_rows(
-            x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
+                x0, x1, x2, x3, offs_k, mask_k, nw_ptr, ss0, ss1, ss2, ss3, BLOCK_M, HAS_NORM, NORM_IN_LOOP)
             acc0, acc1, acc2, acc3 = _fma_rows(acc0, acc1, acc2, acc3, w, xa, xb, xc, xd, BLOCK_M)
-            if IS_GATED:
+            if IS_GATED or ROPE:
                 w_up = tl.load(w_rows_up + offs_k[None, :], mask=mask_k[None, :], other=0.0)
                 up0, up1, up2, up3 = _fma_rows(up0, up1, up2, up3, w_up, xa, xb, xc, xd, BLOCK_M)
 
@@ -284,16 +342,33 @@ def gemv_kernel(
             r3 = _row_rstd(x3, ss3, K, eps, BLOCK_K, NORM_IN_LOOP)
             acc3 *= r3
             up3 *= r3
-    _finish_row(acc0, up0, m0, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr, stride_rm,
-                stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
-    if BLOCK_M > 1:
-        _finish_row(acc1, up1, m0 + 1, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
-                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
-    if BLOCK_M > 2:
-        _finish_row(acc2, up2, m0 + 2, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
-                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
-        _finish_row(acc3, up3, m0 + 3, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
-                    stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+    if ROPE:
+        p = offs_n % N_OUT
+        _rope_finish_row(acc0, up0, m0, offs_n, p, M, N_OUT, bias_ptr, out_ptr, stride_om, pos_ptr, cs_ptr,
+                         stride_cs, kc_ptr, vc_ptr, slot_ptr, num_q_heads, num_kv_heads, BLOCK_N, HEAD_DIM,
+                         HAS_BIAS)
+        if BLOCK_M > 1:
+            _rope_finish_row(acc1, up1, m0 + 1, offs_n, p, M, N_OUT, bias_ptr, out_ptr, stride_om, pos_ptr,
+                             cs_ptr, stride_cs, kc_ptr, vc_ptr, slot_ptr, num_q_heads, num_kv_heads, BLOCK_N,
+                             HEAD_DIM, HAS_BIAS)
+        if BLOCK_M > 2:
+            _rope_finish_row(acc2, up2, m0 + 2, offs_n, p, M, N_OUT, bias_ptr, out_ptr, stride_om, pos_ptr,
+                             cs_ptr, stride_cs, kc_ptr, vc_ptr, slot_ptr, num_q_heads, num_kv_heads, BLOCK_N,
+                             HEAD_DIM, HAS_BIAS)
+            _rope_finish_row(acc3, up3, m0 + 3, offs_n, p, M, N_OUT, bias_ptr, out_ptr, stride_om, pos_ptr,
+                             cs_ptr, stride_cs, kc_ptr, vc_ptr, slot_ptr, num_q_heads, num_kv_heads, BLOCK_N,
+                             HEAD_DIM, HAS_BIAS)
+    else:
+        _finish_row(acc0, up0, m0, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr, stride_rm,
+                    stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+        if BLOCK_M > 1:
+            _finish_row(acc1, up1, m0 + 1, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                        stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+        if BLOCK_M > 2:
+            _finish_row(acc2, up2, m0 + 2, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                        stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
+            _finish_row(acc3, up3, m0 + 3, pid_k, offs_n, M, N_OUT, F, bias_ptr, res_ptr, out_ptr, ws_ptr,
+                        stride_rm, stride_om, BLOCK_N, HAS_BIAS, HAS_RESIDUAL, IS_GATED, USE_WORKSPACE)
 
 
 @triton.jit
@@ -544,6 +619,87 @@ def gemv(
     )
     if use_ws:
         launch_splitk_epilogue(ws, num_splits, bias, residual, out, n_ws, is_gated)
+    return out
+
+
+def gemv_rope_store(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_q_heads: int,
+    config: dict | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor:
+    """The qkv projection, rotary embedding and KV-cache write of attention in one GEMV launch.
+
+    ``weight`` [(Hq + 2 Hkv) D, K] is a merged [q; k; v] projection; each program streams the rows of
+    dims i and i + D/2 of one head (a pair, as the gated GEMV streams gate and up rows), so its epilogue
+    rotates them (neox style, every dim rotated) by the row's position in ``cos_sin_cache`` [P, D] (cos |
+    sin halves, fp32) and stores the rotated q in the returned [M, Hq * D] tensor, the rotated k and the
+    v in ``k_cache`` / ``v_cache`` [num_blocks, block_size, Hkv, D] at ``slot_mapping`` [M] (-1: no write).
+    Same math as ``gemv`` then ``fdpp.kernels.rotary.rope_store_kv``, one rounding fewer (q and k are
+    rotated before the cast). ``norm_weight``: an RMSNorm prologue, as ``gemv``'s. Never split along K
+    (the epilogue needs the whole dot product): the config's SPLIT_K is ignored.
+    """
+    M, N, K, _ = check_linear_args("gemv_rope_store", x, weight, bias, None, None, norm_weight)
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("gemv_rope_store: k_cache and v_cache must be contiguous [num_blocks, block_size, "
+                         f"num_kv_heads, head_dim] tensors of one shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    num_kv_heads, head_dim = int(k_cache.shape[2]), int(k_cache.shape[3])
+    if head_dim % 2 or N != (num_q_heads + 2 * num_kv_heads) * head_dim:
+        raise ValueError(f"gemv_rope_store: weight has {N} rows; a [q; k; v] projection of {num_q_heads} + 2 x "
+                         f"{num_kv_heads} heads of an even head_dim {head_dim} has "
+                         f"{(num_q_heads + 2 * num_kv_heads) * head_dim}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
+        raise ValueError(f"gemv_rope_store: cos_sin_cache must be a float32 [max_positions, {head_dim}] tensor "
+                         f"(every dim rotated), got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}")
+    if positions.shape != (M,) or slot_mapping.shape != (M,):
+        raise ValueError(f"gemv_rope_store: positions and slot_mapping must be [{M}] (one per row of x), got "
+                         f"{tuple(positions.shape)} and {tuple(slot_mapping.shape)}")
+    out = torch.empty((M, num_q_heads * head_dim), device=x.device, dtype=x.dtype)
+    if M == 0:
+        return out
+    num_pairs = N // 2
+    cfg = default_gemv_config(num_pairs, K, M, num_sms(x.device))
+    if config:
+        cfg.update(config)
+    block_m = min(triton.next_power_of_2(M), int(cfg["BLOCK_M"]), GEMV_MAX_BLOCK_M)
+    block_n, block_k = int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+    if block_n > 1:  # NOTE: two row sets (dims i and i + D/2), as the gated GEMV: half the rows each
+        block_n //= 2
+    num_kb = triton.cdiv(K, block_k)
+    grid = (triton.cdiv(num_pairs, block_n) * triton.cdiv(M, block_m), 1)
+    args, flags = linear_launch_args(x, weight, bias, None, out, out, num_pairs, 0, num_kb, False, norm_weight,
+                                     norm_eps)
+    gemv_kernel[grid](
+        *args,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **flags,
+        PREFETCH=bool(cfg.get("PREFETCH", True)),
+        NORM_IN_LOOP=norm_weight is not None,
+        ROPE=True,
+        pos_ptr=positions,
+        cs_ptr=cos_sin_cache,
+        stride_cs=cos_sin_cache.stride(0),
+        kc_ptr=k_cache,
+        vc_ptr=v_cache,
+        slot_ptr=slot_mapping,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        HEAD_DIM=head_dim,
+        num_warps=int(cfg.get("num_warps", 4)),
+        num_stages=int(cfg.get("num_stages", 2)),
+    )
     return out
 
 

@@ -6,6 +6,7 @@ from torch import nn
 
 from fdpp.layers.context import get_attention_metadata
 from fdpp.ops import attention as attn_ops
+from fdpp.ops import rotary as rope_ops
 from fdpp.ops.rotary import rope_and_store_kv
 
 
@@ -62,14 +63,28 @@ class Attention(nn.Module):
             )
         else:
             attn_ops.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        return self.attend(q)
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D], rotated, this step's k and v already in the cache -> [T, Hq*D]."""
         out = attn_ops.attention(
             q,
             self.k_cache,
             self.v_cache,
-            meta,
+            get_attention_metadata(),
             scale=self.scale,
             layer_idx=self.layer_idx,
             phi=self.phi,
             sliding_window=self.sliding_window,
         )
-        return out.reshape(num_tokens, self.num_heads * self.head_dim)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def project_rope_store(self, x: torch.Tensor, weight, bias: torch.Tensor | None, positions: torch.Tensor,
+                           rotary: nn.Module, norm_weight: torch.Tensor | None = None,
+                           norm_eps: float = 1e-6) -> torch.Tensor | None:
+        """q [T, Hq, D] rotated, this step's k and v written into the cache, from ONE launch of the merged qkv
+        projection ``weight`` of x (``fdpp.ops.rotary.qkv_rope_store``); None where the dispatch does not
+        allow it (the caller projects, then calls ``forward``)."""
+        return rope_ops.qkv_rope_store(
+            x, weight, bias, positions, rotary.cos_sin_cache, rotary.is_neox, self.k_cache, self.v_cache,
+            get_attention_metadata().slot_mapping, self.num_heads, norm_weight, norm_eps)

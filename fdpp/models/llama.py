@@ -18,6 +18,7 @@ from fdpp.distributed.layers import (
     vocab_embedding,
 )
 from fdpp.layers.attention import Attention
+from fdpp.layers.linear import weight_of
 from fdpp.layers.norm import RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 
@@ -45,6 +46,7 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = qkv_linear(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, qkv_bias)
         self.o_proj = row_linear(c.q_size, c.hidden_size, bias=c.attention_bias and not qkv_bias)
         self.rotary_emb = rotary_emb  # NOTE: one module (one cos/sin cache) shared by all layers
+        self.fuse_rope = False  # set by LlamaForCausalLM.set_fuse_rope
         self.attn = Attention(
             heads,
             kv_heads,
@@ -56,7 +58,15 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, norm: nn.Module | None = None,
                 residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``norm``: RMSNorm of ``hidden`` fused into the qkv projection; ``residual``: added by o_proj."""
+        """``norm``: RMSNorm of ``hidden`` fused into the qkv projection; ``residual``: added by o_proj.
+        With ``fuse_rope``, where the qkv projection is a GEMV, it also rotates q and k and writes k and v
+        into the cache (one launch instead of two)."""
+        if self.fuse_rope:
+            q = self.attn.project_rope_store(
+                hidden, weight_of(self.qkv_proj.weight), self.qkv_proj.bias, positions, self.rotary_emb,
+                **({} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}))
+            if q is not None:
+                return self.o_proj(self.attn.attend(q), residual=residual)
         qkv = self.qkv_proj(hidden, norm=norm)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         out = self.attn(q, k, v, positions=positions, rotary=self.rotary_emb)
@@ -161,6 +171,12 @@ class LlamaForCausalLM(nn.Module):
         into o / down); same math, 64 fewer launches per step for a 32-layer model."""
         for layer in self.model.layers:
             layer.fuse_norm = enabled
+
+    def set_fuse_rope(self, enabled: bool) -> None:
+        """Let each layer's qkv projection, where it is a GEMV, rotate q and k and write k and v into the
+        KV cache in its epilogue (``Attention.project_rope_store``); same math, one launch fewer a layer."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_rope = enabled
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

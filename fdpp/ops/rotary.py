@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from fdpp.errors import UnsupportedModelError
-from fdpp.ops.backend import rotary_backend
+from fdpp.ops.backend import linear_backend, rotary_backend
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
@@ -111,3 +111,46 @@ def rope_and_store_kv(
     q, k = apply_rotary(q, k, positions, cos_sin_cache, is_neox)
     store_kv(k, v, k_cache, v_cache, slot_mapping)
     return q
+
+
+def qkv_rope_store(
+    x: torch.Tensor,
+    weight: Any,
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor | None,
+    num_q_heads: int,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+) -> torch.Tensor | None:
+    """The merged qkv projection of x [T, K] (``weight`` [(Hq + 2 Hkv) D, K], optionally RMSNorm of x first),
+    the rotary embedding and the KV-cache write in one GEMV launch (``fdpp.kernels.gemv.gemv_rope_store``);
+    returns the rotated q [T, Hq, D], k and v being in the cache. None where that kernel is not what the
+    projection dispatches to (the dataflow picks another implementation at this T, a quantized weight, the
+    reference backends) or cannot do it (partial or interleaved rotary): the caller then runs the
+    projection and ``rope_and_store_kv``."""
+    if not isinstance(weight, torch.Tensor) or not is_neox or slot_mapping is None or x.dim() != 2:
+        return None
+    head_dim = int(k_cache.shape[-1])
+    if cos_sin_cache.shape[-1] != head_dim:
+        return None
+    backend = linear_backend(x.device)
+    config = None
+    if backend == "table":
+        from fdpp.dataflow.table import choose_impl
+
+        impl, config = choose_impl(x.device, x.dtype, int(weight.shape[0]), int(weight.shape[1]), int(x.shape[0]))
+        if impl != "gemv":
+            return None
+    elif backend != "gemv":
+        return None
+    from fdpp.kernels.gemv import gemv_rope_store
+
+    q = gemv_rope_store(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, positions=positions,
+                        cos_sin_cache=cos_sin_cache, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping,
+                        num_q_heads=num_q_heads, config=config, norm_weight=norm_weight, norm_eps=norm_eps)
+    return q.view(x.shape[0], num_q_heads, head_dim)

@@ -33,3 +33,68 @@ def test_rope_store_kv_matches_reference(is_neox, rot_frac, dtype):
         assert torch.equal(vc[s], v_ref[t])
     untouched = [i for i in range(12) if i not in slots.tolist()]
     assert (kc[untouched] == 7.0).all() and (vc[untouched] == 7.0).all()
+
+
+# (M, Hq, Hk, D, bias, norm, config): MHA / GQA / MQA, 1-4 rows per program, rows past M in a program,
+# a grid whose last program wraps around the pairs, no prefetch
+GEMV_ROPE_CASES = [
+    (1, 4, 2, 32, False, False, {"BLOCK_N": 8, "BLOCK_K": 32}),
+    (1, 2, 2, 16, True, True, {"BLOCK_N": 4, "BLOCK_K": 16, "SPLIT_K": 4}),  # SPLIT_K is ignored
+    (3, 4, 1, 32, False, True, {"BLOCK_M": 4, "BLOCK_N": 16, "BLOCK_K": 32}),
+    (2, 4, 4, 16, True, False, {"BLOCK_M": 2, "BLOCK_N": 64, "BLOCK_K": 16, "PREFETCH": False}),
+    (5, 3, 1, 16, False, False, {"BLOCK_M": 4, "BLOCK_N": 8, "BLOCK_K": 64}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M, Hq, Hk, D, has_bias, has_norm, config", GEMV_ROPE_CASES)
+def test_gemv_rope_store_matches_gemv_then_rope_store(M, Hq, Hk, D, has_bias, has_norm, config, dtype):
+    """The fused qkv GEMV + rotary + cache write against the float64 projection, the reference rotary and
+    the reference cache write: q returned, k and v in their slots (slot -1 writes nothing), nothing else
+    touched."""
+    from fdpp.kernels.gemv import gemv_reference, gemv_rope_store
+
+    g = torch.Generator().manual_seed(M * 100 + D)
+    K = 48
+    N = (Hq + 2 * Hk) * D
+    x = (2.0 * torch.randn(M, K, generator=g)).to(dtype)
+    w = (torch.randn(N, K, generator=g) / K**0.5).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype) if has_bias else None
+    nw = (1.0 + 0.5 * torch.randn(K, generator=g)).to(dtype) if has_norm else None
+    cache = build_cos_sin_cache(D, 64, 10000.0, None, torch.device("cpu"))
+    positions = torch.tensor([3, 17, 40, 63, 0][:M])
+    slots = torch.tensor([5, -1, 0, 9, 2][:M])
+    k_cache = torch.full((3, 4, Hk, D), 7.0, dtype=dtype)
+    v_cache = torch.full((3, 4, Hk, D), 7.0, dtype=dtype)
+    q = gemv_rope_store(x, w, bias, positions=positions, cos_sin_cache=cache, k_cache=k_cache, v_cache=v_cache,
+                        slot_mapping=slots, num_q_heads=Hq, config=config, norm_weight=nw, norm_eps=1e-5)
+    y = gemv_reference(x, w, bias, norm_weight=nw, norm_eps=1e-5)  # float64 [M, N]
+    q_ref, k_ref, v_ref = y.split([Hq * D, Hk * D, Hk * D], dim=-1)
+    q_ref, k_ref = apply_rotary(q_ref.reshape(M, Hq, D), k_ref.reshape(M, Hk, D), positions, cache.double())
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    assert q.shape == (M, Hq * D) and q.dtype == dtype
+    assert (q.double() - q_ref.reshape(M, -1)).norm() / q_ref.norm() < tol
+    kc, vc = k_cache.view(-1, Hk, D), v_cache.view(-1, Hk, D)
+    v_ref = v_ref.reshape(M, Hk, D)
+    for t, s in enumerate(slots.tolist()):
+        if s < 0:
+            continue
+        assert (kc[s].double() - k_ref[t]).norm() / k_ref[t].norm() < tol
+        assert (vc[s].double() - v_ref[t]).norm() / v_ref[t].norm() < tol
+    untouched = [i for i in range(12) if i not in slots.tolist()]
+    assert (kc[untouched] == 7.0).all() and (vc[untouched] == 7.0).all()
+
+
+def test_gemv_rope_store_refuses_what_it_cannot_do():
+    from fdpp.kernels.gemv import gemv_rope_store
+
+    x, w = torch.randn(1, 16), torch.randn((2 + 2) * 8, 16)
+    kc = torch.zeros(2, 4, 1, 8)
+    kw = dict(positions=torch.tensor([0]), slot_mapping=torch.tensor([0]), k_cache=kc, v_cache=kc.clone())
+    with pytest.raises(ValueError, match="rows"):  # 3 q heads do not match the weight's 4 x 8 rows
+        gemv_rope_store(x, w, cos_sin_cache=torch.zeros(8, 8), num_q_heads=3, **kw)
+    with pytest.raises(ValueError, match="every dim rotated"):  # partial rotary
+        gemv_rope_store(x, w, cos_sin_cache=torch.zeros(8, 4), num_q_heads=2, **kw)
+    with pytest.raises(ValueError, match="one per row"):
+        gemv_rope_store(x, w, cos_sin_cache=torch.zeros(8, 8), num_q_heads=2,
+                        **{**kw, "positions": torch.tensor([0, 1])})
