@@ -3,7 +3,7 @@
 # evening, so nothing of its changes has run on one), in priority order, each bounded
 # so that one device call (< 10 minutes) runs one part. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
-#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 7, 8, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
+#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 7, 8, 10, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
 # (carry .wheels and .bisect)
 # Python packages missing on the device (xgrammar, gguf, fastapi, ...) travel as wheels in .wheels/ (ignored by git).
 set -o pipefail
@@ -43,8 +43,10 @@ if [ "$PART" = 8 ]; then
 run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 --out "$R"
 run prof_l3_b1 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024 --out "$R"
 run prof_l2_b1 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024 --out "$R"
-# the qkv GEMV with RoPE + the KV-cache write in its epilogue (fuse_rope, opt-in): the rope_store_kv kernel
-# (93 us a B1 step on 2026-12-04) should leave the table; then the B1 wall clock with it on
+fi
+if [ "$PART" = 10 ]; then
+# 10. The qkv GEMV with RoPE + the KV-cache write in its epilogue (fuse_rope, opt-in): the rope_store_kv kernel
+#     (93 us a B1 step on 2026-12-04) should leave the table; then the B1 wall clock with it on
 run prof_l2_b1_rope 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024_fuse_rope --llm-kw '{"fuse_rope": true}' --out "$R"
 run prof_l3_b1_rope 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024_fuse_rope --llm-kw '{"fuse_rope": true}' --out "$R"
 mkdir -p "$R/rope"; run e2e_rope 200 env FDPP_FUSED_ROPE=1 python bench/e2e_latency.py --quick --budget-s 170 --out "$R/rope"
