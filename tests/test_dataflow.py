@@ -217,6 +217,16 @@ def test_candidate_configs_are_sane():
     assert all(math.log2(c["SPLIT_K"]).is_integer() for c in candidate_configs("flat", 4096, 4096, 1))
 
 
+def test_quick_candidates_keep_every_gemv_tile_at_m1():
+    """--quick (and bench_gemm.py's extra-dtype pass) keeps all GEMV tiles at M = 1: the 2026-11-26 H200
+    table's bf16 pass tried 2 of 7 and missed (4, 512, 2), the fp16 winner of 10 of 15 shapes."""
+    def tiles(m, quick):
+        return {(c["BLOCK_N"], c["BLOCK_K"], c["num_warps"]) for c in candidate_configs("gemv", 4096, 4096, m,
+                                                                                       quick=quick)}
+    assert tiles(1, True) == tiles(1, False) and (4, 512, 2) in tiles(1, True)
+    assert len(tiles(2, True)) < len(tiles(2, False))
+
+
 def test_tune_cli_parser():
     import argparse
 

@@ -121,9 +121,7 @@ def quant_candidate_configs(
         if m > gemv_max_m:
             return []
         tiles = [(8, 256, 4), (4, 512, 4), (16, 256, 4), (8, 512, 8), (2, 1024, 4)]
-        # NOTE: M = 1 keeps every tile even when quick: it is one point per shape, and the 2026-11-26 H200
-        # tables' bf16 pass (tuned quick) never tried (4, 512, 2), the fp16 winner of 10 of 15 shapes
-        if (quick and bm > 1) or m > 8:
+        if quick or m > 8:
             tiles = tiles[:2]
         for bn, bk, warps in tiles:
             bk = max(bk, sb)

@@ -673,6 +673,26 @@ class ModelRunner:
         if h_ctx is not None:
             h_ctx[lo:hi] = 0
 
+    def _stage_chunk(self, h_long, offset: int, seq: Sequence, n: int, pad_to: int) -> int:
+        """Host staging of ``seq``'s next ``n`` prompt tokens (ids, positions, cache slots) at token rows
+        ``offset``..; rows up to ``pad_to`` become padding. Returns the chunk's end (its context length)."""
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        h_long[0, offset: offset + n] = seq.token_ids[start:end]
+        h_long[1, offset: offset + n] = range(start, end)
+        h_long[2, offset: offset + n] = self._slots(seq, start, end)
+        self._pad_rows(h_long, None, offset + n, pad_to)
+        return end
+
+    @staticmethod
+    def _replay_or_run(graphs: dict, key: int, step: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """The logits of a static step: its graph's replay where one was captured, else ``step(key)``
+        eagerly over the same static inputs."""
+        captured = graphs.get(key)
+        if captured is None:
+            return step(key)
+        captured[0].replay()
+        return captured[1]
+
     def _replay(self, batch: ScheduledBatch, device_tokens: DeviceTokens | None = None) -> torch.Tensor:
         seqs = batch.seqs
         bs = len(seqs)
@@ -776,11 +796,7 @@ class ModelRunner:
         h_long, h_ints, h_tables = inp.host()
         width = self._stage_decode_rows(decode, h_long, h_ints, h_tables)
         self._pad_rows(h_long, h_ints, nd, bucket)
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-        h_long[0, bucket: bucket + n] = seq.token_ids[start:end]
-        h_long[1, bucket: bucket + n] = range(start, end)
-        h_long[2, bucket: bucket + n] = self._slots(seq, start, end)
-        self._pad_rows(h_long, None, bucket + n, bucket + C)
+        end = self._stage_chunk(h_long, bucket, seq, n, bucket + C)
         h_ints[bucket] = end
         h_tables[bucket, : len(seq.block_table)] = seq.block_table
         width = max(width, len(seq.block_table))
@@ -792,12 +808,7 @@ class ModelRunner:
         inp.upload(bucket + C, len(h_ints), bucket + 1, width)
         if device_tokens is not None:
             self._scatter_device_tokens(inp.ids, device_tokens)
-        captured = self.mixed_graphs.get(bucket)
-        if captured is not None:
-            captured[0].replay()
-            logits = captured[1]
-        else:
-            logits = self.mixed_step(bucket)
+        logits = self._replay_or_run(self.mixed_graphs, bucket, self.mixed_step)
         self.num_mixed_replays += 1
         sampled = end == seq.num_tokens
         return logits[: nd + sampled], decode + [seq] * sampled
@@ -865,12 +876,8 @@ class ModelRunner:
         prompt) and its sequence."""
         inp = self._prefill_inputs
         seq, n = batch.seqs[0], batch.num_new_tokens[0]
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         h_long, h_ints, h_tables = inp.host()
-        h_long[0, :n] = seq.token_ids[start:end]
-        h_long[1, :n] = range(start, end)
-        h_long[2, :n] = self._slots(seq, start, end)
-        self._pad_rows(h_long, None, n, tokens)
+        end = self._stage_chunk(h_long, 0, seq, n, tokens)
         h_ints[:] = 0
         h_ints[self._PF_CTX] = end
         h_ints[self._PF_CU + 1] = n
@@ -879,12 +886,7 @@ class ModelRunner:
         inp.upload(tokens, self._PF_INTS, 1, len(seq.block_table))
         if device_tokens is not None:
             self._scatter_device_tokens(inp.ids, device_tokens)
-        captured = self.prefill_graphs.get(tokens)
-        if captured is not None:
-            captured[0].replay()
-            logits = captured[1]
-        else:
-            logits = self.prefill_step(tokens)
+        logits = self._replay_or_run(self.prefill_graphs, tokens, self.prefill_step)
         self.num_prefill_replays += 1
         sampled = end == seq.num_tokens
         return logits[:int(sampled)], [seq] * sampled

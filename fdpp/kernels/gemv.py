@@ -559,6 +559,23 @@ def default_gemv_config(n_out: int, k: int, m: int, sms: int = 132) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": warps}
 
 
+def _launch_gemv(grid, args: tuple, flags: dict, cfg: dict, block_m: int, block_n: int, block_k: int,
+                 **extra) -> None:
+    """``gemv_kernel`` over ``grid`` with the shared arguments (``linear_launch_args``), the tile sizes and
+    ``cfg``'s prefetch / warps / stages; ``extra``: the variant's own keywords (norm, PDL, RoPE)."""
+    gemv_kernel[grid](
+        *args,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        **flags,
+        PREFETCH=bool(cfg.get("PREFETCH", True)),
+        num_warps=int(cfg.get("num_warps", 4)),
+        num_stages=int(cfg.get("num_stages", 2)),
+        **extra,
+    )
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -605,18 +622,8 @@ def gemv(
     args, flags = linear_launch_args(x, weight, bias, residual, out, ws, kernel_n, n_out if is_gated else 0,
                                      kb_per_split, use_ws, norm_weight, norm_eps)
     pdl = {"USE_PDL": True, "launch_pdl": True} if pdl_enabled(x.device) else {}
-    gemv_kernel[grid](
-        *args,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        **flags,
-        PREFETCH=bool(cfg.get("PREFETCH", True)),
-        NORM_IN_LOOP=norm_weight is not None and num_splits == 1,
-        num_warps=int(cfg.get("num_warps", 4)),
-        num_stages=int(cfg.get("num_stages", 2)),
-        **pdl,
-    )
+    _launch_gemv(grid, args, flags, cfg, block_m, block_n, block_k,
+                 NORM_IN_LOOP=norm_weight is not None and num_splits == 1, **pdl)
     if use_ws:
         launch_splitk_epilogue(ws, num_splits, bias, residual, out, n_ws, is_gated)
     return out
@@ -679,27 +686,10 @@ def gemv_rope_store(
     grid = (triton.cdiv(num_pairs, block_n) * triton.cdiv(M, block_m), 1)
     args, flags = linear_launch_args(x, weight, bias, None, out, out, num_pairs, 0, num_kb, False, norm_weight,
                                      norm_eps)
-    gemv_kernel[grid](
-        *args,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        **flags,
-        PREFETCH=bool(cfg.get("PREFETCH", True)),
-        NORM_IN_LOOP=norm_weight is not None,
-        ROPE=True,
-        pos_ptr=positions,
-        cs_ptr=cos_sin_cache,
-        stride_cs=cos_sin_cache.stride(0),
-        kc_ptr=k_cache,
-        vc_ptr=v_cache,
-        slot_ptr=slot_mapping,
-        num_q_heads=num_q_heads,
-        num_kv_heads=num_kv_heads,
-        HEAD_DIM=head_dim,
-        num_warps=int(cfg.get("num_warps", 4)),
-        num_stages=int(cfg.get("num_stages", 2)),
-    )
+    _launch_gemv(grid, args, flags, cfg, block_m, block_n, block_k, NORM_IN_LOOP=norm_weight is not None,
+                 ROPE=True, pos_ptr=positions, cs_ptr=cos_sin_cache, stride_cs=cos_sin_cache.stride(0),
+                 kc_ptr=k_cache, vc_ptr=v_cache, slot_ptr=slot_mapping, num_q_heads=num_q_heads,
+                 num_kv_heads=num_kv_heads, HEAD_DIM=head_dim)
     return out
 
 

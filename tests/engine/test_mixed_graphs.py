@@ -131,27 +131,36 @@ def test_static_mixed_step_takes_device_tokens(runner):
     torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
 
 
+def _with_second_prompt(b: ScheduledBatch) -> ScheduledBatch:
+    """``b`` with a second prompt chunk (6 tokens in block 60) after its rows."""
+    extra = _seq(list(range(6)), _Blocks())
+    extra.block_table = [60]
+    return ScheduledBatch(b.seqs + [extra], b.num_new_tokens + [6], True)
+
+
+def _with_prompt_logprobs(b: ScheduledBatch) -> ScheduledBatch:
+    b.seqs[-1].prompt_logprobs = [None]
+    return b
+
+
+def _assert_eager(runner, cases: list[ScheduledBatch], counter: str) -> None:
+    """Each step runs eagerly: the runner's static-step ``counter`` does not move."""
+    for b in cases:
+        before = getattr(runner, counter)
+        runner.execute(b)
+        assert getattr(runner, counter) == before
+
+
 def test_other_steps_stay_eager(runner):
     """Too long a chunk, two chunks, prompt logprobs, more decode rows than the largest bucket, no
     decode row: the eager step (the counter does not move)."""
     r = runner
     r.init_mixed_inputs(C, BUCKETS)
-    cases = []
-    b = _setup(r, 1, 40, 0, C + 1, seed=1)
-    cases.append(b)
-    b = _setup(r, 1, 10, 0, 10, seed=2)
-    extra = _seq(list(range(6)), _Blocks())
-    extra.block_table = [60]
-    cases.append(ScheduledBatch(b.seqs + [extra], b.num_new_tokens + [6], True))
-    b = _setup(r, 2, 10, 0, 10, seed=3)
-    b.seqs[-1].prompt_logprobs = [None]
-    cases.append(b)
+    cases = [_setup(r, 1, 40, 0, C + 1, seed=1), _with_second_prompt(_setup(r, 1, 10, 0, 10, seed=2)),
+             _with_prompt_logprobs(_setup(r, 2, 10, 0, 10, seed=3))]
     cases.append(_setup(r, 5, 10, 0, 10, seed=4))
     cases.append(_setup(r, 0, 10, 0, 10, seed=5))
-    for b in cases:
-        before = r.num_mixed_replays
-        r.execute(b)
-        assert r.num_mixed_replays == before
+    _assert_eager(r, cases, "num_mixed_replays")
     with pytest.raises(ValueError, match="chunk_tokens must be >= 0"):
         r.init_mixed_inputs(-1, BUCKETS)
 
@@ -359,19 +368,9 @@ def test_other_prefill_steps_stay_eager(runner):
     mixed path's, off here): the eager step (the counter does not move)."""
     r = runner
     r.init_prefill_inputs(PREFILL_BUCKETS)
-    cases = [_setup(r, 0, 65, 0, 65, seed=1)]
-    b = _setup(r, 0, 10, 0, 10, seed=2)
-    extra = _seq(list(range(6)), _Blocks())
-    extra.block_table = [60]
-    cases.append(ScheduledBatch(b.seqs + [extra], b.num_new_tokens + [6], True))
-    b = _setup(r, 0, 10, 0, 10, seed=3)
-    b.seqs[-1].prompt_logprobs = [None]
-    cases.append(b)
-    cases.append(_setup(r, 2, 10, 0, 10, seed=4))
-    for b in cases:
-        before = r.num_prefill_replays
-        r.execute(b)
-        assert r.num_prefill_replays == before
+    cases = [_setup(r, 0, 65, 0, 65, seed=1), _with_second_prompt(_setup(r, 0, 10, 0, 10, seed=2)),
+             _with_prompt_logprobs(_setup(r, 0, 10, 0, 10, seed=3)), _setup(r, 2, 10, 0, 10, seed=4)]
+    _assert_eager(r, cases, "num_prefill_replays")
     with pytest.raises(ValueError, match="positive multiples of 16"):
         r.init_prefill_inputs([16, 24])
 
