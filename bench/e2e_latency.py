@@ -12,8 +12,11 @@ the engine's per-step median and the host overhead beside them. The roof is the 
 
 Before timing, each engine is checked: async scheduling on vs off gives the same greedy tokens, and the
 fused-norm forward the same prompt logits (within half-precision rounding) as separate norms.
-``--compare-async`` times async off/on x fuse_norm off/on at batch 1; ``--peers`` times transformers with a
-static cache (compiled) on the same shapes at batch 1. ``--budget-s`` stops starting new measurements once
+``--compare-async`` times async off/on x fuse_norm off/on at batch 1; ``--compare-prefill-graphs`` batch 1 with
+the prefill CUDA graphs dropped (every prefill eager); ``--peers`` times transformers with a static cache
+(compiled) on the same shapes at batch 1. The graphs are captured as the engine's start-up captures them
+(``LLMEngine.capture_cuda_graphs``: decode, mixed and prefill steps; before 2026-12-04 late this script captured
+the decode graphs only, which left B1 prefills eager as they were in the engine then). ``--budget-s`` stops starting new measurements once
 spent (what was measured is written). Writes e2e_latency_<gpu>_<date>.json / .md / .png into --out.
 """
 from __future__ import annotations
@@ -62,7 +65,7 @@ def set_variant(llm, use_async: bool, fuse_norm: bool, max_bs: int) -> None:
         runner.graphs.clear()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
-        runner.capture_cuda_graphs(max(have, max_bs), show_progress=False)
+        eng.capture_cuda_graphs(max(have, max_bs))  # as the engine's start-up does: decode, mixed, prefill
 
 
 _PDL_DEFAULT = os.environ.get("FDPP_PDL", "0") == "1"  # the setting this run ships (set_pdl changes the env)
@@ -80,7 +83,7 @@ def set_pdl(llm, on: bool) -> None:
     have = runner.graph_batch_sizes[-1] if runner.graphs else 1
     runner.graphs.clear()
     torch.cuda.synchronize()
-    runner.capture_cuda_graphs(have, show_progress=False)
+    llm.engine.capture_cuda_graphs(have)
 
 
 def pdl_check(llm) -> bool:
@@ -203,7 +206,8 @@ def compute_targets(result: dict) -> list[dict]:
     best = {}
     for r in result["fdpp"]:
         if (r.get("async_scheduling") and r.get("fuse_norm") and r.get("wall_decode_tokens_per_s")
-                and r.get("pdl", False) == result.get("pdl_default", False)):  # the shipped settings
+                and r.get("pdl", False) == result.get("pdl_default", False)
+                and r.get("prefill_graphs", True)):  # the shipped settings
             best[(r["model"], r["batch_size"], r["input_len"])] = r
     targets = []
 
@@ -221,6 +225,12 @@ def compute_targets(result: dict) -> list[dict]:
     r = best.get(("llama-2-7b", 64, 1024))
     v = 100 * r["wall_decode_tokens_per_s"] / bound_tok_s(r, bw) if r else None
     add("e2e.llama-2-7b.b64_in1024.pct_of_bound", v, ">= 90", v is not None and v >= 90)
+    for r in result["fdpp"]:  # the prefill graphs against the eager prefill (--compare-prefill-graphs)
+        ref = best.get((r["model"], r["batch_size"], r["input_len"]))
+        if r.get("prefill_graphs") is False and r.get("wall_ttft_ms") and ref and ref.get("prefill_graphs"):
+            v = r["wall_ttft_ms"] / ref["wall_ttft_ms"]
+            add(f"e2e.{r['model']}.b1_in{r['input_len']}.ttft_eager_over_prefill_graphs", v,
+                ">= 1.0 (the prefill graphs never slower)", v >= 1.0)
     peers = {(p["model"], p["batch_size"], p["input_len"]): p for p in result.get("transformers", [])
              if p.get("wall_decode_tokens_per_s")}
     ratios = [best[k]["wall_decode_tokens_per_s"] / p["wall_decode_tokens_per_s"]
@@ -242,15 +252,15 @@ def write_reports(result: dict, out_dir: str) -> str:
              f"torch {result['torch']}, triton {result['triton']}, copy bandwidth {result['copy_bandwidth_gbs']:.0f} GB/s "
              "(eager 2 GB copy). Wall clock through `LLM.generate`: TTFT = wall(1); decode tok/s = "
              "B x (N-1) / (wall(N) - wall(1)), medians after a warm-up.", "",
-             "| model | dtype | B | input | async | fused norm | PDL | wall TTFT ms | wall tok/s | bound tok/s | % bound "
-             "| step ms (per-step) | host ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | dtype | B | input | async | fused norm | PDL | prefill graphs | wall TTFT ms | wall tok/s | bound tok/s "
+             "| % bound | step ms (per-step) | host ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["fdpp"]:
         if not r.get("wall_decode_tokens_per_s"):
             continue
         b = bound_tok_s(r, bw)
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch_size']} | {r['input_len']} | {r['async_scheduling']} | "
-                     f"{r['fuse_norm']} | {r.get('pdl', False)} | {r['wall_ttft_ms']:.1f} | {r['wall_decode_tokens_per_s']:.1f} | {b:.0f} | "
+                     f"{r['fuse_norm']} | {r.get('pdl', False)} | {r.get('prefill_graphs', '-')} | {r['wall_ttft_ms']:.1f} | {r['wall_decode_tokens_per_s']:.1f} | {b:.0f} | "
                      f"{100 * r['wall_decode_tokens_per_s'] / b:.1f} | {r['decode_step_ms']:.3f} | "
                      f"{r.get('host_overhead_ms') or 0:.3f} |")
     if result.get("transformers"):
@@ -280,7 +290,8 @@ def write_reports(result: dict, out_dir: str) -> str:
         fig, ax = plt.subplots(figsize=(9, 4.5))
         labels = [f"{r['model']}\nB{r['batch_size']} x {r['input_len']}\n"
                   f"{'async' if r['async_scheduling'] else 'sync'}{' +fn' if r['fuse_norm'] else ''}"
-                  f"{' +pdl' if r.get('pdl') else ''}" for r in rows]
+                  f"{' +pdl' if r.get('pdl') else ''}{' eager-prefill' if r.get('prefill_graphs') is False else ''}"
+                  for r in rows]
         vals = [100 * r["wall_decode_tokens_per_s"] / bound_tok_s(r, bw) for r in rows]
         ax.bar(range(len(rows)), vals, color=["tab:blue" if r["batch_size"] == 1 else "tab:green" for r in rows])
         for i, r in enumerate(rows):
@@ -305,6 +316,8 @@ def main() -> None:
                     help="also time async off/on x fuse_norm off/on at batch 1, in the same run")
     ap.add_argument("--compare-pdl", action="store_true",
                     help="also time batch 1 with programmatic dependent launch toggled (FDPP_PDL), same run")
+    ap.add_argument("--compare-prefill-graphs", action="store_true",
+                    help="also time batch 1 with the prefill CUDA graphs dropped (eager prefill), same run")
     ap.add_argument("--peers", action="store_true", help="also time transformers (static cache, compiled) at batch 1")
     ap.add_argument("--budget-s", type=float, default=280.0, help="start no new measurement after this many seconds")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"), help="results folder")
@@ -356,11 +369,29 @@ def main() -> None:
                 set_variant(llm, use_async, fuse, bs)
                 r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw, repeats=args.repeats).as_dict()
                 r["pdl"] = pdl_default()
+                r["prefill_graphs"] = bool(llm.engine.runner.prefill_graphs)
                 result["fdpp"].append(r)
                 write_reports(result, args.out)
                 log(f"fdpp {model} B{bs}x{n_in} async={use_async} fuse={fuse}: wall {r['wall_decode_tokens_per_s']:.1f} "
                     f"tok/s, TTFT {r['wall_ttft_ms']:.1f} ms, per-step {r['decode_step_ms']:.3f} ms, "
                     f"host {r.get('host_overhead_ms') or 0:.3f} ms, bound {bound_tok_s(r, bw):.0f} tok/s")
+        if args.compare_prefill_graphs and budget.left > 40:
+            runner = llm.engine.runner
+            set_variant(llm, True, True, 1)
+            sizes = list(runner.prefill_token_sizes)
+            runner.init_prefill_inputs([])  # drops the prefill graphs: every prefill runs eagerly
+            for bs, n_in in mine:
+                if bs != 1 or budget.left < 30:
+                    continue
+                r = run_latency(llm, model, bs, n_in, output_len, copy_bw=bw, repeats=args.repeats).as_dict()
+                r["pdl"] = pdl_default()
+                r["prefill_graphs"] = False
+                result["fdpp"].append(r)
+                write_reports(result, args.out)
+                log(f"fdpp {model} B{bs}x{n_in} without prefill graphs: TTFT {r['wall_ttft_ms']:.1f} ms, wall "
+                    f"{r['wall_decode_tokens_per_s']:.1f} tok/s")
+            runner.init_prefill_inputs(sizes)
+            llm.engine.capture_cuda_graphs(runner.graph_batch_sizes[-1])
         if args.compare_pdl and budget.left > 40:
             try:
                 set_variant(llm, True, True, 1)

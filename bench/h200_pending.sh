@@ -29,12 +29,12 @@ if [ "$PART" = 1 ]; then
 run pytest_gpu 450 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_activation.py tests/kernels/test_fused_norm.py tests/kernels/test_gemv.py tests/engine/test_backends.py
 fi
 if [ "$PART" = 2 ]; then
-# 2. Issue 12's TTFT with the prefill graphs (cuda_graph_prefill_max_tokens, default 512) against without them,
-#    at 128 / 512 / 1024 tokens (1024 is past the graphs: eager either way), with the device-kernel table and
-#    the host profile of one prefill each (ttft_trace --profile), then issue 12's table (e2e_latency, no peers).
-run ttft_graphs 170 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --profile
-run ttft_eager_prefill 110 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --llm-kw '{"cuda_graph_prefill_max_tokens": 0}'
-run e2e_latency 250 python bench/e2e_latency.py --budget-s 220 --out "$R"
+# 2. Issue 12's TTFT with the prefill graphs (cuda_graph_prefill_max_tokens, default 1024): the eager prefill's
+#    device-kernel table and host profile at 128 / 512 / 1024 tokens (is the 1k prefill device-bound, and at how
+#    many ms?), then issue 12's table with the B1 rows also timed without the prefill graphs (same run).
+run ttft_eager_prefill 150 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --profile --llm-kw '{"cuda_graph_prefill_max_tokens": 0}'
+run ttft_graphs 90 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5
+run e2e_latency 340 python bench/e2e_latency.py --compare-prefill-graphs --budget-s 300 --out "$R"
 fi
 if [ "$PART" = 8 ]; then
 # 8. The GEMV's one-pass RMSNorm prologue (the K loop sums x^2; 2026-12-04 late): the per-M fused vs separate

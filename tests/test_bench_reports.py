@@ -27,3 +27,20 @@ def test_gemm_h200_report_matches_its_json(bench_gemm):
     assert result["copy_tbps"] >= 4.2 and result["copy_tbps_measured"] < 3.0
     md = bench_gemm.render_markdown(result, load_table_for_gpu(result["gpu"]))
     assert md == (ROOT / "bench/results/gemm_h200.md").read_text()
+
+
+def test_e2e_latency_targets_compare_the_prefill_graphs():
+    """e2e_latency's targets read the shipped settings' rows (prefill graphs on, or rows that predate the
+    flag) and add the eager-prefill TTFT ratio only where --compare-prefill-graphs measured it."""
+    e2e = load_bench("e2e_latency")
+    row = dict(model="llama-2-7b", dtype="float16", batch_size=1, input_len=1024, async_scheduling=True,
+               fuse_norm=True, pdl=False, wall_decode_tokens_per_s=250.0, wall_ttft_ms=20.0,
+               weight_bytes=13.5e9, kv_bytes_per_step=0.5e9)
+    result = {"copy_bandwidth_gbs": 4200.0, "pdl_default": False,
+              "fdpp": [dict(row, prefill_graphs=True), dict(row, prefill_graphs=False, wall_ttft_ms=25.0)]}
+    targets = {t["name"]: t for t in e2e.compute_targets(result)}
+    assert targets["e2e.llama-2-7b.b1_in1024.ttft_ms"]["value"] == 20.0
+    ratio = targets["e2e.llama-2-7b.b1_in1024.ttft_eager_over_prefill_graphs"]
+    assert ratio["value"] == pytest.approx(1.25) and ratio["met"]
+    old = {t["name"] for t in e2e.compute_targets({**result, "fdpp": [row]})}  # a row without the flag
+    assert "e2e.llama-2-7b.b1_in1024.ttft_ms" in old and not any("prefill_graphs" in n for n in old)

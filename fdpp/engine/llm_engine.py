@@ -130,20 +130,26 @@ class LLMEngine:
             raise InvalidRequestError("cuda_graph_prefill_max_tokens must be >= 0 (0: no prefill graphs), "
                                       f"got {config.cuda_graph_prefill_max_tokens}")
         if self.device.type == "cuda" and not config.enforce_eager:
-            # mixed steps (decode rows + one prompt chunk of at most the chunk cap) and prefill steps of one
-            # chunk (up to cuda_graph_prefill_max_tokens) replay graphs too
-            self.runner.capture_cuda_graphs(
-                config.max_num_seqs, show_progress=config.show_progress,
-                mixed_chunk_tokens=threshold if config.cuda_graph_mixed else 0,
-                balanced_decode=config.cuda_graph_balanced_decode,
-                prefill_tokens=prefill_graph_sizes(config.cuda_graph_prefill_max_tokens, self.max_num_batched_tokens,
-                                                   self.max_model_len))
+            self.capture_cuda_graphs()
         # tokens -> text, stop checks, RequestOutputs (ending a sequence stays here: _finish)
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.requests: dict[str, RequestState] = {}
         self._next_id = 0
 
     # ---- set-up ----------------------------------------------------------------------------------
+    def capture_cuda_graphs(self, max_batch_size: int | None = None) -> None:
+        """(Re)capture the CUDA graphs the config asks for: decode steps up to ``max_batch_size`` rows (None:
+        max_num_seqs), mixed steps (decode rows + one prompt chunk of at most the long-prefill cap), prefill
+        steps of one chunk up to cuda_graph_prefill_max_tokens, balanced decode. Start-up does it unless
+        enforce_eager; benchmarks that change the forward (fused norms, PDL) call it again."""
+        c = self.config
+        self.runner.capture_cuda_graphs(
+            max_batch_size or c.max_num_seqs, show_progress=c.show_progress,
+            mixed_chunk_tokens=self.scheduler.long_prefill_token_threshold if c.cuda_graph_mixed else 0,
+            balanced_decode=c.cuda_graph_balanced_decode,
+            prefill_tokens=prefill_graph_sizes(c.cuda_graph_prefill_max_tokens, self.max_num_batched_tokens,
+                                               self.max_model_len))
+
     def _num_blocks(self, block_size: int) -> int:
         cc = self.config.cache
         if cc.num_blocks is not None:
