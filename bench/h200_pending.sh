@@ -33,8 +33,8 @@ if [ "$PART" = 2 ]; then
 #    device-kernel table and host profile at 128 / 512 / 1024 tokens (is the 1k prefill device-bound, and at how
 #    many ms?), then issue 12's table with the B1 rows also timed without the prefill graphs (same run).
 run ttft_eager_prefill 150 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5 --profile --llm-kw '{"cuda_graph_prefill_max_tokens": 0}'
-run ttft_graphs 90 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5
-run e2e_latency 340 python bench/e2e_latency.py --compare-prefill-graphs --budget-s 300 --out "$R"
+run ttft_graphs 80 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5
+run e2e_latency 320 python bench/e2e_latency.py --compare-prefill-graphs --budget-s 270 --out "$R"
 fi
 if [ "$PART" = 8 ]; then
 # 8. The GEMV's one-pass RMSNorm prologue (the K loop sums x^2; 2026-12-04 late): the per-M fused vs separate
