@@ -33,6 +33,10 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     ap.add_argument("--ms", type=int, nargs="+", default=MS)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--update-table", default=None, metavar="PATH",
+                    help="write the per-shape decision into this dataflow table (e.g. "
+                    "fdpp/dataflow/tables/nvidia-h200.json): each measured GEMV range gets \"separate_norm\": true "
+                    "where the norm kernel + the plain GEMV was > 2%% faster, else loses the key")
     args = ap.parse_args()
 
     from fdpp.dataflow.shapes import PRESET_SHAPES
@@ -77,7 +81,7 @@ def main() -> None:
                         gate, up = ref.chunk(2, dim=-1)
                         ref = torch.nn.functional.silu(gate) * up
                     errs = [((f(x, w).double() - ref).norm() / ref.norm()).item() for f in (fused, separate)]
-                    rule = fuses_norm(impl)
+                    rule = fuses_norm(impl, cfg)
                     best_fused = t_f < t_s
                     ok = (t_f if rule else t_s) <= 1.02 * min(t_f, t_s)
                     picked_ok &= ok
@@ -94,6 +98,8 @@ def main() -> None:
                                 "met": bool(picked_ok)})
     gpu = torch.cuda.get_device_name()
     date = datetime.date.today().isoformat()
+    if args.update_table:
+        update_table(args.update_table, rows)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"fused_norm_{gpu.replace(' ', '_')}_{date}")
     with open(stem + ".json", "w") as f:
@@ -109,6 +115,27 @@ def main() -> None:
                     f"{r['separate_us']:.1f} | {r['fused_over_separate']:.3f} | "
                     f"{'fused' if r['rule_fuses'] else 'separate'}{'' if r['rule_ok'] else ' (wrong side)'} |\n")
     print("wrote", stem + ".json")
+
+
+def update_table(path: str, rows: list[dict], margin: float = 1.02) -> list[str]:
+    """Record each measured GEMV point's faster side in the table at ``path`` (``set_separate_norm``):
+    separate where fused took more than ``margin`` x the separate time, fused otherwise; returns what changed."""
+    from fdpp.dataflow.table import DispatchTable, set_separate_norm
+
+    table = DispatchTable.load(path)
+    changed = []
+    for r in rows:
+        if r["impl"] != "gemv":
+            continue
+        separate = r["fused_us"] > margin * r["separate_us"]
+        before = (table.lookup(r["dtype"], r["n"], r["k"], r["m"]) or (None, None))[1] or {}
+        if set_separate_norm(table, r["dtype"], r["n"], r["k"], r["m"], separate) and \
+                bool(before.get("separate_norm")) != separate:
+            changed.append(f"{r['model']} {r['layer']} {r['dtype']} M={r['m']}: {'separate' if separate else 'fused'}")
+    table.meta["fused_norm_source"] = "bench/bench_fused_norm.py --update-table"
+    table.save(path)
+    print(f"updated {path}: {changed or 'no change'}", flush=True)
+    return changed
 
 
 if __name__ == "__main__":

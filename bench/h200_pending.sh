@@ -40,7 +40,10 @@ if [ "$PART" = 8 ]; then
 # 8. The GEMV's one-pass RMSNorm prologue (the K loop sums x^2; 2026-12-04 late): the per-M fused vs separate
 #    table again (before: fused slower for Llama-3-8B qkv / gate_up and bf16 gate_up at M = 1), then the
 #    kernel-by-kernel B1 steps (part 7 without the TTFT profile).
-run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 --out "$R"
+#    The per-shape decision goes into a copy of the shipped table ($R/nvidia-h200.json: copy it back into
+#    fdpp/dataflow/tables/ if the table says so).
+cp fdpp/dataflow/tables/nvidia-h200.json "$R/"
+run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 --update-table "$R/nvidia-h200.json" --out "$R"
 run prof_l3_b1 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024 --out "$R"
 run prof_l2_b1 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024 --out "$R"
 fi

@@ -102,7 +102,10 @@ class ShapeEntry:
                     f"got [{r.m_min}, {r.m_max}] where M={expect} was expected next"
                 )
             expect = r.m_max + 1
-        # Precomputed per-M choice: the O(1) hot-path lookup.
+        self.index()
+
+    def index(self) -> None:
+        """Precompute the per-M choice (the O(1) hot-path lookup); again after a range's config changed."""
         self._by_m = [None]
         for r in self.ranges:
             self._by_m.extend([(r.impl, r.config)] * (r.m_max - r.m_min + 1))
@@ -210,6 +213,28 @@ class DispatchTable:
 # ----------------------------------------------------------------------------------------------------
 # Finding the table of a GPU
 # ----------------------------------------------------------------------------------------------------
+
+
+def set_separate_norm(table: DispatchTable, dtype: torch.dtype | str, n: int, k: int, m: int,
+                      separate: bool) -> bool:
+    """Mark the GEMV range serving M of the (dtype, N, K) entry so that a fused RMSNorm runs as its own kernel
+    first (``separate``; ``"separate_norm": true`` in its config, read by ``fdpp.ops.linear.fuses_norm``) or in
+    the GEMV's prologue (the key removed). Returns whether the entry has such a range (False: no entry, or
+    M is not served by the GEMV)."""
+    entry = table.get(dtype, n, k)
+    if entry is None:
+        return False
+    for r in entry.ranges:
+        if r.m_min <= m <= r.m_max and r.impl == "gemv":
+            cfg = dict(r.config or {})
+            if separate:
+                cfg["separate_norm"] = True
+            else:
+                cfg.pop("separate_norm", None)
+            r.config = cfg
+            entry.index()
+            return True
+    return False
 
 
 def gpu_slug(gpu_name: str) -> str:

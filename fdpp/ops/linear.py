@@ -28,16 +28,18 @@ from fdpp.quant.formats import FP8_MAX, QuantParts, QuantTensor
 ACTS = (None, "silu_and_mul")
 
 
-def fuses_norm(impl: str) -> bool:
-    """Whether ``impl`` takes a ``norm_weight`` in its prologue (else the norm op runs first).
+def fuses_norm(impl: str, config: dict | None = None) -> bool:
+    """Whether ``impl`` with the dataflow table's ``config`` takes a ``norm_weight`` in its prologue (else the
+    norm op runs first).
 
-    Only the GEMV. The flat GEMM's prologue scales each x^T tile inside the pipelined K loop (the dot's
+    Only the GEMV, unless its table entry says ``"separate_norm": true`` (set per shape from
+    ``bench/bench_fused_norm.py --update-table``, where the norm kernel + the plain GEMV measured faster). The flat GEMM's prologue scales each x^T tile inside the pipelined K loop (the dot's
     shared-memory operand is rewritten every step) and re-reads the rows for 1/rms; measured on an H200
     (bench/bench_fused_norm.py, 2026-12-04) it is slower than the norm kernel + the plain flat GEMM at every
     M from 2 to 64: Llama-2-7B qkv fp16 1.59-2.18x, gate_up 1.01-1.40x, Llama-3-8B qkv 2.4-2.5x. The GEMV
     (one x row per program) at M = 1: Llama-2-7B fp16 qkv 0.922x, gate_up 0.963x (the B1 gain), but
-    Llama-3-8B gate_up 1.04x and Llama-2-7B gate_up bf16 1.11x (kept: one rule, the headline model wins)."""
-    return impl == "gemv"
+    Llama-3-8B gate_up 1.04x and Llama-2-7B gate_up bf16 1.11x (before the one-pass prologue; per shape now)."""
+    return impl == "gemv" and not (config or {}).get("separate_norm", False)
 
 
 def linear(
@@ -102,7 +104,7 @@ def linear(
     impl = backend
     if backend == "table":
         impl, config = choose_impl(x.device, x.dtype, n, k, m)
-    if norm_weight is not None and not fuses_norm(impl):
+    if norm_weight is not None and not fuses_norm(impl, config):
         from fdpp.ops.norm import rms_norm
 
         x2, norm_weight = rms_norm(x2, norm_weight, norm_eps), None

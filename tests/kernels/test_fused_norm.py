@@ -108,3 +108,49 @@ def test_linear_fuses_the_norm_only_where_the_rule_says(monkeypatch, impl, m, fu
     assert seen == ([] if impl == "cublas" else [fused])
     ref = gemv_reference(x, w, norm_weight=g, norm_eps=1e-6)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_a_table_entry_can_keep_the_norm_separate(monkeypatch):
+    """``"separate_norm": true`` in a GEMV range's config (bench_fused_norm.py --update-table) makes ``linear``
+    run the norm op first and hand the GEMV the normed x; same values."""
+    import fdpp.kernels.gemv as gemv_mod
+    import fdpp.ops.linear as lin
+
+    assert lin.fuses_norm("gemv", {"BLOCK_N": 4}) and not lin.fuses_norm("gemv", {"separate_norm": True})
+    seen = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: seen.append(kw.get("norm_weight") is not None) or real(*a, **kw))
+    monkeypatch.setattr(lin, "choose_impl", lambda *a, **k: ("gemv", {"BLOCK_N": 8, "BLOCK_K": 32, "separate_norm": True}))
+    torch.manual_seed(1)
+    x, w, g = torch.randn(1, 32, device=DEVICE), torch.randn(24, 32, device=DEVICE), torch.rand(32, device=DEVICE) + 0.5
+    with use_backends(linear="table"):
+        y = lin.linear(x, w, norm_weight=g, norm_eps=1e-6)
+    assert seen == [False]
+    ref = gemv_reference(x, w, norm_weight=g, norm_eps=1e-6)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_update_table_records_the_faster_side(tmp_path):
+    """bench_fused_norm.py --update-table: a GEMV point measured > 2% faster separate gets separate_norm, one
+    within 2% (or faster fused) loses it; flat-GEMM points and shapes without an entry are left alone."""
+    from fdpp.dataflow.table import DispatchTable, MRange, ShapeEntry
+    from tests.helpers import load_bench
+
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 2}
+    table = DispatchTable("NVIDIA H200", [
+        ShapeEntry("float16", 6144, 4096, [MRange(1, 1, "gemv", dict(cfg)), MRange(2, 64, "flat", {"BLOCK_M": 16})]),
+        ShapeEntry("bfloat16", 6144, 4096, [MRange(1, 1, "gemv", {**cfg, "separate_norm": True}),
+                                            MRange(2, 64, "flat", {"BLOCK_M": 16})]),
+    ])
+    path = table.save(tmp_path / "t.json")
+    row = dict(model="llama-3-8b", layer="qkv", n=6144, k=4096, m=1, impl="gemv")
+    rows = [dict(row, dtype="float16", fused_us=18.5, separate_us=17.6),  # 1.05x: separate
+            dict(row, dtype="bfloat16", fused_us=17.8, separate_us=17.6),  # within 2%: fused
+            dict(row, dtype="float16", m=2, impl="flat", fused_us=40.0, separate_us=18.0),
+            dict(row, dtype="float16", n=4096, fused_us=30.0, separate_us=10.0)]  # no entry
+    changed = load_bench("bench_fused_norm").update_table(str(path), rows)
+    assert len(changed) == 2
+    t = DispatchTable.load(path)
+    assert t.lookup("float16", 6144, 4096, 1)[1].get("separate_norm") is True
+    assert "separate_norm" not in t.lookup("bfloat16", 6144, 4096, 1)[1]
+    assert t.lookup("float16", 6144, 4096, 2)[1] == {"BLOCK_M": 16}
