@@ -177,7 +177,7 @@ class EngineConfig:
     # long_prefill_token_threshold tokens): such a step is host-bound when run eagerly. Needs a cap > 0.
     cuda_graph_mixed: bool = True
     # Also capture graphs of prefill steps of one prompt chunk (no decode rows) padded to a bucket of
-    # 16..this many tokens (fdpp.engine.model_runner.PREFILL_GRAPH_TOKENS): a batch-1 prefill run eagerly is
+    # 16..this many tokens (fdpp.engine.cuda_graph.PREFILL_GRAPH_TOKENS): a batch-1 prefill run eagerly is
     # host-bound (the TTFT of a prompt of up to ~1k tokens). 0: off.
     cuda_graph_prefill_max_tokens: int = 1024
     # Also capture each decode bucket with DECODE_BALANCE_GRAPH_SPLITS key splits, replayed for a batch

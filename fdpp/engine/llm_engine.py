@@ -11,12 +11,12 @@ import torch
 
 from fdpp.config import EngineConfig, ModelConfig, resolve_device
 from fdpp.engine.block_manager import BlockManager
+from fdpp.engine.cuda_graph import prefill_graph_sizes
 from fdpp.engine.model_runner import (
     DeviceTokens,
     PendingSample,
     kv_bytes_per_token,
     num_blocks_for_budget,
-    prefill_graph_sizes,
     profile_activation_bytes,
 )
 from fdpp.engine.output_processor import OutputProcessor, RequestState

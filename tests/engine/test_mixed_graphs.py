@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fdpp import SamplingParams
+from fdpp.engine import cuda_graph as cg
 from fdpp.engine import model_runner as mr
 from fdpp.engine.model_runner import DeviceTokens
 from fdpp.engine.scheduler import ScheduledBatch
@@ -289,19 +290,19 @@ def test_unequal_decode_rows_get_balanced_splits(runner, monkeypatch):
 
 @pytest.mark.parametrize(("max_batch", "want"), [
     (1, [1]), (5, [1, 2, 4, 5]), (32, [1, 2, 4, 8, 16, 24, 32]), (33, [1, 2, 4, 8, 16, 24, 32, 33]),
-    (256, list(mr.GRAPH_BUCKETS)), (300, [*mr.GRAPH_BUCKETS, 300]), (0, []),
+    (256, list(cg.GRAPH_BUCKETS)), (300, [*cg.GRAPH_BUCKETS, 300]), (0, []),
 ])
 def test_graph_buckets_end_at_max_batch(max_batch, want):
     """The decode graph buckets end at the engine's max batch, so a full batch never runs eagerly."""
-    assert mr.graph_bucket_sizes(max_batch) == want
+    assert cg.graph_bucket_sizes(max_batch) == want
 
 
 def test_graph_block_tables_share_the_eager_stride_class():
     """The graphs' block tables are as wide as a multiple of 16, like an eager step's: Triton specializes on
     the stride's divisibility by 16, so another width would need kernel variants no capture compiled."""
-    inp = mr._GraphInputs(4, 4, 3, 1028, torch.device("cpu"))
+    inp = cg._GraphInputs(4, 4, 3, 1028, torch.device("cpu"))
     assert inp.tables.shape == (3, 1040) and inp.tables.stride(0) % 16 == 0
-    assert mr._GraphInputs(4, 4, 3, 64, torch.device("cpu")).tables.shape == (3, 64)
+    assert cg._GraphInputs(4, 4, 3, 64, torch.device("cpu")).tables.shape == (3, 64)
 
 
 # ---- prefill steps (one prompt chunk, no decode rows) ---------------------------------------------------
@@ -382,7 +383,7 @@ def test_other_prefill_steps_stay_eager(runner):
     (0, 2048, 4096, []), (8, 2048, 4096, []),
 ])
 def test_prefill_graph_sizes(max_tokens, budget, model_len, want):
-    assert mr.prefill_graph_sizes(max_tokens, budget, model_len) == want
+    assert cg.prefill_graph_sizes(max_tokens, budget, model_len) == want
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
