@@ -2,6 +2,8 @@
 captures (``ModelRunner.mixed_step``), and prefill steps of one prompt chunk through the padded static step
 of a prefill graph (``ModelRunner.prefill_step``), run eagerly on the CPU: the sampled rows' logits equal
 the eager step's, the KV cache afterwards is the eager step's, and padded rows write nothing."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -435,3 +437,30 @@ def test_static_prefill_step_through_the_triton_kernels(runner, monkeypatch, pro
     torch.testing.assert_close(logits_s, logits_e, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens_s, tokens_e)
     torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+
+
+def test_engine_captures_the_graphs_its_config_asks_for(tiny_llm, monkeypatch):
+    """LLMEngine.capture_cuda_graphs (start-up on CUDA, and benchmarks that change the forward) hands the
+    runner the config's decode buckets, mixed chunk, balanced decode and prefill buckets (capped by the step
+    budget and the model length)."""
+    eng = tiny_llm.engine
+    seen = {}
+    monkeypatch.setattr(eng.runner, "capture_cuda_graphs", lambda bs, **kw: seen.update(bs=bs, **kw))
+    monkeypatch.setattr(eng.scheduler, "long_prefill_token_threshold", 48)
+    eng.capture_cuda_graphs()
+    assert seen == {"bs": eng.config.max_num_seqs, "show_progress": eng.config.show_progress, "mixed_chunk_tokens": 48,
+                    "balanced_decode": True,
+                    "prefill_tokens": cg.prefill_graph_sizes(1024, eng.max_num_batched_tokens, eng.max_model_len)}
+    assert seen["prefill_tokens"] and seen["prefill_tokens"][-1] <= min(eng.max_num_batched_tokens, eng.max_model_len)
+    monkeypatch.setattr(eng, "config", replace(eng.config, cuda_graph_mixed=False, cuda_graph_prefill_max_tokens=0))
+    eng.capture_cuda_graphs(3)
+    assert seen["bs"] == 3 and seen["mixed_chunk_tokens"] == 0 and seen["prefill_tokens"] == []
+
+
+def test_negative_prefill_graph_tokens_are_refused(tiny_llama_dir):
+    from fdpp import LLM
+    from fdpp.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="cuda_graph_prefill_max_tokens must be >= 0"):
+        LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off", num_blocks=16,
+            cuda_graph_prefill_max_tokens=-1)
