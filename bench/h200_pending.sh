@@ -3,7 +3,7 @@
 # evening, so nothing of its changes has run on one), in priority order, each bounded
 # so that one device call (< 10 minutes) runs one part. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
-#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 7, 8, 10, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
+#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 10, 8, 7, 11, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
 # (carry .wheels and .bisect)
 # Python packages missing on the device (xgrammar, gguf, fastapi, ...) travel as wheels in .wheels/ (ignored by git).
 set -o pipefail
@@ -60,6 +60,11 @@ if [ "$PART" = 9 ]; then
 #    the kernel alone at large batches, and unified vs synchronized at every point.
 run attn_decode 400 python bench/bench_attention.py --skip-prefill --dtypes fp16 --out "$R/attn"
 run b64 150 python bench/step_trace.py --variants default sync_softmax --budget-s 120 --out "$R"
+fi
+if [ "$PART" = 11 ]; then
+# 11. Issue 12's GEMM target, a fresh check run of the shipped table (no tuning; 2026-12-04: not re-run since
+#     2026-11-26's 1.028x / 86-97% / 0.958).
+run gemm_check 560 python bench/bench_gemm.py --table fdpp/dataflow/tables/nvidia-h200.json --no-check --time-budget 500 --results-dir "$R/gemm"
 fi
 if [ "$PART" = 0 ]; then
 # (done 2026-12-04 evening) B64 x 1024 with the 2026-11-26 tree (9923ff0) and this one, back to back, each with
