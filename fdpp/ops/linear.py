@@ -33,8 +33,9 @@ def fuses_norm(impl: str, config: dict | None = None) -> bool:
     norm op runs first).
 
     Only the GEMV, unless its table entry says ``"separate_norm": true`` (set per shape from
-    ``bench/bench_fused_norm.py --update-table``, where the norm kernel + the plain GEMV measured faster). The flat GEMM's prologue scales each x^T tile inside the pipelined K loop (the dot's
-    shared-memory operand is rewritten every step) and re-reads the rows for 1/rms; measured on an H200
+    ``bench/bench_fused_norm.py --update-table``, where the norm kernel + the plain GEMV measured faster).
+    The flat GEMM's prologue scales each x^T tile inside the pipelined K loop (the dot's shared-memory
+    operand is rewritten every step) and re-reads the rows for 1/rms; measured on an H200
     (bench/bench_fused_norm.py, 2026-12-04) it is slower than the norm kernel + the plain flat GEMM at every
     M from 2 to 64: Llama-2-7B qkv fp16 1.59-2.18x, gate_up 1.01-1.40x, Llama-3-8B qkv 2.4-2.5x. The GEMV
     (one x row per program) at M = 1: Llama-2-7B fp16 qkv 0.922x, gate_up 0.963x (the B1 gain), but

@@ -148,6 +148,12 @@ def qkv_rope_store(
             return None
     elif backend != "gemv":
         return None
+    from fdpp.ops.linear import fuses_norm
+
+    if norm_weight is not None and not fuses_norm("gemv", config):  # the table keeps this shape's norm separate
+        from fdpp.ops.norm import rms_norm
+
+        x, norm_weight = rms_norm(x, norm_weight, norm_eps), None
     from fdpp.kernels.gemv import gemv_rope_store
 
     q = gemv_rope_store(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, positions=positions,

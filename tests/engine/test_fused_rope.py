@@ -21,20 +21,32 @@ def spy_fused(monkeypatch):
     import fdpp.dataflow.table as table
     import fdpp.ops.linear as lin
 
+    qkv_config = {"BLOCK_N": 32, "BLOCK_K": 64}
+
     def choose(device, dtype, n, k, m, **kw):
-        return ("gemv", {"BLOCK_N": 32, "BLOCK_K": 64}) if n == QKV_ROWS else ("cublas", None)
+        return ("gemv", qkv_config) if n == QKV_ROWS else ("cublas", None)
 
     monkeypatch.setattr(table, "choose_impl", choose)
     monkeypatch.setattr(lin, "choose_impl", choose)
-    calls = []
     real = gemv_mod.gemv_rope_store
 
     def spy(x, *a, **kw):
         calls.append(x.shape[0])
+        calls.norm_in_prologue.append(kw.get("norm_weight") is not None)
         return real(x, *a, **kw)
 
     monkeypatch.setattr(gemv_mod, "gemv_rope_store", spy)
+    calls = _Calls()
+    calls.qkv_config = qkv_config
     return calls
+
+
+class _Calls(list):
+    """Row counts of the fused launches; ``norm_in_prologue``: whether each took the RMSNorm in its prologue."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm_in_prologue: list[bool] = []
 
 
 def _meta(n: int, start: int, block: int = 60) -> AttentionMetadata:
@@ -46,10 +58,13 @@ def _meta(n: int, start: int, block: int = 60) -> AttentionMetadata:
         slot_mapping=torch.arange(block * 16 + start, block * 16 + end), max_context_len=end)
 
 
-@pytest.mark.parametrize("fuse_norm", [False, True])
+@pytest.mark.parametrize("fuse_norm", [False, True, "separate"])
 def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused, fuse_norm):
     """A 5-token prompt then one decode token, the qkv projection a GEMV: the fused epilogue gives the logits
-    and the cache entries of rope_and_store_kv after the plain GEMV, with and without the fused norm."""
+    and the cache entries of rope_and_store_kv after the plain GEMV, with and without the fused norm (and with
+    the norm kept separate by the shape's table range)."""
+    if fuse_norm == "separate":
+        spy_fused.qkv_config["separate_norm"] = True
     r = tiny_llm.engine.runner
     model = tiny_llm.engine.model
     saved = r.kv_cache.clone()
@@ -66,7 +81,7 @@ def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused, fuse_no
         return out, r.kv_cache.clone()
 
     try:
-        model.set_fuse_norm(fuse_norm)
+        model.set_fuse_norm(bool(fuse_norm))
         plain, cache_plain = run(False)
         assert spy_fused == []
         fused, cache_fused = run(True)
@@ -75,6 +90,7 @@ def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused, fuse_no
         model.set_fuse_norm(False)
         r.kv_cache.copy_(saved)
     assert spy_fused == [5, 5, 1, 1]  # 2 layers x (the prompt, the decode token)
+    assert spy_fused.norm_in_prologue == [fuse_norm is True] * 4
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     assert cache_plain.abs().sum() > 0
