@@ -66,7 +66,7 @@ def test_prefill_graphs_give_the_eager_prefill_tokens(tmp_path, dtype):
                   gpu_memory_utilization=0.3, cuda_graph_prefill_max_tokens=max_tokens)
         try:
             runner = llm.engine.runner
-            assert sorted(runner.prefill_graphs) == ([16, 32, 64, 128, 192, 256] if max_tokens else [])
+            assert sorted(runner.prefill_graphs) == ([16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256] if max_tokens else [])
             outs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
             llm.engine.check_integrity()
             assert runner.num_prefill_replays == (3 if max_tokens else 0)

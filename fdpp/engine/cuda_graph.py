@@ -91,9 +91,10 @@ def graph_bucket_sizes(max_batch_size: int) -> list[int]:
 # batch-1 prefill is host-bound up to about 1k tokens (Llama-2-7B on an H200, 2026-12-04: 21-23 ms of host
 # time whatever the length; synchronized 22.7 ms at 128 tokens, ~5 ms of it device work, and 26.1 ms at
 # 1024, of an estimated ~20 ms of device work; bench/ttft_trace.py), while a padded replay costs the device
-# work of its bucket, at most 1/3 more than the prompt's from 512 tokens on. Multiples of 16: one Triton
-# specialization.
-PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, 384, 512, 768, 1024)
+# work of its bucket: at most 1/4 more than the prompt's above 64 tokens (a faster host than those makes an
+# eager step device-bound sooner, so the padding is kept small where the device work is large). Multiples
+# of 16: one Triton specialization.
+PREFILL_GRAPH_TOKENS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
 def prefill_graph_sizes(max_tokens: int, token_budget: int, max_model_len: int) -> list[int]:

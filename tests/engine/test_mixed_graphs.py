@@ -379,13 +379,20 @@ def test_other_prefill_steps_stay_eager(runner):
 
 
 @pytest.mark.parametrize(("max_tokens", "budget", "model_len", "want"), [
-    (512, 2048, 4096, [16, 32, 64, 128, 192, 256, 384, 512]),
-    (512, 256, 4096, [16, 32, 64, 128, 192, 256]),  # the step's token budget caps it
-    (1024, 2048, 300, [16, 32, 64, 128, 192, 256]),  # so does the model length
+    (512, 2048, 4096, [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512]),
+    (512, 256, 4096, [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]),  # the step's token budget caps it
+    (1024, 2048, 300, [16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256]),  # so does the model length
     (0, 2048, 4096, []), (8, 2048, 4096, []),
 ])
 def test_prefill_graph_sizes(max_tokens, budget, model_len, want):
     assert cg.prefill_graph_sizes(max_tokens, budget, model_len) == want
+
+
+def test_prefill_buckets_pad_little():
+    """Above 64 tokens no prompt is padded by more than 1/4 (its bucket's device work over its own)."""
+    sizes = cg.PREFILL_GRAPH_TOKENS
+    assert all(t % 16 == 0 for t in sizes) and list(sizes) == sorted(sizes)
+    assert all(b / (a + 1) <= 1.25 for a, b in zip(sizes, sizes[1:]) if a >= 64)
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
