@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -128,8 +129,14 @@ class ModelRunner(StaticSteps):
         return self._to_device(rows, torch.int32)
 
     def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
+        """The cache slots of ``seq``'s tokens start..end-1 (block table entry * block size + offset)."""
         bs = self.block_size
-        return [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
+        if end - start <= 64:
+            return [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
+        # NOTE: a prompt chunk: numpy is ~3x faster than the comprehension at 1k tokens (host time before a
+        # prefill graph's replay is the TTFT's)
+        t = np.arange(start, end)
+        return (np.asarray(seq.block_table, dtype=np.int64)[t // bs] * bs + t % bs).tolist()
 
     @staticmethod
     def num_decode_rows(batch: ScheduledBatch) -> int:

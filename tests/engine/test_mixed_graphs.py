@@ -471,3 +471,13 @@ def test_negative_prefill_graph_tokens_are_refused(tiny_llama_dir):
     with pytest.raises(InvalidRequestError, match="cuda_graph_prefill_max_tokens must be >= 0"):
         LLM(tiny_llama_dir, dtype="float32", device="cpu", show_progress=False, calibration="off", num_blocks=16,
             cuda_graph_prefill_max_tokens=-1)
+
+
+@pytest.mark.parametrize("start, end", [(0, 5), (3, 64), (0, 200), (17, 250)])
+def test_slots_short_and_long(runner, start, end):
+    """A chunk's cache slots: the per-token rule, whichever path (list or numpy) computes them."""
+    seq = _seq(list(range(1, 260)), _Blocks())
+    bs = runner.block_size
+    want = [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
+    got = runner._slots(seq, start, end)
+    assert got == want and all(type(v) is int for v in got)
