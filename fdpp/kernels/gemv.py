@@ -559,6 +559,16 @@ def default_gemv_config(n_out: int, k: int, m: int, sms: int = 132) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k, "num_warps": warps}
 
 
+def _gemv_tiles(n_out: int, k: int, m: int, device: torch.device, config: dict | None) -> tuple[dict, int, int, int]:
+    """(config, BLOCK_M, BLOCK_N, BLOCK_K) of a GEMV launch: ``default_gemv_config`` updated by ``config``,
+    BLOCK_M capped by M and GEMV_MAX_BLOCK_M."""
+    cfg = default_gemv_config(n_out, k, m, num_sms(device))
+    if config:
+        cfg.update(config)
+    block_m = min(triton.next_power_of_2(m), int(cfg["BLOCK_M"]), GEMV_MAX_BLOCK_M)
+    return cfg, block_m, int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+
+
 def _launch_gemv(grid, args: tuple, flags: dict, cfg: dict, block_m: int, block_n: int, block_k: int,
                  **extra) -> None:
     """``gemv_kernel`` over ``grid`` with the shared arguments (``linear_launch_args``), the tile sizes and
@@ -601,11 +611,7 @@ def gemv(
     out = torch.empty((M, n_out), device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    cfg = default_gemv_config(n_out, K, M, num_sms(x.device))
-    if config:
-        cfg.update(config)
-    block_m = min(triton.next_power_of_2(M), int(cfg["BLOCK_M"]), GEMV_MAX_BLOCK_M)
-    block_n, block_k = int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+    cfg, block_m, block_n, block_k = _gemv_tiles(n_out, K, M, x.device, config)
     num_kb = triton.cdiv(K, block_k)
     kb_per_split = triton.cdiv(num_kb, max(1, int(cfg.get("SPLIT_K", 1))))
     num_splits = triton.cdiv(num_kb, kb_per_split)  # no empty splits
@@ -675,11 +681,7 @@ def gemv_rope_store(
     if M == 0:
         return out
     num_pairs = N // 2
-    cfg = default_gemv_config(num_pairs, K, M, num_sms(x.device))
-    if config:
-        cfg.update(config)
-    block_m = min(triton.next_power_of_2(M), int(cfg["BLOCK_M"]), GEMV_MAX_BLOCK_M)
-    block_n, block_k = int(cfg["BLOCK_N"]), int(cfg["BLOCK_K"])
+    cfg, block_m, block_n, block_k = _gemv_tiles(num_pairs, K, M, x.device, config)
     if block_n > 1:  # NOTE: two row sets (dims i and i + D/2), as the gated GEMV: half the rows each
         block_n //= 2
     num_kb = triton.cdiv(K, block_k)
