@@ -74,6 +74,10 @@ def main() -> None:
     ap.add_argument("--timed-steps", type=int, default=20)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy (as bench/e2e.py); > 0: sampled")
     ap.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--by-module", action="store_true",
+                    help="(eager) also the device time of each projection kind (qkv_proj, o_proj, gate_up_proj, "
+                    "down_proj, lm_head), of attention and of each layer's self_attn / mlp per step, with the "
+                    "projections' TB/s")
     ap.add_argument("--llm-kw", default="{}", help="JSON of extra LLM keyword arguments")
     ap.add_argument("--tag", default="default")
     ap.add_argument("--device", default="cuda", help="cuda (the profile's subject) or cpu (a smoke test)")
@@ -92,6 +96,9 @@ def main() -> None:
               max_model_len=args.input_len + need + 16, enforce_eager=args.eager, show_progress=False,
               max_num_batched_tokens=max(8192, args.input_len), **kw)
     eng = llm.engine
+    if args.by_module and not args.eager:
+        sys.exit("--by-module needs --eager (a graph replay runs no Python hooks)")
+    module_bytes = annotate_modules(eng.model) if args.by_module else {}
     start_decoding(eng, args.batch, args.input_len,
                    SamplingParams(temperature=args.temperature, max_tokens=need, ignore_eos=True))
     sync()
@@ -117,6 +124,17 @@ def main() -> None:
           f"{total:.3f} ms per step; device idle {gaps}")
     for name, ms, n in kernels[:25]:
         print(f"  {ms:8.3f} ms  {n:6.1f}/step  {ms / max(n, 1e-9) * 1e3:9.1f} us  {name[:90]}")
+    by_module = []
+    for e in prof.key_averages():
+        if e.key.startswith("mod::"):
+            name = e.key[5:]
+            ms = (e.device_time_total if cuda else e.cpu_time_total) / 1e3 / args.steps
+            nbytes = module_bytes.get(name, 0)
+            by_module.append({"module": name, "ms_per_step": ms, "calls_per_step": e.count / args.steps,
+                              "weight_bytes": nbytes, "tbps": nbytes / (ms * 1e-3) / 1e12 if ms and nbytes else None})
+    for r in sorted(by_module, key=lambda r: -r["ms_per_step"]):
+        tb = f"{r['tbps']:.2f} TB/s" if r["tbps"] else ""
+        print(f"  module {r['module']:14s} {r['ms_per_step']:8.3f} ms/step  {r['calls_per_step']:5.1f} calls  {tb}")
     llm.close()
     os.makedirs(args.out, exist_ok=True)
     gpu_name = torch.cuda.get_device_name() if cuda else "cpu"
@@ -128,9 +146,35 @@ def main() -> None:
                    "step_ms": step_ms, "device_ms_per_step": total,
                    "temperature": args.temperature, "device_idle_per_step": gaps,
                    "kernels": [{"name": n, "ms_per_step": ms, "calls_per_step": c} for n, ms, c in kernels],
+                   "by_module": by_module,
                    "targets": [{"name": f"e2e.{args.model}.b{args.batch}_in{args.input_len}.{args.tag}.decode_step_ms",
                                 "value": round(step_ms, 3), "goal": "report", "met": True}]}, f, indent=1)
     print("wrote", path)
+
+
+def annotate_modules(model) -> dict[str, int]:
+    """Wrap each projection (a module with a 2-D ``weight``: qkv_proj, o_proj, gate_up_proj, down_proj,
+    lm_head, ...), each attention module and each decoder layer's self_attn (qkv + rotary + attention + o:
+    what a fused-rope layer runs outside any projection module) and mlp in a profiler range ``mod::<name>``
+    (its last path component); returns the weight bytes per projection name, all layers together."""
+    from torch.profiler import record_function
+
+    nbytes: dict[str, int] = {}
+    for path, mod in model.named_modules():
+        name = path.rsplit(".", 1)[-1]
+        w = getattr(mod, "weight", None)
+        is_proj = isinstance(w, torch.Tensor) and w.dim() == 2 and name != "embed_tokens"
+        if not (is_proj or name in ("attn", "self_attn", "mlp")):
+            continue
+        if is_proj:
+            q = getattr(w, "quant", None)
+            nbytes[name] = nbytes.get(name, 0) + (q.data.numel() * q.data.element_size() if q is not None
+                                                  else w.numel() * w.element_size())
+        ranges = []
+        mod.register_forward_pre_hook(lambda m, a, name=name, ranges=ranges: ranges.append(
+            record_function(f"mod::{name}").__enter__()))
+        mod.register_forward_hook(lambda m, a, out, ranges=ranges: ranges.pop().__exit__(None, None, None))
+    return nbytes
 
 
 if __name__ == "__main__":

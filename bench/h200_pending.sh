@@ -46,6 +46,8 @@ cp fdpp/dataflow/tables/nvidia-h200.json "$R/"
 run fused_norm 100 python bench/bench_fused_norm.py --ms 1 2 4 --update-table "$R/nvidia-h200.json" --out "$R"
 run prof_l3_b1 120 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024 --out "$R"
 run prof_l2_b1 100 python bench/decode_profile.py --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l2_b1_in1024 --out "$R"
+# the projections' bandwidth in the engine, eager (kernel durations as in the graphs; o / down were 3.1 / 3.7 TB/s alone)
+run prof_l3_b1_mod 100 python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 10 --timed-steps 10 --eager --by-module --tag l3_b1_in1024_by_module --out "$R"
 fi
 if [ "$PART" = 10 ]; then
 # 10. The qkv GEMV with RoPE + the KV-cache write in its epilogue (fuse_rope, opt-in): the rope_store_kv kernel
