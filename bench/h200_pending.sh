@@ -26,7 +26,7 @@ if [ "$PART" = 1 ]; then
 #    graphs (tests/test_gpu_mixed_graphs.py), the GEMV's one-pass RMSNorm prologue (tests/kernels, GPU-marked
 #    ones), the cuBLAS-epilogue change (2026-12-04: 12 of 13 passed before that call's time limit), the
 #    sampling-without-sync test.
-run pytest_gpu 450 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_activation.py tests/kernels/test_fused_norm.py tests/kernels/test_gemv.py tests/engine/test_backends.py
+run pytest_gpu 450 python -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests/test_gpu_engine.py tests/test_gpu_mixed_graphs.py tests/kernels/test_activation.py tests/kernels/test_fused_norm.py tests/kernels/test_gemv.py tests/kernels/test_rotary.py tests/engine/test_backends.py
 fi
 if [ "$PART" = 2 ]; then
 # 2. Issue 12's TTFT with the prefill graphs (cuda_graph_prefill_max_tokens, default 1024): the eager prefill's

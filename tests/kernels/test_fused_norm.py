@@ -154,3 +154,24 @@ def test_update_table_records_the_faster_side(tmp_path):
     assert t.lookup("float16", 6144, 4096, 1)[1].get("separate_norm") is True
     assert "separate_norm" not in t.lookup("bfloat16", 6144, 4096, 1)[1]
     assert t.lookup("float16", 6144, 4096, 2)[1] == {"BLOCK_M": 16}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n, k, act, config", [
+    (12288, 4096, None, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1, "num_warps": 4}),  # one split: x^2 in the loop
+    (28672, 4096, "silu_and_mul", {"BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 2}),
+    (4096, 4096, None, {"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4, "num_warps": 4}),  # split-K: the 2nd pass
+])
+def test_gpu_gemv_norm_prologue_real_sizes(dtype, n, k, act, config):
+    """The GEMV's RMSNorm prologue compiled for the GPU at real shapes, the one-pass (one split) and the
+    split-K variants, against float64."""
+    g = torch.Generator(device="cuda").manual_seed(n)
+    x = (3.0 * torch.randn(1, k, device="cuda", generator=g)).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
+    nw = (torch.rand(k, device="cuda", generator=g) + 0.5).to(dtype)
+    y = gemv(x, w, act=act, config=config, norm_weight=nw, norm_eps=1e-5)
+    ref = gemv_reference(x, w, act=act, norm_weight=nw, norm_eps=1e-5)
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    assert err < (3e-3 if dtype == torch.float16 else 2e-2), err

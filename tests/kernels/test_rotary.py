@@ -98,3 +98,51 @@ def test_gemv_rope_store_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="one per row"):
         gemv_rope_store(x, w, cos_sin_cache=torch.zeros(8, 8), num_q_heads=2,
                         **{**kw, "positions": torch.tensor([0, 1])})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Hq, Hk, config", [
+    (32, 32, {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4}),  # Llama-2-7B qkv, its H200 table config
+    (32, 8, {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4}),  # Llama-3-8B qkv
+    (32, 8, None),  # the default config
+])
+def test_gpu_gemv_rope_store_real_sizes(dtype, Hq, Hk, config):
+    """The fused qkv GEMV + rotary + cache write compiled for the GPU at the real shapes (K = 4096, D = 128,
+    llama3-scaled rotary), M = 1 and 3, eager and replayed from a CUDA graph, against float64."""
+    from fdpp.kernels.gemv import gemv_reference, gemv_rope_store
+
+    D, K = 128, 4096
+    g = torch.Generator(device="cuda").manual_seed(Hk)
+    w = (torch.randn((Hq + 2 * Hk) * D, K, device="cuda", generator=g) / K**0.5).to(dtype)
+    nw = (torch.rand(K, device="cuda", generator=g) + 0.5).to(dtype)
+    scaling = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    cache = build_cos_sin_cache(D, 4096, 500000.0, scaling, torch.device("cuda"))
+    for M in (1, 3):
+        x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+        positions = torch.tensor([4000, 7, 1234][:M], device="cuda")
+        slots = torch.tensor([33, 700, -1][:M], device="cuda")
+        kc = torch.zeros(64, 16, Hk, D, device="cuda", dtype=dtype)
+        vc = torch.zeros_like(kc)
+        kw = dict(positions=positions, cos_sin_cache=cache, k_cache=kc, v_cache=vc, slot_mapping=slots,
+                  num_q_heads=Hq, config=config, norm_weight=nw, norm_eps=1e-5)
+        q = gemv_rope_store(x, w, **kw)
+        y = gemv_reference(x, w, norm_weight=nw, norm_eps=1e-5)
+        q_ref, k_ref, v_ref = y.split([Hq * D, Hk * D, Hk * D], dim=-1)
+        q_ref, k_ref = apply_rotary(q_ref.reshape(M, Hq, D), k_ref.reshape(M, Hk, D), positions, cache.double())
+        tol = 3e-3 if dtype == torch.float16 else 2e-2
+        assert ((q.double() - q_ref.reshape(M, -1)).norm() / q_ref.norm()).item() < tol
+        flat_k, flat_v = kc.view(-1, Hk, D), vc.view(-1, Hk, D)
+        v_ref = v_ref.reshape(M, Hk, D)
+        for t, s in enumerate(slots.tolist()):
+            if s >= 0:
+                assert ((flat_k[s].double() - k_ref[t]).norm() / k_ref[t].norm()).item() < tol
+                assert ((flat_v[s].double() - v_ref[t]).norm() / v_ref[t].norm()).item() < tol
+        assert int((flat_k != 0).any(-1).any(-1).sum()) == int((slots >= 0).sum())  # only the slots written
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            q_graph = gemv_rope_store(x, w, **kw)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(q_graph, q)
