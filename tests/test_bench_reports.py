@@ -44,3 +44,19 @@ def test_e2e_latency_targets_compare_the_prefill_graphs():
     assert ratio["value"] == pytest.approx(1.25) and ratio["met"]
     old = {t["name"] for t in e2e.compute_targets({**result, "fdpp": [row]})}  # a row without the flag
     assert "e2e.llama-2-7b.b1_in1024.ttft_ms" in old and not any("prefill_graphs" in n for n in old)
+
+
+def test_table_override_splits_the_range_of_m():
+    from fdpp.dataflow.table import DispatchTable, MRange, ShapeEntry
+
+    mod = load_bench("table_override")
+    base = DispatchTable("NVIDIA H200", [ShapeEntry("bfloat16", 6144, 4096, [MRange(1, 512, "cublas", None)])])
+    cfg = {"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4}
+    t = mod.override(base, "bfloat16", 6144, 4096, 1, "gemv", cfg)
+    assert t.lookup("bfloat16", 6144, 4096, 1) == ("gemv", cfg)
+    assert t.lookup("bfloat16", 6144, 4096, 2) == ("cublas", None) and t.lookup("bfloat16", 6144, 4096, 512)[0] == "cublas"
+    mid = mod.override(base, "bfloat16", 6144, 4096, 8, "flat", {"BLOCK_M": 16})
+    assert [(r.m_min, r.m_max, r.impl) for r in mid.get("bfloat16", 6144, 4096).ranges] == [
+        (1, 7, "cublas"), (8, 8, "flat"), (9, 512, "cublas")]
+    new = mod.override(None, "float16", 100, 64, 1, "gemv", cfg)  # no entry to start from
+    assert new.lookup("float16", 100, 64, 1) == ("gemv", cfg)
