@@ -58,21 +58,19 @@ def _meta(n: int, start: int, block: int = 60) -> AttentionMetadata:
         slot_mapping=torch.arange(block * 16 + start, block * 16 + end), max_context_len=end)
 
 
-@pytest.mark.parametrize("fuse_norm", [False, True, "separate"])
-def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused, fuse_norm):
+def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused):
     """A 5-token prompt then one decode token, the qkv projection a GEMV: the fused epilogue gives the logits
-    and the cache entries of rope_and_store_kv after the plain GEMV, with and without the fused norm (and with
-    the norm kept separate by the shape's table range)."""
-    if fuse_norm == "separate":
-        spy_fused.qkv_config["separate_norm"] = True
+    and the cache entries of rope_and_store_kv after the plain GEMV (one unfused run), with and without the
+    fused norm, and with the norm kept separate by the shape's table range."""
     r = tiny_llm.engine.runner
     model = tiny_llm.engine.model
     saved = r.kv_cache.clone()
     ids = torch.tensor([5, 9, 13, 40, 77, 3])
 
-    def run(fused: bool):
+    def run(fused: bool, fuse_norm: bool):
         r.kv_cache.zero_()
         model.set_fuse_rope(fused)
+        model.set_fuse_norm(fuse_norm)
         out = []
         with torch.inference_mode(), use_backends(linear="table"):
             for sl, start in ((slice(0, 5), 0), (slice(5, 6), 5)):
@@ -81,20 +79,23 @@ def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused, fuse_no
         return out, r.kv_cache.clone()
 
     try:
-        model.set_fuse_norm(bool(fuse_norm))
-        plain, cache_plain = run(False)
-        assert spy_fused == []
-        fused, cache_fused = run(True)
+        plain, cache_plain = run(False, False)
+        assert spy_fused == [] and cache_plain.abs().sum() > 0
+        for fuse_norm in (False, True, "separate"):
+            spy_fused.clear()
+            spy_fused.norm_in_prologue.clear()
+            if fuse_norm == "separate":
+                spy_fused.qkv_config["separate_norm"] = True
+            fused, cache_fused = run(True, bool(fuse_norm))
+            assert spy_fused == [5, 5, 1, 1], fuse_norm  # 2 layers x (the prompt, the decode token)
+            assert spy_fused.norm_in_prologue == [fuse_norm is True] * 4, fuse_norm
+            for a, b in zip(fused, plain):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(cache_fused, cache_plain, rtol=1e-5, atol=1e-5)
     finally:
         model.set_fuse_rope(False)
         model.set_fuse_norm(False)
         r.kv_cache.copy_(saved)
-    assert spy_fused == [5, 5, 1, 1]  # 2 layers x (the prompt, the decode token)
-    assert spy_fused.norm_in_prologue == [fuse_norm is True] * 4
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
-    assert cache_plain.abs().sum() > 0
-    torch.testing.assert_close(cache_fused, cache_plain, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend, impl", [("reference", None), ("table", "flat"), ("table", "cublas")])

@@ -46,8 +46,8 @@ GEMV_ROPE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("M, Hq, Hk, D, has_bias, has_norm, config", GEMV_ROPE_CASES)
+@pytest.mark.parametrize("M, Hq, Hk, D, has_bias, has_norm, config, dtype", [
+    (*case, torch.float32) for case in GEMV_ROPE_CASES] + [(*GEMV_ROPE_CASES[i], torch.float16) for i in (1, 2)])
 def test_gemv_rope_store_matches_gemv_then_rope_store(M, Hq, Hk, D, has_bias, has_norm, config, dtype):
     """The fused qkv GEMV + rotary + cache write against the float64 projection, the reference rotary and
     the reference cache write: q returned, k and v in their slots (slot -1 writes nothing), nothing else
