@@ -101,22 +101,30 @@ def test_static_mixed_step_matches_the_eager_step(runner, nd, prompt_len, prefix
     r = runner
     r.kv_cache.fill_(SENTINEL)
     batch = _setup(r, nd, prompt_len, prefix, n, seed=nd)
-    before = r.kv_cache.clone()
-    seqs_e, logits_e, tokens_e = _step(r, batch, static=False)
-    cache_e = r.kv_cache.clone()
-    r.kv_cache.copy_(before)
-    seqs_s, logits_s, tokens_s = _step(r, batch, static=True)
+    (seqs_e, logits_e, tokens_e), (seqs_s, logits_s, tokens_s) = _eager_then_static(r, batch, _step)
     completes = prefix + n == prompt_len
     assert [s.seq_id for s in seqs_s] == [s.seq_id for s in seqs_e]
     assert len(seqs_s) == nd + completes
     assert logits_s.shape == logits_e.shape
     torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
     assert torch.equal(tokens_s, tokens_e)
-    # the same entries were written, to the same values; the others (block 0 included) kept the sentinel
-    written = (cache_e != before)
-    assert torch.equal(r.kv_cache != before, written)
-    assert not written[:, :, 0].any()
-    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+
+
+def _eager_then_static(runner, batch, step) -> tuple:
+    """Run ``batch`` eagerly, then (the cache put back) through the static step: both results of
+    ``step(runner, batch, static)``. Asserts the static step wrote the eager step's cache entries, to the
+    same values, and nothing else (the sentinel stays in every other entry, block 0 included)."""
+    before = runner.kv_cache.clone()
+    eager = step(runner, batch, False)
+    cache_e = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    static = step(runner, batch, True)
+    written = cache_e != before
+    assert written.any()
+    assert torch.equal(runner.kv_cache != before, written)
+    assert not written[:, :, 0].any()  # padded rows (slot -1) wrote nothing
+    torch.testing.assert_close(runner.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
+    return eager, static
 
 
 def test_static_mixed_step_takes_device_tokens(runner):
@@ -330,12 +338,8 @@ def test_static_prefill_step_matches_the_eager_step(runner, prompt_len, prefix, 
     r = runner
     r.kv_cache.fill_(SENTINEL)
     batch = _setup(r, 0, prompt_len, prefix, n, seed=prompt_len)
-    before = r.kv_cache.clone()
     r.logits.clear()
-    seqs_e, logits_e, tokens_e = _prefill_step(r, batch, static=False)
-    cache_e = r.kv_cache.clone()
-    r.kv_cache.copy_(before)
-    seqs_s, logits_s, tokens_s = _prefill_step(r, batch, static=True)
+    (seqs_e, logits_e, tokens_e), (seqs_s, logits_s, tokens_s) = _eager_then_static(r, batch, _prefill_step)
     completes = prefix + n == prompt_len
     assert [s.seq_id for s in seqs_s] == [s.seq_id for s in seqs_e]
     assert len(seqs_s) == int(completes) and (logits_s is None) == (not completes) and len(r.logits) == 2 * completes
@@ -343,11 +347,6 @@ def test_static_prefill_step_matches_the_eager_step(runner, prompt_len, prefix, 
         assert logits_s.shape == logits_e.shape == (1, logits_e.shape[1])
         torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
         assert torch.equal(tokens_s, tokens_e)
-    written = (cache_e != before)
-    assert written.any()
-    assert torch.equal(r.kv_cache != before, written)
-    assert not written[:, :, 0].any()  # padded rows (slot -1) wrote nothing, block 0 included
-    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
 
 
 def test_static_prefill_step_forks_its_samples(runner):
@@ -436,14 +435,9 @@ def test_static_prefill_step_through_the_triton_kernels(runner, monkeypatch, pro
     r = runner
     r.kv_cache.fill_(SENTINEL)
     batch = _setup(r, 0, prompt_len, prefix, n, seed=prompt_len + 1)
-    before = r.kv_cache.clone()
-    _, logits_e, tokens_e = _prefill_step(r, batch, static=False)
-    cache_e = r.kv_cache.clone()
-    r.kv_cache.copy_(before)
-    _, logits_s, tokens_s = _prefill_step(r, batch, static=True)
+    (_, logits_e, tokens_e), (_, logits_s, tokens_s) = _eager_then_static(r, batch, _prefill_step)
     torch.testing.assert_close(logits_s, logits_e, atol=1e-4, rtol=1e-4)
     assert torch.equal(tokens_s, tokens_e)
-    torch.testing.assert_close(r.kv_cache, cache_e, atol=1e-5, rtol=1e-5)
 
 
 def test_engine_captures_the_graphs_its_config_asks_for(tiny_llm, monkeypatch):
