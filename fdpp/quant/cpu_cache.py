@@ -2,13 +2,16 @@
 
 The reference path (the CPU) runs a quantized weight by dequantizing it and calling a dense matmul. Doing
 that at every matmul keeps memory at the packed size but costs one dequantization of every weight per
-decode step (for the embedded SmolLM2 in Q4_1: ~6x slower decode than float32 weights). Memoizing every
-dequantized weight would be fast but hold packed + float32 bytes, more than a dense float32 model.
+decode step: a dequantization costs ~40x the matmul it feeds, so even a tenth of the weights left
+unmemoized makes decode several times slower (the embedded SmolLM2 in Q4_1 on 2 cores: 14.9 tok/s with
+float32 weights, 5.5 with three quarters of them memoized).
 
-``plan_cpu_memoization`` takes the middle: weights are memoized (their first dequantization is kept) in
-model order while ``packed bytes + memoized bytes <= fraction * dense bytes`` of the quantized weights, so
-memory stays below the dense model's (``fraction`` < 1) and only the rest is dequantized per matmul.
-``fraction`` defaults to ``$FDPP_CPU_DEQUANT_CACHE`` or 0.9; 0 memoizes nothing (memory at the packed size).
+``plan_cpu_memoization`` marks weights to memoize (their first dequantization is kept), in model order:
+- by default, all of them when the packed and the dense copies together fit in RAM_SHARE (40%) of the
+  machine's available memory (``available_ram_bytes``: a small model, as the embedded one); otherwise as
+  many as fit in 0.9x the dense bytes and in that share of memory (packed bytes included);
+- with ``fraction`` (or ``$FDPP_CPU_DEQUANT_CACHE``, in [0, 1)): while packed + memoized bytes stay under
+  ``fraction`` x the dense bytes, so memory stays below the dense model's; 0 memoizes nothing.
 """
 from __future__ import annotations
 
@@ -20,6 +23,22 @@ from fdpp.quant.formats import QuantParts, QuantTensor
 
 DEFAULT_FRACTION = 0.9
 ENV_FRACTION = "FDPP_CPU_DEQUANT_CACHE"
+RAM_SHARE = 0.4  # of the available memory, at most, for the weights (packed + memoized) by default
+
+
+def available_ram_bytes() -> int | None:
+    """The memory the OS can give now (Linux ``MemAvailable``; else half the physical memory), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def default_fraction() -> float:
@@ -38,12 +57,15 @@ def default_fraction() -> float:
     return value
 
 
-def plan_cpu_memoization(model: nn.Module, fraction: float | None = None) -> dict[str, int]:
-    """Mark the quantized weights of ``model`` to memoize (see the module docstring).
+_AUTO = object()
+
+
+def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_bytes=_AUTO) -> dict[str, int]:
+    """Mark the quantized weights of ``model`` to memoize (see the module docstring). ``ram_bytes``: the
+    available memory the default rule sizes itself by (default ``available_ram_bytes()``; None: unknown).
 
     Returns ``{"packed_bytes", "dense_bytes", "memoized_bytes", "num_weights", "num_memoized"}`` over the
     quantized weights (tied weights counted once); ``dense_bytes`` is their size in the parameters' dtype."""
-    fraction = default_fraction() if fraction is None else float(fraction)
     weights: dict[int, tuple[QuantTensor | QuantParts, int]] = {}
     for p in model.parameters():
         q = getattr(p, "quant", None)
@@ -51,7 +73,13 @@ def plan_cpu_memoization(model: nn.Module, fraction: float | None = None) -> dic
             weights[id(q)] = (q, q.shape[0] * q.shape[1] * p.element_size())
     packed = sum(q.nbytes for q, _ in weights.values())
     dense = sum(b for _, b in weights.values())
-    budget = fraction * dense - packed
+    if fraction is not None or os.environ.get(ENV_FRACTION) is not None:
+        fraction = default_fraction() if fraction is None else float(fraction)
+        budget = fraction * dense - packed
+    else:
+        ram = available_ram_bytes() if ram_bytes is _AUTO else ram_bytes
+        cap = float("inf") if ram is None else RAM_SHARE * ram - packed
+        budget = dense if packed + dense <= RAM_SHARE * (ram or 0) else min(DEFAULT_FRACTION * dense - packed, cap)
     used = count = 0
     for q, nbytes in weights.values():
         q.memoize = used + nbytes <= budget

@@ -251,3 +251,29 @@ def test_cpu_memoization_stays_under_the_dense_size():
     assert model.c.weight.quant.dense_for_matmul(torch.float32) is not model.c.weight.quant.dense_for_matmul(
         torch.float32)
     assert plan_cpu_memoization(model, fraction=0.0)["num_memoized"] == 0
+
+
+def test_cpu_memoization_default_memoizes_a_small_model_whole(monkeypatch):
+    """No fraction given: everything is memoized when packed + dense fit in RAM_SHARE of the available
+    memory; with too little memory, as much as the 0.9x-dense and the RAM caps allow; memory unknown: the
+    0.9x-dense rule."""
+    from torch import nn
+
+    from fdpp.quant import cpu_cache
+
+    monkeypatch.delenv(cpu_cache.ENV_FRACTION, raising=False)
+    g = torch.Generator().manual_seed(9)
+    model = nn.Module()
+    model.a, model.b, model.c = (nn.Linear(64, 32, bias=False) for _ in range(3))
+    for lin in (model.a, model.b, model.c):
+        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
+    dense = 3 * 32 * 64 * 4
+    whole = cpu_cache.plan_cpu_memoization(model, ram_bytes=100 * dense)
+    assert whole["num_memoized"] == 3 and whole["memoized_bytes"] == dense
+    packed = whole["packed_bytes"]
+    tight = cpu_cache.plan_cpu_memoization(model, ram_bytes=(packed + dense // 2) / cpu_cache.RAM_SHARE)
+    assert tight["num_memoized"] == 1 and packed + tight["memoized_bytes"] <= cpu_cache.RAM_SHARE * (
+        packed + dense // 2) / cpu_cache.RAM_SHARE
+    unknown = cpu_cache.plan_cpu_memoization(model, ram_bytes=None)
+    assert packed + unknown["memoized_bytes"] <= 0.9 * dense and unknown["num_memoized"] == 2
+    assert cpu_cache.available_ram_bytes() is None or cpu_cache.available_ram_bytes() > 0
