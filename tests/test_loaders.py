@@ -248,6 +248,22 @@ def test_gguf_f32_unpermutes_to_hf_layout(tiny, tiny_tied, tmp_path):
     assert src.kind == "gguf" and src.gguf_file == str(tmp_path / "tied.gguf")
 
 
+def test_gguf_reader_over_a_plain_view_reads_what_gguf_reads(tiny, tmp_path):
+    """fdpp's reader (gguf.GGUFReader over a plain-ndarray view of the memory map, 2.7x faster to open)
+    gives gguf's own reader's fields and tensors, bit for bit, and keeps the tensors file-backed."""
+    from fdpp.models.gguf_loader import _reader_class
+
+    path = _write_gguf(tiny, tmp_path / "tiny.gguf", qtype=QT.Q8_0)
+    ref, ours = gguf.GGUFReader(path), _reader_class()(path)
+    assert type(ours.data) is np.ndarray and ours.data.base is not None  # a view, not a copy
+    assert list(ref.fields) == list(ours.fields)
+    for key, f in ref.fields.items():
+        g = ours.fields[key]
+        assert f.types == g.types and f.data == g.data and all(np.array_equal(a, b) for a, b in zip(f.parts, g.parts))
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in ref.tensors] == [
+        (t.name, t.tensor_type, t.data.tobytes()) for t in ours.tensors]
+
+
 @pytest.mark.parametrize("qtype", [QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1], ids=lambda q: q.name)
 def test_gguf_quant_types_match_transformers(tiny, tmp_path, qtype):
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

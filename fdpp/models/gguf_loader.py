@@ -148,8 +148,6 @@ def open_gguf(path: str | os.PathLike[str]):
 
 
 def _open_gguf_uncached(path: str):
-    import gguf
-
     if not os.path.exists(path):
         raise ModelLoadError(f"GGUF file not found: {path!r}; check the path (fdpp cannot download models)")
     if os.path.isdir(path):
@@ -163,7 +161,7 @@ def _open_gguf_uncached(path: str):
             "pass a llama.cpp .gguf file or a Hugging Face model folder"
         )
     try:
-        reader = gguf.GGUFReader(path)
+        reader = _reader_class()(path)
     except Exception as e:  # the reader raises ValueError/IndexError/KeyError/... on bad input
         msg = str(e)
         if "GGMLQuantizationType" in msg:
@@ -185,6 +183,34 @@ def _open_gguf_uncached(path: str):
                 f"but the file has {size} bytes; re-download the file"
             )
     return reader
+
+
+_FAST_READER: type | None = None
+
+
+def _reader_class() -> type:
+    """``gguf.GGUFReader`` over a plain-ndarray view of its memory map (zero copy, still file-backed).
+
+    NOTE: the reader slices its ``data`` once per element while parsing the metadata (~1M slices for a
+    49k-token vocabulary), and a ``np.memmap`` runs Python-level ``__getitem__`` / ``__array_finalize__``
+    for each: 2.7 s to open the embedded SmolLM2 GGUF, 1.0 s through the plain view (same fields and
+    tensors, bit for bit)."""
+    global _FAST_READER
+    if _FAST_READER is None:
+        import gguf
+        import numpy as np
+
+        class FastGGUFReader(gguf.GGUFReader):
+            @property
+            def data(self):
+                return self._data
+
+            @data.setter
+            def data(self, value):
+                self._data = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+        _FAST_READER = FastGGUFReader
+    return _FAST_READER
 
 
 def _field_value(field) -> Any:
