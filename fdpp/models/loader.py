@@ -76,11 +76,15 @@ def build_model(
     else:
         load_weights(model, weights, num_tensors=num_tensors, show_progress=show_progress)
     if quant is not None and quant.is_quantized and torch.device(device).type == "cpu":
-        from fdpp.quant.cpu_cache import plan_cpu_memoization
+        from fdpp.quant.cpu_cache import plan_cpu_memoization, warm_cpu_memoization
+        from fdpp.utils import phase
 
         stats = plan_cpu_memoization(model)
         logger.info("quantized weights on the CPU: %.0f MB packed, %.0f MB of %.0f MB dense memoized",
                     stats["packed_bytes"] / 1e6, stats["memoized_bytes"] / 1e6, stats["dense_bytes"] / 1e6)
+        if stats["num_memoized"]:
+            with phase(f"Dequantizing {stats['num_memoized']} quantized weights for the CPU", show_progress):
+                warm_cpu_memoization(model)
     model.eval()
     return model
 

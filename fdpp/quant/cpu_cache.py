@@ -88,3 +88,15 @@ def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_by
             count += 1
     return {"packed_bytes": packed, "dense_bytes": dense, "memoized_bytes": used, "num_weights": len(weights),
             "num_memoized": count}
+
+
+def warm_cpu_memoization(model: nn.Module) -> int:
+    """Dequantize now every weight ``plan_cpu_memoization`` marked (in its parameter's dtype, the one the
+    reference matmul asks for), so that the first request does not pay for it; returns how many."""
+    done: set[int] = set()
+    for p in model.parameters():
+        q = getattr(p, "quant", None)
+        if isinstance(q, (QuantTensor, QuantParts)) and q.memoize and id(q) not in done:
+            q.dense_for_matmul(p.dtype)
+            done.add(id(q))
+    return len(done)

@@ -277,3 +277,25 @@ def test_cpu_memoization_default_memoizes_a_small_model_whole(monkeypatch):
     unknown = cpu_cache.plan_cpu_memoization(model, ram_bytes=None)
     assert packed + unknown["memoized_bytes"] <= 0.9 * dense and unknown["num_memoized"] == 2
     assert cpu_cache.available_ram_bytes() is None or cpu_cache.available_ram_bytes() > 0
+
+
+def test_warm_cpu_memoization_dequantizes_the_marked_weights_once():
+    """At load (after the plan): every marked weight is dequantized in its parameter's dtype, once for tied
+    ones; the matmul then reads that copy; unmarked weights stay packed only."""
+    from torch import nn
+
+    from fdpp.quant.cpu_cache import plan_cpu_memoization, warm_cpu_memoization
+
+    g = torch.Generator().manual_seed(10)
+    model = nn.Module()
+    model.a, model.b = (nn.Linear(64, 32, bias=False) for _ in range(2))
+    for lin in (model.a, model.b):
+        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
+    model.t = nn.Linear(64, 32, bias=False)
+    model.t.weight.quant = model.a.weight.quant  # tied
+    plan_cpu_memoization(model, fraction=0.5)  # room for one of the two
+    assert warm_cpu_memoization(model) == 1
+    q = model.a.weight.quant
+    memo = q._dense[torch.float32]
+    assert q.dense_for_matmul(torch.float32) is memo and torch.equal(memo, q.dequantize())
+    assert not model.b.weight.quant._dense
