@@ -58,6 +58,9 @@ mkdir -p "$R/rope"; run e2e_rope 170 env FDPP_FUSED_ROPE=1 python bench/e2e_late
 #     Llama-3-8B bf16's qkv is cuBLAS at M = 1 in the shipped table (16.31 vs the GEMV's 16.38 us, a tie), so neither its
 #     norm nor fuse_rope fuses there: the same profile with the GEMV at M = 1 (an override table), fused rope on
 python bench/table_override.py --dtype bfloat16 --n 6144 --k 4096 --m 1 --impl gemv --config '{"BLOCK_M": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4, "num_stages": 2, "PREFETCH": true}' --out /tmp/l3_qkv_gemv.json
+#     The prefill graphs with the TMA prefill kernel for fresh prompts (FDPP_PREFILL_GRAPH_TMA=1, an experiment):
+#     TTFT against part 2's ttft_graphs run (the paged route)
+run ttft_graphs_tma 80 env FDPP_PREFILL_GRAPH_TMA=1 python bench/ttft_trace.py --input-lens 128 512 1024 --repeats 5
 run prof_l3_b1_rope_gemv 110 env FDPP_DATAFLOW_TABLE=/tmp/l3_qkv_gemv.json python bench/decode_profile.py --model llama-3-8b --dtype bfloat16 --batch 1 --input-len 1024 --steps 20 --timed-steps 60 --tag l3_b1_in1024_fuse_rope_qkv_gemv --llm-kw '{"fuse_rope": true}' --out "$R"
 fi
 if [ "$PART" = 9 ]; then

@@ -77,3 +77,34 @@ def test_prefill_graphs_give_the_eager_prefill_tokens(tmp_path, dtype):
         _greedy_is_argmax_up_to_rounding(hf, pr, tokens, 0.02 if dtype == "float32" else 0.05)
     if dtype == "float32":
         assert runs[256] == runs[0]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_prefill_tma_graphs_for_fresh_prompts(tmp_path, monkeypatch, dtype):
+    """FDPP_PREFILL_GRAPH_TMA=1 with head_dim 128 on sm_90+: fresh prompts of 300 and 600 tokens replay the
+    TMA-route prefill graphs (buckets 320, 640), a repeat of the 600-token prompt (a cached prefix) the paged
+    route; the greedy tokens are the fp32 argmax up to rounding."""
+    from fdpp.ops.attention import prefill_tma_available
+
+    if not prefill_tma_available(torch.device("cuda"), getattr(torch, dtype), 128):
+        pytest.skip("the TMA prefill kernel needs compute capability >= 9")
+    monkeypatch.setenv("FDPP_PREFILL_GRAPH_TMA", "1")
+    hf = write_tiny_llama(str(tmp_path), hidden_size=512, intermediate_size=1024, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048)
+    hf = hf.to("cuda", torch.float32)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (300, 600)]
+    prompts.append(prompts[1][:590] + [7, 8, 9, 10, 11, 12, 13, 14, 15, 16])  # shares 36 blocks with the 2nd
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(tmp_path), dtype=dtype, device="cuda", show_progress=False, max_num_seqs=2,
+              gpu_memory_utilization=0.3)
+    try:
+        runner = llm.engine.runner
+        assert sorted(runner.prefill_tma_graphs) == [t for t in sorted(runner.prefill_graphs) if t >= 256]
+        outs = [llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+        assert runner.num_prefill_tma_replays == 2 and runner.num_prefill_replays == 3
+        llm.engine.check_integrity()
+    finally:
+        llm.close()
+    for pr, tokens in zip(prompts, outs):
+        _greedy_is_argmax_up_to_rounding(hf, pr, tokens, 0.08)

@@ -7,6 +7,7 @@ the plain forward), runnable eagerly too: the CPU tests drive the static steps t
 device, block size, KV cache, ``_slots``, ``_scatter_device_tokens`` and ``decode_splits``."""
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -15,7 +16,7 @@ import torch
 from fdpp.engine.scheduler import ScheduledBatch
 from fdpp.engine.sequence import Sequence
 from fdpp.layers.context import forward_context
-from fdpp.ops.attention import AttentionMetadata, decode_splits
+from fdpp.ops.attention import AttentionMetadata, decode_splits, prefill_tma_available
 
 if TYPE_CHECKING:
     from fdpp.engine.model_runner import DeviceTokens
@@ -97,6 +98,16 @@ def graph_bucket_sizes(max_batch_size: int) -> list[int]:
 PREFILL_GRAPH_TOKENS = (16, 32, 48, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024)
 
 
+# FDPP_PREFILL_GRAPH_TMA=1 (an experiment, off by default): the prefill buckets from this many tokens on are
+# also captured with the TMA prefill kernel (1.29-1.41x the paged one, H200 2026-12-03), replayed for a chunk
+# that starts its prompt (no cached prefix); chunks with a prefix keep the paged route (split-KV).
+PREFILL_TMA_GRAPH_MIN_TOKENS = 256
+
+
+def prefill_tma_graphs_wanted() -> bool:
+    return os.environ.get("FDPP_PREFILL_GRAPH_TMA", "0") == "1"
+
+
 def prefill_graph_sizes(max_tokens: int, token_budget: int, max_model_len: int) -> list[int]:
     """The prefill graph buckets up to ``max_tokens`` (0: none), a step's token budget and the model length."""
     cap = min(max_tokens, token_budget, max_model_len)
@@ -128,6 +139,10 @@ class StaticSteps:
         self.num_mixed_replays = 0  # mixed steps run through the padded static step (a replay on CUDA)
         # Prefill steps of one prompt chunk (no decode rows) padded to a token bucket: see init_prefill_inputs.
         self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # the same steps through the TMA prefill kernel, for chunks that start their prompt (FDPP_PREFILL_GRAPH_TMA)
+        self.prefill_tma_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.prefill_tma_token_sizes: list[int] = []
+        self.num_prefill_tma_replays = 0
         self.prefill_token_sizes: list[int] = []
         self._prefill_inputs: _GraphInputs | None = None
         self._prefill_meta: dict[int, AttentionMetadata] = {}
@@ -158,6 +173,7 @@ class StaticSteps:
         self.mixed_graphs.clear()
         self.balanced_graphs.clear()
         self.prefill_graphs.clear()
+        self.prefill_tma_graphs.clear()
         sizes = graph_bucket_sizes(max_batch_size)
         self.graph_batch_sizes = []
         if mixed_chunk_tokens is None:
@@ -210,6 +226,8 @@ class StaticSteps:
                           lambda bs=bs: self.mixed_step(bs)))
         for t in self.prefill_token_sizes:
             steps.append((self.prefill_graphs, t, t, lambda t=t: self.prefill_step(t)))
+        for t in self.prefill_tma_token_sizes:
+            steps.append((self.prefill_tma_graphs, t, t, lambda t=t: self.prefill_step(t, fresh=True)))
         steps.sort(key=lambda x: -x[2])
         pool = None
         bar = tqdm(steps, desc="Capturing CUDA graphs", unit="graph", disable=not show_progress)
@@ -411,32 +429,39 @@ class StaticSteps:
         if bad:
             raise ValueError(f"init_prefill_inputs: token sizes must be positive multiples of 16, got {bad}")
         self.prefill_graphs.clear()
+        self.prefill_tma_graphs.clear()
         self.prefill_token_sizes = sorted(set(token_sizes))
+        self.prefill_tma_token_sizes = []
+        if prefill_tma_graphs_wanted() and prefill_tma_available(self.device, self.dtype, self.config.head_dim):
+            self.prefill_tma_token_sizes = [t for t in self.prefill_token_sizes if t >= PREFILL_TMA_GRAPH_MIN_TOKENS]
         self._prefill_inputs = None
         self._prefill_meta = {}
         if self.prefill_token_sizes:
             self._prefill_inputs = _GraphInputs(self.prefill_token_sizes[-1], self._PF_INTS, 1,
                                                 self.max_blocks_per_seq, self.device)
 
-    def _prefill_metadata(self, tokens: int) -> AttentionMetadata:
+    def _prefill_metadata(self, tokens: int, fresh: bool = False) -> AttentionMetadata:
         """A prefill step's metadata over the static buffers, for any chunk of at most ``tokens`` tokens:
         max_seqlen_q = the bucket (the grid; q tiles past the chunk exit early), max_context_len =
-        max_model_len (the split count)."""
-        meta = self._prefill_meta.get(tokens)
+        max_model_len (the split count). ``fresh``: for chunks that start their prompt, through the TMA
+        prefill kernel (one split; it would recompute a cached prefix in its slow unsplit fallback)."""
+        meta = self._prefill_meta.get((tokens, fresh))
         if meta is None:
             inp = self._prefill_inputs
             meta = AttentionMetadata(
                 is_prefill=True, context_lens=inp.ints[self._PF_CTX: self._PF_CTX + 1], block_tables=inp.tables[:1],
                 slot_mapping=inp.slots[:tokens], cu_seqlens_q=inp.ints[self._PF_CU: self._PF_CU + 2],
-                max_seqlen_q=tokens, max_context_len=self.max_model_len)
-            self._prefill_meta[tokens] = meta
+                max_seqlen_q=tokens, max_context_len=self.max_model_len, fresh_prefill=fresh,
+                prefill_num_splits=1 if fresh else None)
+            self._prefill_meta[(tokens, fresh)] = meta
         return meta
 
-    def prefill_step(self, tokens: int) -> torch.Tensor:
+    def prefill_step(self, tokens: int, fresh: bool = False) -> torch.Tensor:
         """The padded static prefill step of ``tokens`` tokens (what a prefill graph captures): the forward
-        over the static inputs, the logits of the staged row ``[1, vocab]``."""
+        over the static inputs, the logits of the staged row ``[1, vocab]``. ``fresh``: see
+        ``_prefill_metadata``."""
         inp = self._prefill_inputs
-        with forward_context(self._prefill_metadata(tokens), self.backends):
+        with forward_context(self._prefill_metadata(tokens, fresh), self.backends):
             hidden = self.model(inp.ids[:tokens], inp.pos[:tokens])
             return self.model.compute_logits(hidden.index_select(0, inp.ints[self._PF_ROW: self._PF_ROW + 1]))
 
@@ -465,7 +490,11 @@ class StaticSteps:
         inp.upload(tokens, self._PF_INTS, 1, len(seq.block_table))
         if device_tokens is not None:
             self._scatter_device_tokens(inp.ids, device_tokens)
-        logits = self._replay_or_run(self.prefill_graphs, tokens, self.prefill_step)
+        if seq.num_computed_tokens == 0 and tokens in self.prefill_tma_token_sizes:
+            logits = self._replay_or_run(self.prefill_tma_graphs, tokens, lambda t: self.prefill_step(t, fresh=True))
+            self.num_prefill_tma_replays += 1
+        else:
+            logits = self._replay_or_run(self.prefill_graphs, tokens, self.prefill_step)
         self.num_prefill_replays += 1
         sampled = end == seq.num_tokens
         return logits[:int(sampled)], [seq] * sampled

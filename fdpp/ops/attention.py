@@ -285,11 +285,16 @@ def prefill_tma_enabled(q: torch.Tensor) -> bool:
     """Whether a prefill of `q` may use fdpp.kernels.attention_prefill_tma: a CUDA device of compute
     capability >= 9 (TMA), fp16/bf16, a measured head_dim, and not switched off (FDPP_PREFILL_TMA=0).
     On an H200 it is 1.29-1.41x the paged kernel (bench/sweep_prefill.py, 2026-12-03)."""
-    if os.environ.get("FDPP_PREFILL_TMA", "1") == "0" or q.device.type != "cuda":
+    return prefill_tma_available(q.device, q.dtype, int(q.shape[-1]))
+
+
+def prefill_tma_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """``prefill_tma_enabled`` for a device, dtype and head_dim (no tensor needed)."""
+    if os.environ.get("FDPP_PREFILL_TMA", "1") == "0" or device.type != "cuda":
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in PREFILL_TMA_HEAD_DIMS:
+    if dtype not in (torch.float16, torch.bfloat16) or head_dim not in PREFILL_TMA_HEAD_DIMS:
         return False
-    return capability(q.device)[0] >= 9
+    return capability(device)[0] >= 9
 
 
 def prefill_tma_dispatch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, *,

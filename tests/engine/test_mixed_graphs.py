@@ -475,3 +475,30 @@ def test_slots_short_and_long(runner, start, end):
     want = [seq.block_table[t // bs] * bs + t % bs for t in range(start, end)]
     got = runner._slots(seq, start, end)
     assert got == want and all(type(v) is int for v in got)
+
+
+def test_prefill_tma_route_for_chunks_that_start_their_prompt(runner, monkeypatch):
+    """FDPP_PREFILL_GRAPH_TMA=1 (where the TMA kernel exists; forced here): buckets from
+    PREFILL_TMA_GRAPH_MIN_TOKENS on also get the TMA route's static step, taken by a chunk with no cached
+    prefix only; a chunk on a prefix, or a smaller bucket, keeps the paged route. Same logits either way
+    (the TMA kernel itself is GPU-only: here attention() falls back to the paged kernel)."""
+    monkeypatch.setenv("FDPP_PREFILL_GRAPH_TMA", "1")
+    monkeypatch.setattr(cg, "prefill_tma_available", lambda *a: True)
+    monkeypatch.setattr(cg, "PREFILL_TMA_GRAPH_MIN_TOKENS", 32)
+    r = runner
+    r.kv_cache.fill_(SENTINEL)
+
+    def step(runner, batch, static):
+        runner.init_prefill_inputs(PREFILL_BUCKETS if static else [])
+        if static:
+            assert runner.prefill_tma_token_sizes == [32, 64]
+        before = runner.num_prefill_tma_replays
+        seqs, out = runner.execute(batch)
+        return runner.num_prefill_tma_replays - before, runner.logits[-1], out.token_ids
+
+    for prompt_len, prefix, n, tma in [(40, 0, 40, 1), (10, 0, 10, 0), (36, 20, 16, 0)]:
+        batch = _setup(r, 0, prompt_len, prefix, n, seed=prompt_len + 3)
+        (_, logits_e, tokens_e), (used, logits_s, tokens_s) = _eager_then_static(r, batch, step)
+        assert used == tma, (prompt_len, prefix)
+        torch.testing.assert_close(logits_s, logits_e, atol=1e-5, rtol=1e-5)
+        assert torch.equal(tokens_s, tokens_e)
