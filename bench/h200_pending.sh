@@ -3,7 +3,7 @@
 # evening, so nothing of its changes has run on one), in priority order, each bounded
 # so that one device call (< 10 minutes) runs one part. Results go under $OUT/res (and $OUT/res.tgz: a
 # device call returns only a few files, so fetch the archive). Run from the repository root:
-#     OUT=/tmp/out bash bench/h200_pending.sh 1      # then 2, 10, 8, 7, 11, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
+#     OUT=/tmp/out bash bench/h200_pending.sh 1q     # then 2, 10, 1, 8, 7, 11, 9; 0 and 3-6 re-run the 2026-12-04 evening measurements
 # (carry .wheels and .bisect)
 # Python packages missing on the device (xgrammar, gguf, fastapi, ...) travel as wheels in .wheels/ (ignored by git).
 set -o pipefail
@@ -21,6 +21,11 @@ run() {  # run NAME SECONDS CMD...: bounded, logged, one line of status
   tar czf "$OUT/res.tgz" -C "$(dirname "$R")" "$(basename "$R")"  # after each step: a call cut short keeps what ran
 }
 PART=${1:-1}
+if [ "$PART" = 1q ]; then
+# 1q. First, the GPU tests of this evening's changes alone (~2-3 min): prefill graphs (paged and TMA routes),
+#     the fused rope GEMV and the one-pass norm prologue at real sizes, fuse_rope through the engine.
+run pytest_gpu_new 300 python -m pytest -q -m gpu -p no:cacheprovider --durations=10 tests/test_gpu_mixed_graphs.py tests/kernels/test_rotary.py tests/kernels/test_fused_norm.py "tests/test_gpu_engine.py::test_fused_rope_gives_the_unfused_tokens_on_cuda"
+fi
 if [ "$PART" = 1 ]; then
 # 1. (next session) The GPU tests after this session's changes, none of which has run on a GPU yet: the prefill
 #    graphs (tests/test_gpu_mixed_graphs.py), the GEMV's one-pass RMSNorm prologue (tests/kernels, GPU-marked
