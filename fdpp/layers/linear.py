@@ -118,7 +118,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 norm: nn.Module | None = None) -> torch.Tensor:
         """``norm``: an RMSNorm applied to x first, fused into the kernel's prologue on a GPU."""
-        return linear(x, weight_of(self.weight), self.bias, residual=residual, **_norm_args(norm))
+        return linear(x, weight_of(self.weight), self.bias, residual=residual, **norm_kwargs(norm))
 
 
 class MergedLinear(Linear):
@@ -178,9 +178,9 @@ class GateUpLinear(MergedLinear):
         super().__init__(in_features, {"gate": intermediate_size, "up": intermediate_size}, bias)
 
     def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul", **_norm_args(norm))
+        return linear(x, weight_of(self.weight), self.bias, act="silu_and_mul", **norm_kwargs(norm))
 
 
-def _norm_args(norm: nn.Module | None) -> dict:
+def norm_kwargs(norm: nn.Module | None) -> dict:
     """The ``linear`` keywords of a fused RMSNorm prologue (an RMSNorm layer: ``weight`` and ``eps``)."""
     return {} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}

@@ -18,7 +18,7 @@ from fdpp.distributed.layers import (
     vocab_embedding,
 )
 from fdpp.layers.attention import Attention
-from fdpp.layers.linear import weight_of
+from fdpp.layers.linear import norm_kwargs, weight_of
 from fdpp.layers.norm import RMSNorm
 from fdpp.layers.rotary import RotaryEmbedding
 
@@ -64,7 +64,7 @@ class LlamaAttention(nn.Module):
         if self.fuse_rope:
             q = self.attn.project_rope_store(
                 hidden, weight_of(self.qkv_proj.weight), self.qkv_proj.bias, positions, self.rotary_emb,
-                **({} if norm is None else {"norm_weight": norm.weight, "norm_eps": norm.eps}))
+                **norm_kwargs(norm))
             if q is not None:
                 return self.o_proj(self.attn.attend(q), residual=residual)
         qkv = self.qkv_proj(hidden, norm=norm)

@@ -43,6 +43,27 @@ def fuses_norm(impl: str, config: dict | None = None) -> bool:
     return impl == "gemv" and not (config or {}).get("separate_norm", False)
 
 
+def dispatch(x2: torch.Tensor, n: int, k: int, backend: str,
+             weight_format: str | None = None) -> tuple[str, dict | None]:
+    """The implementation (and kernel config) that multiplies x2 [M, K] by an [N, K] weight (dense, or packed
+    in ``weight_format``) under a Triton linear ``backend``: the dataflow table's choice (``table``), else
+    the forced one."""
+    if backend == "table":
+        return choose_impl(x2.device, x2.dtype, n, k, int(x2.shape[0]), weight_format=weight_format)
+    return backend, None
+
+
+def norm_unless_fused(x2: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float, impl: str,
+                      config: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(x, norm_weight) as ``impl`` takes them: unchanged where it fuses the norm (``fuses_norm``), else x
+    RMS-normed by the norm op and no norm_weight."""
+    if norm_weight is None or fuses_norm(impl, config):
+        return x2, norm_weight
+    from fdpp.ops.norm import rms_norm
+
+    return rms_norm(x2, norm_weight, norm_eps), None
+
+
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor | QuantTensor | QuantParts,
@@ -99,16 +120,9 @@ def linear(
     res2 = residual.reshape(-1, n_out) if residual is not None else None
     if res2 is not None and res2.stride(-1) != 1:
         res2 = res2.contiguous()
-    m = x2.shape[0]
 
-    config = None
-    impl = backend
-    if backend == "table":
-        impl, config = choose_impl(x.device, x.dtype, n, k, m)
-    if norm_weight is not None and not fuses_norm(impl, config):
-        from fdpp.ops.norm import rms_norm
-
-        x2, norm_weight = rms_norm(x2, norm_weight, norm_eps), None
+    impl, config = dispatch(x2, n, k, backend)
+    x2, norm_weight = norm_unless_fused(x2, norm_weight, norm_eps, impl, config)
     if impl == "gemv":
         from fdpp.kernels.gemv import gemv
 
@@ -190,10 +204,7 @@ def linear_reference_epilogue(y: torch.Tensor, bias, residual, act: str | None) 
 def _quant_matmul(x2: torch.Tensor, w: QuantTensor, bias, residual, backend: str) -> torch.Tensor:
     """x2 [M, K] @ W.T (+ bias) (+ residual) with the implementation the backend / dataflow table picks."""
     n, k = w.shape
-    m = x2.shape[0]
-    impl, config = backend, None
-    if backend == "table":
-        impl, config = choose_impl(x2.device, x2.dtype, n, k, m, weight_format=w.fmt)
+    impl, config = dispatch(x2, n, k, backend, w.fmt)
     args = (w.data, w.fmt, n, k, w.scale, w.zero, w.group_size, bias)
     if impl == "gemv":
         from fdpp.kernels.quant_gemv import quant_gemv

@@ -139,21 +139,14 @@ def qkv_rope_store(
     if cos_sin_cache.shape[-1] != head_dim:
         return None
     backend = linear_backend(x.device)
-    config = None
-    if backend == "table":
-        from fdpp.dataflow.table import choose_impl
-
-        impl, config = choose_impl(x.device, x.dtype, int(weight.shape[0]), int(weight.shape[1]), int(x.shape[0]))
-        if impl != "gemv":
-            return None
-    elif backend != "gemv":
+    if backend not in ("table", "gemv"):
         return None
-    from fdpp.ops.linear import fuses_norm
+    from fdpp.ops.linear import dispatch, norm_unless_fused
 
-    if norm_weight is not None and not fuses_norm("gemv", config):  # the table keeps this shape's norm separate
-        from fdpp.ops.norm import rms_norm
-
-        x, norm_weight = rms_norm(x, norm_weight, norm_eps), None
+    impl, config = dispatch(x, int(weight.shape[0]), int(weight.shape[1]), backend)
+    if impl != "gemv":
+        return None
+    x, norm_weight = norm_unless_fused(x, norm_weight, norm_eps, impl, config)
     from fdpp.kernels.gemv import gemv_rope_store
 
     q = gemv_rope_store(x if x.stride(-1) == 1 else x.contiguous(), weight, bias, positions=positions,

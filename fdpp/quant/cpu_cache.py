@@ -66,20 +66,18 @@ def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_by
 
     Returns ``{"packed_bytes", "dense_bytes", "memoized_bytes", "num_weights", "num_memoized"}`` over the
     quantized weights (tied weights counted once); ``dense_bytes`` is their size in the parameters' dtype."""
-    weights: dict[int, tuple[QuantTensor | QuantParts, int]] = {}
-    for p in model.parameters():
-        q = getattr(p, "quant", None)
-        if isinstance(q, (QuantTensor, QuantParts)) and id(q) not in weights:
-            weights[id(q)] = (q, q.shape[0] * q.shape[1] * p.element_size())
+    weights = {id(q): (q, q.shape[0] * q.shape[1] * p.element_size()) for q, p in _quantized_weights(model)}
     packed = sum(q.nbytes for q, _ in weights.values())
     dense = sum(b for _, b in weights.values())
-    if fraction is not None or os.environ.get(ENV_FRACTION) is not None:
+    ram = None
+    if fraction is None and os.environ.get(ENV_FRACTION) is None:
+        ram = available_ram_bytes() if ram_bytes is _AUTO else ram_bytes
+    if ram is None:  # the fraction rule: memory below the dense model's
         fraction = default_fraction() if fraction is None else float(fraction)
         budget = fraction * dense - packed
-    else:
-        ram = available_ram_bytes() if ram_bytes is _AUTO else ram_bytes
-        cap = float("inf") if ram is None else RAM_SHARE * ram - packed
-        budget = dense if packed + dense <= RAM_SHARE * (ram or 0) else min(DEFAULT_FRACTION * dense - packed, cap)
+    else:  # everything if it fits in the RAM share, else the 0.9x rule capped by that share
+        cap = RAM_SHARE * ram - packed
+        budget = dense if dense <= cap else min(DEFAULT_FRACTION * dense - packed, cap)
     used = count = 0
     for q, nbytes in weights.values():
         q.memoize = used + nbytes <= budget
@@ -93,10 +91,19 @@ def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_by
 def warm_cpu_memoization(model: nn.Module) -> int:
     """Dequantize now every weight ``plan_cpu_memoization`` marked (in its parameter's dtype, the one the
     reference matmul asks for), so that the first request does not pay for it; returns how many."""
-    done: set[int] = set()
+    count = 0
+    for q, p in _quantized_weights(model):
+        if q.memoize:
+            q.dense_for_matmul(p.dtype)
+            count += 1
+    return count
+
+
+def _quantized_weights(model: nn.Module) -> list[tuple[QuantTensor | QuantParts, nn.Parameter]]:
+    """Each quantized weight of ``model`` once (tied parameters share theirs), with its first parameter."""
+    seen: dict[int, tuple] = {}
     for p in model.parameters():
         q = getattr(p, "quant", None)
-        if isinstance(q, (QuantTensor, QuantParts)) and q.memoize and id(q) not in done:
-            q.dense_for_matmul(p.dtype)
-            done.add(id(q))
-    return len(done)
+        if isinstance(q, (QuantTensor, QuantParts)) and id(q) not in seen:
+            seen[id(q)] = (q, p)
+    return list(seen.values())

@@ -18,7 +18,6 @@ def spy_fused(monkeypatch):
     """The dataflow table (``linear_backend="table"``) sends the qkv projection to the GEMV (a config with few
     programs: the interpreter runs them one by one) and every other linear to torch's matmul; returns the
     calls of the fused kernel's wrapper (their row counts)."""
-    import fdpp.dataflow.table as table
     import fdpp.ops.linear as lin
 
     qkv_config = {"BLOCK_N": 32, "BLOCK_K": 64}
@@ -26,7 +25,6 @@ def spy_fused(monkeypatch):
     def choose(device, dtype, n, k, m, **kw):
         return ("gemv", qkv_config) if n == QKV_ROWS else ("cublas", None)
 
-    monkeypatch.setattr(table, "choose_impl", choose)
     monkeypatch.setattr(lin, "choose_impl", choose)
     real = gemv_mod.gemv_rope_store
 
@@ -102,9 +100,9 @@ def test_fused_rope_decoder_matches_the_unfused_one(tiny_llm, spy_fused):
 def test_fused_rope_falls_back_where_the_qkv_projection_is_no_gemv(tiny_llm, spy_fused, monkeypatch, backend, impl):
     """The reference linear backend, or a table that sends the qkv projection to the flat GEMM or cuBLAS:
     the unfused path."""
-    import fdpp.dataflow.table as table
+    import fdpp.ops.linear as lin
 
-    monkeypatch.setattr(table, "choose_impl", lambda *a, **k: (impl, None))
+    monkeypatch.setattr(lin, "choose_impl", lambda *a, **k: (impl, None))
     model = tiny_llm.engine.model
     r = tiny_llm.engine.runner
     saved = r.kv_cache.clone()
