@@ -202,7 +202,7 @@ class EngineConfig:
     # torchrun they join its rendezvous (docs/TENSOR_PARALLEL.md). 1: in-process, as before.
     tensor_parallel_size: int = 1
     attention_backend: str = "auto"  # auto | reference | triton | triton-sync
-    linear_backend: str = "auto"  # auto | reference | table | gemv | flat | cublas
+    linear_backend: str = "auto"  # auto | reference | cpu | table | gemv | flat | cublas
     calibration: str = "auto"  # auto | off | path to a calibration JSON
     # None/auto | none | fp8 | int8 | int4 | gguf | awq | gptq | compressed-tensors | q4_k ... (fdpp.quant.config)
     quantization: str | None = None

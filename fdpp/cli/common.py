@@ -75,8 +75,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "prompts fill a step's token budget (default: budget / cap when chunks are capped, else 1)")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "reference", "triton", "triton-sync"],
                    help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
-    g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "table", "gemv", "flat", "cublas"],
-                   help="linear layer implementation (auto: the tuned lookup table on GPU)")
+    g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "cpu", "table", "gemv", "flat", "cublas"],
+                   help="linear layer implementation (auto: the tuned lookup table on GPU; on CPU 'cpu', the "
+                   "reference matmul with 4-bit weights at decode sizes in PyTorch's packed int4 kernel; "
+                   "'reference' dequantizes them instead)")
     g.add_argument("--quantization", default=None, metavar="METHOD",
                    help="weight quantization: auto (the checkpoint's own, kept quantized on every device: GGUF "
                    "blocks, AWQ, GPTQ, FP8), fp8 | int8 | int4 | q4_k (quantize at load), none (dequantize a "

@@ -40,6 +40,7 @@ def build_model(
     show_progress: bool = True,
     seed: int = 0,
     quant: Any = None,
+    packed_cpu_int4: bool = True,
 ) -> nn.Module:
     """Construct ``config``'s model with ``dtype`` parameters on ``device``.
 
@@ -47,6 +48,8 @@ def build_model(
     parameter (through the parameter's ``weight_loader``), so no second copy of the model exists.
     ``weights=None`` fills the model with random weights (benchmarks with real shapes).
     ``quant`` (a ``fdpp.quant.config.QuantPlan``): which weights are quantized (``mark_quantized_layers``).
+    ``packed_cpu_int4``: on the CPU, 4-bit weights go to PyTorch's packed int4 kernel (the ``cpu`` linear
+    backend), packed now; False: every quantized weight is planned for memoized dequantization instead.
     """
     cls = get_model_class(config)
     from fdpp.distributed.state import current_tp
@@ -76,15 +79,24 @@ def build_model(
     else:
         load_weights(model, weights, num_tensors=num_tensors, show_progress=show_progress)
     if quant is not None and quant.is_quantized and torch.device(device).type == "cpu":
-        from fdpp.quant.cpu_cache import plan_cpu_memoization, warm_cpu_memoization
+        from fdpp.quant.cpu_cache import (
+            count_packable,
+            pack_cpu_int4,
+            plan_cpu_memoization,
+            warm_cpu_memoization,
+        )
         from fdpp.utils import phase
 
-        stats = plan_cpu_memoization(model)
+        stats = plan_cpu_memoization(model, packed_kernel=packed_cpu_int4)
         logger.info("quantized weights on the CPU: %.0f MB packed, %.0f MB of %.0f MB dense memoized",
                     stats["packed_bytes"] / 1e6, stats["memoized_bytes"] / 1e6, stats["dense_bytes"] / 1e6)
         if stats["num_memoized"]:
             with phase(f"Dequantizing {stats['num_memoized']} quantized weights for the CPU", show_progress):
                 warm_cpu_memoization(model)
+        num_packed = count_packable(model) if packed_cpu_int4 else 0
+        if num_packed:
+            with phase(f"Packing {num_packed} 4-bit weights for the CPU int4 kernel", show_progress):
+                pack_cpu_int4(model)
     model.eval()
     return model
 

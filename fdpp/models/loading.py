@@ -48,7 +48,8 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
         mc = _extend_context(ModelConfig.from_hf_dict(preset), config.max_model_len)
         dtype = resolve_dtype(config.dtype, device, mc.torch_dtype)
         quant = resolve_quant_plan(config.quantization, preset, "hf", device, random_weights=True)
-        model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False, quant=quant)
+        model = build_model(mc, dtype, device, None, seed=config.seed, show_progress=False, quant=quant,
+                            packed_cpu_int4=_packed_cpu_int4(config))
         key = f"{name}-random-{dtype_name(dtype)}" + (f"-{quant.tag}" if quant.tag else "")
         return LoadedModel(mc, model, dtype, key)
 
@@ -74,8 +75,14 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
     key += "-" + dtype_name(dtype)  # the safe window of phi depends on the dtype
     key += f"-{quant.tag}" if quant.tag else ""  # and on the weights' quantization
     model = build_model(mc, dtype, device, weights, num_tensors=num, show_progress=config.show_progress,
-                        quant=quant)
+                        quant=quant, packed_cpu_int4=_packed_cpu_int4(config))
     return LoadedModel(mc, model, dtype, key, src)
+
+
+def _packed_cpu_int4(config: EngineConfig) -> bool:
+    """Whether the engine's linear backend on the CPU is ``cpu`` (the default), which multiplies 4-bit
+    weights in PyTorch's packed int4 kernel instead of dequantizing them."""
+    return getattr(config, "linear_backend", "auto") in ("auto", "cpu")
 
 
 def _is_bare_name(name: str) -> bool:

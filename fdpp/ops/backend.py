@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 ATTENTION_BACKENDS = ("auto", "reference", "triton", "triton-sync")
-LINEAR_BACKENDS = ("auto", "reference", "table", "gemv", "flat", "cublas")
+LINEAR_BACKENDS = ("auto", "reference", "cpu", "table", "gemv", "flat", "cublas")
 KERNEL_BACKENDS = ("auto", "reference", "triton")  # RMSNorm and the fused rotary + KV-cache store
 
 _CHOICES = {"attention": ATTENTION_BACKENDS, "linear": LINEAR_BACKENDS,
@@ -45,7 +45,8 @@ class Backends:
     """The resolved implementation of each op (never "auto").
 
     attention: reference | triton (unified-max softmax where calibrated) | triton-sync;
-    linear: reference | table (the tuned dataflow) | gemv | flat | cublas;
+    linear: reference | cpu (the reference matmul; 4-bit weights at decode sizes through PyTorch's packed
+    int4 CPU kernel, ``fdpp.quant.cpu_int4``) | table (the tuned dataflow) | gemv | flat | cublas;
     norm: reference | triton (RMSNorm, with the residual add fused);
     rotary: reference | triton (rotary embedding fused with the paged KV-cache store).
     """
@@ -65,9 +66,10 @@ class Backends:
 
     @classmethod
     def default(cls, device: torch.device | str) -> Backends:
-        """The documented default of a device: Triton kernels and the tuned GEMM table on CUDA, the
-        reference ops elsewhere."""
-        return _DEFAULT_CUDA if torch.device(device).type == "cuda" else _DEFAULT_OTHER
+        """The documented default of a device: Triton kernels and the tuned GEMM table on CUDA; on the CPU the
+        reference ops with the ``cpu`` linear (packed 4-bit weights); the reference ops elsewhere."""
+        kind = torch.device(device).type
+        return _DEFAULT_CUDA if kind == "cuda" else _DEFAULT_CPU if kind == "cpu" else _DEFAULT_OTHER
 
     @classmethod
     def resolve(cls, config: Any, device: torch.device | str) -> Backends:
@@ -84,6 +86,7 @@ class Backends:
 
 _DEFAULT_CUDA = Backends(attention="triton", linear="table", norm="triton", rotary="triton")
 _DEFAULT_OTHER = Backends(attention="reference", linear="reference", norm="reference", rotary="reference")
+_DEFAULT_CPU = replace(_DEFAULT_OTHER, linear="cpu")
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ def attention_backend(device: torch.device | str) -> str:
 
 
 def linear_backend(device: torch.device | str) -> str:
-    """The linear implementation for tensors on ``device``: reference | table | gemv | flat | cublas."""
+    """The linear implementation for tensors on ``device``: reference | cpu | table | gemv | flat | cublas."""
     return current_backends(device).linear
 
 

@@ -2,7 +2,9 @@
 implementations.
 
 Backends (``fdpp.ops.backend.linear_backend``):
-- ``reference``: plain PyTorch (the CPU default).
+- ``reference``: plain PyTorch; a quantized weight is dequantized (memoized on the CPU) and multiplied densely.
+- ``cpu`` (the CPU default): the reference path, except that 4-bit weights at decode sizes run PyTorch's
+  packed int4 CPU kernel (``fdpp.quant.cpu_int4``); on other devices the same as ``reference``.
 - ``cublas``: torch.nn.functional.linear (cuBLAS on a GPU) plus the epilogue in PyTorch (ImplC).
 - ``gemv`` / ``flat``: force the CUDA-core GEMV (ImplA) or the flat tensor-core GEMM (ImplB).
 - ``table``: the heuristic dataflow (the CUDA default): an O(1), sync-free lookup of (GPU, dtype, N, K, M)
@@ -87,7 +89,7 @@ def linear(
     if act not in ACTS:
         raise ValueError(f"linear: act={act!r} is not supported; use one of {ACTS}")
     if norm_weight is not None and (isinstance(weight, (QuantTensor, QuantParts))
-                                    or linear_backend(x.device) in ("reference", "cublas")):
+                                    or linear_backend(x.device) in ("reference", "cpu", "cublas")):
         from fdpp.ops.norm import rms_norm
 
         x, norm_weight = rms_norm(x, norm_weight, norm_eps), None
@@ -109,7 +111,7 @@ def linear(
         raise ValueError(f"linear: residual must have shape {(*lead, n_out)}, got {tuple(residual.shape)}")
 
     backend = linear_backend(x.device)
-    if backend in ("reference", "cublas"):
+    if backend in ("reference", "cpu", "cublas"):
         return linear_reference(x, weight, bias, residual, act)
 
     x2 = x.reshape(-1, k)
@@ -170,7 +172,14 @@ def quant_linear(
         raise ValueError(f"linear: x {tuple(x.shape)} does not match the quantized weight [{n}, {k}]")
     lead = x.shape[:-1]
     backend = linear_backend(x.device)
-    if backend == "reference" or (backend == "cublas" and x.device.type != "cuda"):
+    if backend == "cpu" and x.device.type == "cpu":
+        from fdpp.quant.cpu_int4 import quant_matmul
+
+        y = quant_matmul(x.reshape(-1, k), weight)
+        y = linear_reference_epilogue(y, bias, None if residual is None else residual.reshape(-1, residual.shape[-1]),
+                                      act)
+        return y.reshape(*lead, y.shape[-1])
+    if backend in ("reference", "cpu") or (backend == "cublas" and x.device.type != "cuda"):
         return linear_reference(x, weight.dense_for_matmul(x.dtype), bias, residual, act)
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

@@ -12,6 +12,9 @@ float32 weights, 5.5 with three quarters of them memoized).
   many as fit in 0.9x the dense bytes and in that share of memory (packed bytes included);
 - with ``fraction`` (or ``$FDPP_CPU_DEQUANT_CACHE``, in [0, 1)): while packed + memoized bytes stay under
   ``fraction`` x the dense bytes, so memory stays below the dense model's; 0 memoizes nothing.
+Under the ``cpu`` linear backend (the CPU default) weights in a 4-bit affine format
+(``fdpp.quant.cpu_int4.packable``) are left out: PyTorch's packed int4 kernel multiplies them without a
+dense copy, so the plan covers the other formats only (the embedded model's Q8_0 embedding / LM head).
 """
 from __future__ import annotations
 
@@ -60,13 +63,19 @@ def default_fraction() -> float:
 _AUTO = object()
 
 
-def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_bytes=_AUTO) -> dict[str, int]:
+def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_bytes=_AUTO,
+                         packed_kernel: bool = False) -> dict[str, int]:
     """Mark the quantized weights of ``model`` to memoize (see the module docstring). ``ram_bytes``: the
     available memory the default rule sizes itself by (default ``available_ram_bytes()``; None: unknown).
+    ``packed_kernel``: the ``cpu`` linear backend will run the 4-bit weights through PyTorch's packed int4
+    kernel (``fdpp.quant.cpu_int4``), so they need no dense copy and are left out of the plan.
 
     Returns ``{"packed_bytes", "dense_bytes", "memoized_bytes", "num_weights", "num_memoized"}`` over the
     quantized weights (tied weights counted once); ``dense_bytes`` is their size in the parameters' dtype."""
-    weights = {id(q): (q, q.shape[0] * q.shape[1] * p.element_size()) for q, p in _quantized_weights(model)}
+    from fdpp.quant.cpu_int4 import packable
+
+    weights = {id(q): (q, q.shape[0] * q.shape[1] * p.element_size()) for q, p in _quantized_weights(model)
+               if not (packed_kernel and packable(q))}
     packed = sum(q.nbytes for q, _ in weights.values())
     dense = sum(b for _, b in weights.values())
     ram = None
@@ -97,6 +106,22 @@ def warm_cpu_memoization(model: nn.Module) -> int:
             q.dense_for_matmul(p.dtype)
             count += 1
     return count
+
+
+def count_packable(model: nn.Module) -> int:
+    """How many quantized weights of ``model`` (parts of merged ones included) the packed int4 kernel takes."""
+    from fdpp.quant.cpu_int4 import supports
+
+    return sum(isinstance(p, QuantTensor) and supports(p)
+               for q, _ in _quantized_weights(model) for p in getattr(q, "parts", [q]))
+
+
+def pack_cpu_int4(model: nn.Module) -> int:
+    """Put every 4-bit weight of ``model`` in the packed int4 CPU layout now, so that the first request
+    does not pay for it (``fdpp.quant.cpu_int4.pack_model``); returns how many."""
+    from fdpp.quant.cpu_int4 import pack_model
+
+    return pack_model(q for q, _ in _quantized_weights(model))
 
 
 def _quantized_weights(model: nn.Module) -> list[tuple[QuantTensor | QuantParts, nn.Parameter]]:

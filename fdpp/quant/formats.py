@@ -55,6 +55,7 @@ class QuantTensor:
     # CPU reference path only: keep the dequantized weight after its first matmul (``plan_cpu_memoization``)
     memoize: bool = field(default=False, compare=False)
     _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cpu_int4: list = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.fmt not in FORMATS:
@@ -139,6 +140,14 @@ class QuantTensor:
         if w is None:
             w = self._dense[dtype] = self.dequantize(dtype)
         return w
+
+    def cpu_int4(self):
+        """This weight in PyTorch's packed int4 CPU layout (``fdpp.quant.cpu_int4``), made on first use and kept."""
+        if not self._cpu_int4:
+            from fdpp.quant.cpu_int4 import pack
+
+            self._cpu_int4.append(pack(self))
+        return self._cpu_int4[0]
 
     def __repr__(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""

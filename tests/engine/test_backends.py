@@ -17,7 +17,7 @@ CUDA = torch.device("cuda")  # a device object only: nothing here runs on it
 
 
 def test_resolve_auto_follows_the_device_and_explicit_names_win():
-    assert Backends.resolve(EngineConfig(), CPU) == Backends("reference", "reference", "reference", "reference")
+    assert Backends.resolve(EngineConfig(), CPU) == Backends("reference", "cpu", "reference", "reference")
     assert Backends.resolve(EngineConfig(), CUDA) == Backends("triton", "table", "triton", "triton")
     b = Backends.resolve(EngineConfig(attention_backend="triton-sync", linear_backend="gemv"), CPU)
     assert (b.attention, b.linear, b.norm, b.rotary) == ("triton-sync", "gemv", "reference", "reference")
@@ -59,7 +59,7 @@ def test_scope_precedence_and_restore():
             assert current_backends(CPU).linear == "flat"
         assert current_backends(CPU) == eng
     with use_backends(norm="triton"):
-        assert current_backends(CPU) == Backends("reference", "reference", "triton", "reference")
+        assert current_backends(CPU) == Backends("reference", "cpu", "triton", "reference")
         with engine_backends(eng):  # entered inside the override: the override still wins
             assert current_backends(CPU).norm == "triton" and current_backends(CPU).linear == "flat"
     with pytest.raises(KeyError):

@@ -124,6 +124,29 @@ def check_triton_against_hf(
     assert stats["rate"] < 0.5, stats
 
 
+def check_cpu_int4_against_hf(llm: LLM, hf_model, prompt: list[int], tol: float = 2e-2) -> None:
+    """Prefill logits through the ``cpu`` linear backend (4-bit weights in PyTorch's packed int4 kernel, with
+    bfloat16 activations: a looser tolerance than fp32's) against the twin, with the kernel taken."""
+    from fdpp.ops.backend import use_backends
+    from fdpp.quant import cpu_int4
+
+    calls = []
+    real = cpu_int4.matmul
+
+    def counting(x2, packed):
+        calls.append(x2.shape[0])
+        return real(x2, packed)
+
+    cpu_int4.matmul = counting
+    try:
+        with use_backends(linear="cpu"):
+            err = rel_err(prefill_logits(llm, prompt), hf_logits(hf_model, prompt))
+    finally:
+        cpu_int4.matmul = real
+    assert calls, "no matmul took the packed int4 kernel"
+    assert err < tol, f"cpu int4 prefill logits rel err {err:.2e} >= {tol:.0e}"
+
+
 def _check_triton_once(llm: LLM, hf_model, prompt: list[int], decode_linear: str, n_decode: int) -> None:
     with triton_backends("flat"):
         err = rel_err(prefill_logits(llm, prompt), hf_logits(hf_model, prompt))

@@ -236,13 +236,13 @@ def test_cpu_memoization_stays_under_the_dense_size():
 
     g = torch.Generator().manual_seed(8)
     model = nn.Module()
-    model.a, model.b, model.c = (nn.Linear(64, 32, bias=False) for _ in range(3))
+    model.a, model.b, model.c = (nn.Linear(256, 32, bias=False) for _ in range(3))
     for lin in (model.a, model.b, model.c):
-        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
-    model.d = nn.Linear(64, 32, bias=False)
+        lin.weight.quant = quantize(torch.randn(32, 256, generator=g), "q6_k")
+    model.d = nn.Linear(256, 32, bias=False)
     model.d.weight.quant = model.a.weight.quant  # tied: counted once
     stats = plan_cpu_memoization(model, fraction=0.6)
-    assert stats["num_weights"] == 3 and stats["dense_bytes"] == 3 * 32 * 64 * 4
+    assert stats["num_weights"] == 3 and stats["dense_bytes"] == 3 * 32 * 256 * 4
     assert stats["packed_bytes"] + stats["memoized_bytes"] <= 0.6 * stats["dense_bytes"]
     assert stats["num_memoized"] == 1 and model.a.weight.quant.memoize and not model.c.weight.quant.memoize
     q = model.a.weight.quant
@@ -264,10 +264,10 @@ def test_cpu_memoization_default_memoizes_a_small_model_whole(monkeypatch):
     monkeypatch.delenv(cpu_cache.ENV_FRACTION, raising=False)
     g = torch.Generator().manual_seed(9)
     model = nn.Module()
-    model.a, model.b, model.c = (nn.Linear(64, 32, bias=False) for _ in range(3))
+    model.a, model.b, model.c = (nn.Linear(256, 32, bias=False) for _ in range(3))
     for lin in (model.a, model.b, model.c):
-        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
-    dense = 3 * 32 * 64 * 4
+        lin.weight.quant = quantize(torch.randn(32, 256, generator=g), "q6_k")
+    dense = 3 * 32 * 256 * 4
     whole = cpu_cache.plan_cpu_memoization(model, ram_bytes=100 * dense)
     assert whole["num_memoized"] == 3 and whole["memoized_bytes"] == dense
     packed = whole["packed_bytes"]
@@ -288,10 +288,10 @@ def test_warm_cpu_memoization_dequantizes_the_marked_weights_once():
 
     g = torch.Generator().manual_seed(10)
     model = nn.Module()
-    model.a, model.b = (nn.Linear(64, 32, bias=False) for _ in range(2))
+    model.a, model.b = (nn.Linear(256, 32, bias=False) for _ in range(2))
     for lin in (model.a, model.b):
-        lin.weight.quant = quantize(torch.randn(32, 64, generator=g), "q4_0")
-    model.t = nn.Linear(64, 32, bias=False)
+        lin.weight.quant = quantize(torch.randn(32, 256, generator=g), "q6_k")
+    model.t = nn.Linear(256, 32, bias=False)
     model.t.weight.quant = model.a.weight.quant  # tied
     plan_cpu_memoization(model, fraction=0.8)  # room for one of the two
     assert warm_cpu_memoization(model) == 1

@@ -3,7 +3,8 @@
 
 Each quantized model is compared with its *dequantized twin*: a transformers model holding the very
 weights the quantized format represents (dequantized to fp32). Logits must match the twin as tightly as
-two fp32 implementations do, on the reference path and through the Triton kernels (interpreted)."""
+two fp32 implementations do, on the reference path and through the Triton kernels (interpreted); 4-bit
+formats also through the CPU's packed int4 kernel (bfloat16 activations: a looser bound)."""
 from __future__ import annotations
 
 import copy
@@ -20,6 +21,7 @@ from fdpp.quant.packing import quant_to_awq, quant_to_gptq
 from tests.helpers import write_tiny_llama
 from tests.models import (
     check_against_hf,
+    check_cpu_int4_against_hf,
     check_triton_against_hf,
     load_llm,
     random_prompt,
@@ -57,7 +59,7 @@ def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
     from fdpp.quant.formats import online_format
 
     path, hf = tiny
-    llm = load_llm(path, quantization=fmt)
+    llm = load_llm(path, quantization=fmt, linear_backend="reference")
     model = llm.engine.model
     qkv = model.model.layers[0].self_attn.qkv_proj.weight
     stored = online_format(fmt, qkv.quant.shape[1])
@@ -71,6 +73,8 @@ def test_online_quantization_matches_its_dequantized_twin(tiny, fmt):
     twin = _twin(hf, deq)
     prompts = [random_prompt(9, 128, seed=s) for s in (1, 2)]
     check_against_hf(llm, twin, prompts, n_greedy=4)
+    if fmt in ("int4", "q4_k"):
+        check_cpu_int4_against_hf(llm, twin, prompts[0])
     if fmt != "q4_k":  # its Q4_1 fallback runs through the Triton GEMV in the GGUF test below
         check_triton_against_hf(llm, twin, prompts[0][:6], "gemv", n_decode=1, unified=False)
     # and the quantization itself is close to the fp32 model
@@ -138,13 +142,15 @@ def test_quantized_checkpoints_load_kept_quantized_and_match_their_twin(tiny, tm
     path, hf = tiny
     folder, twin = _quantized_folder(path, hf, method, tmp_path)
     name = {"awq": "awq", "gptq": "gptq", "fp8": "compressed-tensors", "int8": "compressed-tensors"}[method]
-    llm = load_llm(folder, quantization=name)
+    llm = load_llm(folder, quantization=name, linear_backend="reference")
     gate_up = llm.engine.model.model.layers[1].mlp.gate_up_proj.weight
     assert gate_up.quant.fmt == fmt and gate_up.quant.shape == (192, 64)  # gate and up shards joined
     assert gate_up.quant.group_size == (32 if method == "int8" else gate_up.quant.group_size)
     prompts = [random_prompt(9, 128, seed=3)]
     check_against_hf(llm, twin, prompts, n_greedy=3)
     check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1, unified=False)
+    if fmt == "int4":
+        check_cpu_int4_against_hf(llm, twin, prompts[0])
     llm.close()
     # auto (the default) keeps it quantized on the CPU too; "none" asks for dense weights
     llm = load_llm(folder)
@@ -243,7 +249,7 @@ def test_gguf_blocks_kept_quantized_match_their_twin(tiny, tmp_path):
 
     path = _write_gguf(hf, str(tmp_path / "mixed.gguf"), qtype_of)
     twin = _twin(hf, dict(iter_gguf_tensors(path)))  # the file's weights, dequantized by the gguf package
-    llm = load_llm(path, quantization="gguf")
+    llm = load_llm(path, quantization="gguf", linear_backend="reference")
     layer = llm.engine.model.model.layers[0]
     assert isinstance(layer.self_attn.qkv_proj.weight.quant, QuantParts)
     assert layer.self_attn.o_proj.weight.quant.fmt == "q4_1"
@@ -252,6 +258,7 @@ def test_gguf_blocks_kept_quantized_match_their_twin(tiny, tmp_path):
     prompts = [random_prompt(9, 128, seed=4)]
     check_against_hf(llm, twin, prompts, n_greedy=3)
     check_triton_against_hf(llm, twin, prompts[0][:5], "gemv", n_decode=1, unified=False)
+    check_cpu_int4_against_hf(llm, twin, prompts[0])  # o_proj and the LM head (Q4_1)
     llm.close()
 
 
