@@ -79,26 +79,35 @@ def build_model(
     else:
         load_weights(model, weights, num_tensors=num_tensors, show_progress=show_progress)
     if quant is not None and quant.is_quantized and torch.device(device).type == "cpu":
-        from fdpp.quant.cpu_cache import (
-            count_packable,
-            pack_cpu_int4,
-            plan_cpu_memoization,
-            warm_cpu_memoization,
-        )
-        from fdpp.utils import phase
-
-        stats = plan_cpu_memoization(model, packed_kernel=packed_cpu_int4)
-        logger.info("quantized weights on the CPU: %.0f MB packed, %.0f MB of %.0f MB dense memoized",
-                    stats["packed_bytes"] / 1e6, stats["memoized_bytes"] / 1e6, stats["dense_bytes"] / 1e6)
-        if stats["num_memoized"]:
-            with phase(f"Dequantizing {stats['num_memoized']} quantized weights for the CPU", show_progress):
-                warm_cpu_memoization(model)
-        num_packed = count_packable(model) if packed_cpu_int4 else 0
-        if num_packed:
-            with phase(f"Packing {num_packed} 4-bit weights for the CPU int4 kernel", show_progress):
-                pack_cpu_int4(model)
+        _prepare_cpu_quantized(model, packed_cpu_int4, show_progress)
     model.eval()
     return model
+
+
+def _prepare_cpu_quantized(model: nn.Module, packed_cpu_int4: bool, show_progress: bool) -> None:
+    """Quantized weights on the CPU, at load: the LM head's keep float32 logits (``precise_output``); the
+    others that PyTorch's packed int4 kernel takes are packed for it (``packed_cpu_int4``), and the rest
+    get their memoized dense copies (``fdpp.quant.cpu_cache``)."""
+    from fdpp.layers.embedding import LMHead
+    from fdpp.quant.cpu_cache import count_packable, pack_cpu_int4, plan_cpu_memoization, warm_cpu_memoization
+    from fdpp.quant.formats import QuantParts
+    from fdpp.utils import phase
+
+    for module in model.modules():
+        q = getattr(module.weight, "quant", None) if isinstance(module, LMHead) else None
+        for part in (q.parts if isinstance(q, QuantParts) else [q]):
+            if part is not None and not isinstance(part, torch.Tensor):
+                part.precise_output = True
+    stats = plan_cpu_memoization(model, packed_kernel=packed_cpu_int4)
+    logger.info("quantized weights on the CPU: %.0f MB packed, %.0f MB of %.0f MB dense memoized",
+                stats["packed_bytes"] / 1e6, stats["memoized_bytes"] / 1e6, stats["dense_bytes"] / 1e6)
+    if stats["num_memoized"]:
+        with phase(f"Dequantizing {stats['num_memoized']} quantized weights for the CPU", show_progress):
+            warm_cpu_memoization(model)
+    num_packed = count_packable(model) if packed_cpu_int4 else 0
+    if num_packed:
+        with phase(f"Packing {num_packed} weights for the CPU int4 kernel", show_progress):
+            pack_cpu_int4(model)
 
 
 def mark_quantized_layers(model: nn.Module, quant: Any) -> None:

@@ -54,6 +54,9 @@ class QuantTensor:
     group_size: int = 0  # int4; fp8 / int8 (0: per channel)
     # CPU reference path only: keep the dequantized weight after its first matmul (``plan_cpu_memoization``)
     memoize: bool = field(default=False, compare=False)
+    # CPU: keep the product at float32 resolution (the LM head: logits), so not PyTorch's packed int4 kernel,
+    # whose output is bfloat16 (``fdpp.quant.cpu_int4``)
+    precise_output: bool = field(default=False, compare=False)
     _dense: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _cpu_int4: list = field(default_factory=list, init=False, repr=False, compare=False)
 

@@ -1,6 +1,7 @@
-"""4-bit weights on the CPU through PyTorch's packed int4 kernel (``fdpp.quant.cpu_int4``): the conversion is
-the format's own affine map, the kernel's product matches the dequantized weight's up to bfloat16 rounding,
-and the ``cpu`` linear backend routes decode-sized matmuls to it and the rest to the dense weight."""
+"""4- and 8-bit weights on the CPU through PyTorch's packed int4 kernel (``fdpp.quant.cpu_int4``): the
+conversion is the format's own affine map (two 4-bit planes for 8-bit formats), the kernel's product matches
+the dequantized weight's up to bfloat16 rounding, and the ``cpu`` linear backend routes these formats to it
+and the others to their dense weight."""
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,9 @@ from fdpp.quant.formats import QuantParts, dequantize, quantize
 
 pytestmark = pytest.mark.skipif(not cpu_int4.kernel_available(), reason="torch has no packed int4 CPU kernel")
 
-# (format, group size) for every 4-bit affine layout; N = 40 is not a multiple of 16 (padded rows)
-CASES = [("q4_0", None), ("q4_1", None), ("q4_k", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+# (format, group size) for every layout the kernel takes; N = 40 is not a multiple of 16 (padded rows)
+CASES = [("q4_0", None), ("q4_1", None), ("q4_k", None), ("int4", 32), ("int4", 64), ("int4", 128),
+         ("q8_0", None), ("int8", 0), ("int8", 64)]
 
 
 def _weight(fmt: str, group: int | None, n: int = 40, k: int = 256, seed: int = 0):
@@ -25,12 +27,15 @@ def _weight(fmt: str, group: int | None, n: int = 40, k: int = 256, seed: int = 
 
 
 @pytest.mark.parametrize("fmt,group", CASES)
-def test_affine_int4_is_the_formats_own_map(fmt, group):
+def test_affine_planes_are_the_formats_own_map(fmt, group):
     qt = _weight(fmt, group)
-    q, scale, zero, g = cpu_int4.affine_int4(qt)
-    assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15
+    planes = cpu_int4.affine_planes(qt)
+    assert len(planes) == (2 if fmt in ("q8_0", "int8") else 1)
     n, k = qt.shape
-    w = ((q.float() - 8.0).reshape(n, k // g, g) * scale[..., None] + zero[..., None]).reshape(n, k)
+    w = torch.zeros(n, k)
+    for q, scale, zero, g in planes:
+        assert q.dtype == torch.int32 and int(q.min()) >= 0 and int(q.max()) <= 15
+        w += ((q.float() - 8.0).reshape(n, k // g, g) * scale[..., None] + zero[..., None]).reshape(n, k)
     ref = dequantize(qt)
     torch.testing.assert_close(w, ref, rtol=0, atol=1e-6 * float(ref.abs().max()))
 
@@ -49,12 +54,16 @@ def test_packed_matmul_matches_the_dequantized_weight(fmt, group, m):
 
 
 def test_other_formats_are_not_packable():
-    assert not cpu_int4.packable(_weight("q8_0", None))
     assert not cpu_int4.packable(_weight("q6_k", None))
-    assert not cpu_int4.packable(_weight("int8", None))
+    assert not cpu_int4.packable(_weight("q5_k", None))
+    assert not cpu_int4.packable(_weight("fp8", None))
+    assert not cpu_int4.packable(_weight("int8", 0, k=48))  # per channel, K not a multiple of 32
+    head = _weight("q4_0", None)
+    head.precise_output = True  # the LM head: float32 logits, not the kernel's bfloat16 output
+    assert not cpu_int4.packable(head)
     mixed = QuantParts([_weight("q4_k", None), _weight("q6_k", None)])
     assert not cpu_int4.packable(mixed)
-    assert cpu_int4.packable(QuantParts([_weight("q4_k", None), _weight("q4_0", None)]))
+    assert cpu_int4.packable(QuantParts([_weight("q4_k", None), _weight("q8_0", None)]))
 
 
 def test_cpu_backend_routes_4bit_weights_to_the_packed_kernel(monkeypatch):
@@ -69,7 +78,7 @@ def test_cpu_backend_routes_4bit_weights_to_the_packed_kernel(monkeypatch):
     qt.memoize = True
     linear(x1, qt)
     linear(x32, qt)
-    linear(x32, _weight("q8_0", None))
+    linear(x32, _weight("q6_k", None))
     assert calls == [1, 32]
     with use_backends(linear="reference"):
         y = linear(x1, qt)
@@ -99,7 +108,7 @@ def test_memoization_plan_leaves_4bit_weights_to_the_packed_kernel():
     model = nn.Module()
     model.a, model.b = (nn.Linear(256, 32, bias=False) for _ in range(2))
     model.a.weight.quant = quantize(torch.randn(32, 256, generator=g), "q4_0")
-    model.b.weight.quant = quantize(torch.randn(32, 256, generator=g), "q8_0")
+    model.b.weight.quant = quantize(torch.randn(32, 256, generator=g), "q6_k")
     stats = plan_cpu_memoization(model, ram_bytes=1e12, packed_kernel=True)
     assert stats["num_weights"] == 1 and stats["num_memoized"] == 1
     assert model.b.weight.quant.memoize and not model.a.weight.quant.memoize

@@ -48,5 +48,7 @@ def test_quantized_equals_dequantized_and_perplexity_is_sane(quantized):
         assert perplexity(quantized)[0] == pytest.approx(ppl_d, rel=1e-2)
         qkv = quantized.engine.model.model.layers[0].self_attn.qkv_proj.weight.quant
         assert qkv._cpu_int4 and not qkv.memoize  # packed at load, no dense copy
+        head = quantized.engine.model.lm_head.weight.quant  # float32 logits: its memoized dense copy
+        assert head.precise_output and head.memoize and not head._cpu_int4
     finally:
         dense.close()
