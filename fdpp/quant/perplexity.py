@@ -84,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="quantizations to compare; auto = the checkpoint's own format (default: %(default)s)")
     p.add_argument("--dtype", default="auto", help="compute dtype (auto: float32 on the CPU)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--linear-backend", default="reference",
+                   help="reference (default: the formats' own quality, dequantized weights) or cpu (on the CPU, "
+                   "through PyTorch's packed int4 kernel with bfloat16 activations, as the engine runs them)")
     p.add_argument("--out", default=None, help="also write <OUT>.json and <OUT>.md (results and quant.* targets)")
     args = p.parse_args(argv)
     model = args.model or "SmolLM2-135M-Instruct Q4_1 (embedded)"
     rows = []
     for q in args.quantization:
         llm = LLM(args.model, dtype=args.dtype, device=args.device, quantization=q, show_progress=False,
-                  calibration="off")
+                  calibration="off", linear_backend=args.linear_backend)
         qkv = getattr(llm.engine.model.model.layers[0].self_attn, "qkv_proj", None)
         qt = getattr(getattr(qkv, "weight", None), "quant", None)
         stored = getattr(qt, "fmt", "dense")
@@ -98,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             stored = f"{stored} g{qt.group_size}"  # per-group scales (per channel otherwise)
         ppl, n = perplexity(llm)
         rows.append({"quantization": q, "stored_as": stored, "perplexity": ppl, "tokens": n,
-                     "device": str(llm.engine.device), "dtype": str(llm.engine.dtype).removeprefix("torch.")})
+                     "device": str(llm.engine.device), "dtype": str(llm.engine.dtype).removeprefix("torch."),
+                     "linear_backend": args.linear_backend})
         llm.close()
         print(f"{q:>8s}: perplexity {ppl:.4f} over {n} tokens (first QKV stored as {stored})", flush=True)
     text = markdown(rows, model)
