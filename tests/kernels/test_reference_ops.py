@@ -1,11 +1,12 @@
 """The reference ops' fast formulations (the CPU's decode path) against their spelled-out oracles: the batched
 decode against the per-sequence loop, the memoized step plan against a fresh one, the KV store against a
-token-by-token write."""
+token-by-token write, the RMSNorm against ``rms_norm_reference``."""
 import pytest
 import torch
 
 from fdpp.layers.context import forward_context
 from fdpp.ops import attention as A
+from fdpp.ops.norm import rms_norm, rms_norm_reference
 from tests.kernels.paged_utils import make_paged_kv
 
 
@@ -113,3 +114,53 @@ def test_store_kv_reference_writes_each_token_at_its_slot(dtype, skip):
             want_v[s // 4, s % 4] = v[t].to(dtype)
     A.store_kv_reference(k, v, k_cache, v_cache, slots.to(torch.int32))
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("dtype,weight_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                                (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_its_spelled_out_reference(dtype, weight_dtype, with_residual):
+    g = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 96, generator=g) * 4).to(dtype)
+    w = torch.randn(96, generator=g).to(weight_dtype)
+    res = torch.randn(3, 96, generator=g).to(dtype) if with_residual else None
+    out, ref = rms_norm(x, w, 1e-5, res), rms_norm_reference(x, w, 1e-5, res)
+    if with_residual:
+        assert torch.equal(out[1], ref[1])
+        out, ref = out[0], ref[0]
+    assert out.dtype == ref.dtype
+    tol = 2e-6 if ref.dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+
+
+def _rotary_oracle(x, positions, cache, rot, is_neox):
+    """Hugging Face's formulation in float64: x * cos + rotate_half(x) * sin on the first ``rot`` dims."""
+    cos, sin = cache.double()[positions].chunk(2, dim=-1)
+    xr, rest = x[..., :rot].double(), x[..., rot:]
+    if is_neox:
+        x1, x2 = xr.chunk(2, dim=-1)
+        cos, sin = torch.cat([cos, cos], -1)[:, None], torch.cat([sin, sin], -1)[:, None]
+        out = xr * cos + torch.cat([-x2, x1], dim=-1) * sin
+    else:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        cos, sin = cos.repeat_interleave(2, -1)[:, None], sin.repeat_interleave(2, -1)[:, None]
+        out = xr * cos + torch.stack([-x2, x1], dim=-1).flatten(-2) * sin
+    return torch.cat([out.to(x.dtype), rest], dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rot", [32, 16])  # every dim, or the first half (partial rotary)
+def test_apply_rotary_matches_the_rotate_half_formulation(dtype, is_neox, rot):
+    from fdpp.ops.rotary import apply_rotary, build_cos_sin_cache
+
+    g = torch.Generator().manual_seed(3)
+    cache = build_cos_sin_cache(rot, 64, 10000.0, None, torch.device("cpu"))
+    q, k = torch.randn(3, 4, 32, generator=g).to(dtype), torch.randn(3, 2, 32, generator=g).to(dtype)
+    positions = torch.tensor([0, 17, 63])
+    q_out, k_out = apply_rotary(q, k, positions, cache, is_neox)
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    for out, x in ((q_out, q), (k_out, k)):
+        assert out.dtype == dtype and out.shape == x.shape
+        torch.testing.assert_close(out, _rotary_oracle(x, positions, cache, rot, is_neox), rtol=tol, atol=tol)
+        assert torch.equal(out[..., rot:], x[..., rot:])
