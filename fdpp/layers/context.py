@@ -11,6 +11,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import Any
 
+from fdpp.ops.attention import AttentionMetadata
 from fdpp.ops.backend import Backends, engine_backends
 
 _META: contextvars.ContextVar[Any] = contextvars.ContextVar("fdpp_forward_meta", default=None)
@@ -19,15 +20,20 @@ _META: contextvars.ContextVar[Any] = contextvars.ContextVar("fdpp_forward_meta",
 @contextlib.contextmanager
 def forward_context(meta: Any, backends: Backends | None = None) -> Iterator[Any]:
     """Run a forward pass with ``meta`` (the step's ``AttentionMetadata``) and ``backends`` (the
-    engine's; None: the ops use their device's default, as in tests that call a model directly)."""
+    engine's; None: the ops use their device's default, as in tests that call a model directly).
+    The metadata memoizes what its layers derive alike for the pass (``AttentionMetadata.forward_pass``)."""
     if _META.get() is not None:
         raise RuntimeError("forward_context entered twice: a forward pass is already in progress")
     token = _META.set(meta)
     try:
-        with engine_backends(backends):
+        with engine_backends(backends), _memoizing(meta):
             yield meta
     finally:
         _META.reset(token)
+
+
+def _memoizing(meta: Any) -> contextlib.AbstractContextManager:
+    return meta.forward_pass() if isinstance(meta, AttentionMetadata) else contextlib.nullcontext()
 
 
 def get_attention_metadata() -> Any:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -75,10 +76,36 @@ class AttentionMetadata:
     # runs each part through its own kernel; the fields above describe the whole step (cache writes).
     decode_part: AttentionMetadata | None = None
     prefill_part: AttentionMetadata | None = None
+    # What every layer of one forward pass derives alike from the fields above (the reference decode's
+    # gather indices and masks): a dict while `forward_pass` is open, else None (derived per call).
+    memo: dict | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
+
+    @contextlib.contextmanager
+    def forward_pass(self) -> Iterator[AttentionMetadata]:
+        """Memoize per-step derived tensors (`memoized`) for the block: one forward pass, during which the
+        fields do not change. Closed after it, since a static step's metadata (fdpp.engine.cuda_graph) is
+        reused with new contents by the next step."""
+        parts = [m for m in (self, self.decode_part, self.prefill_part) if m is not None]
+        for m in parts:
+            m.memo = {}
+        try:
+            yield self
+        finally:
+            for m in parts:
+                m.memo = None
+
+    def memoized(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per forward pass under ``key`` (every call outside `forward_pass`)."""
+        if self.memo is None:
+            return build()
+        value = self.memo.get(key)
+        if value is None:
+            value = self.memo[key] = build()
+        return value
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,12 +192,20 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
 
 
-def store_kv_reference(k, v, k_cache, v_cache, slot_mapping) -> None:
+def store_kv_reference(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """The cache write in plain PyTorch: one `index_copy_` per cache, of the tokens whose slot is not -1.
+
+    When every slot is valid (any step but a padded one) the tokens are copied as they are: the boolean
+    selection (a nonzero, two gathers) would cost this per-layer op about four times the copy itself."""
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid].long()
-    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = k[valid].to(k_cache.dtype)
-    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)[slots] = v[valid].to(v_cache.dtype)
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        rows = valid.nonzero().squeeze(1)
+        slots, k, v = slots.index_select(0, rows), k.index_select(0, rows), v.index_select(0, rows)
+    k_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(num_blocks * block_size, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,38 +370,75 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[blocks].reshape(num_blocks * block_size, *cache.shape[2:])[:length]
 
 
-def _decode_reference_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              meta: AttentionMetadata, scale: float, sliding_window: int | None,
-                              compute_dtype: torch.dtype) -> torch.Tensor:
-    """Decode (one query per sequence) for the whole batch at once: one gather, two batched products."""
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = num_heads // num_kv_heads
+@dataclass(frozen=True)
+class DecodePlan:
+    """What the batched reference decode of one step shares across layers (`decode_plan`).
+
+    blocks: `[num_seqs * num_blocks]` int64 cache blocks to gather, row by row (entries past a sequence's
+    table are clamped to block 0: they lie past its end, so they are hidden).
+    hidden: `[num_seqs, 1, 1, max_len]` bool, the gathered slots a sequence's query may not see (past its
+    end, before its sliding window); None when it sees them all (no mask, no zeroed V).
+    empty: `[num_seqs, 1, 1]` bool, the rows with no context (graph padding); None when there are none.
+    """
+    num_blocks: int
+    max_len: int
+    blocks: torch.Tensor
+    hidden: torch.Tensor | None
+    empty: torch.Tensor | None
+
+
+def decode_plan(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> DecodePlan:
+    """The step's `DecodePlan` for caches of `block_size` (memoized per forward pass: one per window)."""
+    return meta.memoized(("decode_plan", block_size, sliding_window),
+                         lambda: _build_decode_plan(meta, block_size, sliding_window))
+
+
+def _build_decode_plan(meta: AttentionMetadata, block_size: int, sliding_window: int | None) -> DecodePlan:
     ctx = meta.context_lens.to(torch.int64)
     max_len = int(ctx.max())
     num_blocks = -(-max_len // block_size)
-    tables = meta.block_tables[:, :num_blocks].long()  # [B, nb]; entries past a sequence are masked below
-
-    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, L, Hkv, D]
-        return cache[tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_len]
-
-    k = gather(k_cache).to(compute_dtype)
-    v = gather(v_cache).to(compute_dtype)
-    qg = q.to(compute_dtype).view(num_seqs, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale  # [B, Hkv, G, L]
-    pos = torch.arange(max_len, device=q.device)
+    blocks = meta.block_tables[:, :num_blocks].long().clamp_min(0).reshape(-1)
+    pos = torch.arange(max_len, device=ctx.device)
     visible = pos[None, :] < ctx[:, None]  # [B, L]
     if sliding_window is not None:
         visible &= pos[None, :] > ctx[:, None] - 1 - sliding_window
-    scores = scores.masked_fill(~visible[:, None, None, :], float("-inf"))
+    hidden = None if bool(visible.all()) else ~visible[:, None, None, :]
+    empty = ctx == 0
+    return DecodePlan(num_blocks, max_len, blocks, hidden, empty[:, None, None] if bool(empty.any()) else None)
+
+
+def _decode_reference_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              meta: AttentionMetadata, scale: float, sliding_window: int | None,
+                              compute_dtype: torch.dtype) -> torch.Tensor:
+    """Decode (one query per sequence) for the whole batch at once: one gather, two batched products.
+
+    The same math as the per-sequence loop of `attention_reference` (masked softmax in compute_dtype);
+    what does not depend on the layer (gather indices, masks) comes from the step's `decode_plan`, and the
+    masking is skipped where nothing is hidden (a batch of equal contexts with no window cut, as one
+    sequence's decode): this path runs once per layer and step of every CPU decode."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    plan = decode_plan(meta, block_size, sliding_window)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:  # -> [B, Hkv, L, D]
+        rows = cache.index_select(0, plan.blocks).view(num_seqs, plan.num_blocks * block_size, num_kv_heads, head_dim)
+        return rows[:, :plan.max_len].to(compute_dtype).transpose(1, 2)
+
+    k, v = gather(k_cache), gather(v_cache)
+    qg = q.to(compute_dtype).view(num_seqs, num_kv_heads, group, head_dim)
+    scores = torch.matmul(qg, k.transpose(2, 3)).mul_(scale)  # [B, Hkv, G, L]
+    if plan.hidden is not None:
+        scores.masked_fill_(plan.hidden, float("-inf"))
+        # NOTE: slots past a sequence's end were gathered too and may hold anything (NaN included):
+        # zero them, since 0 * NaN would poison the weighted sum.
+        v = v.masked_fill(plan.hidden.transpose(2, 3), 0.0)
     probs = torch.softmax(scores, dim=-1)
-    # NOTE: slots past a sequence's end were gathered too and may hold anything (NaN included):
-    # zero them, since 0 * NaN would poison the weighted sum.
-    v = v.masked_fill(~visible[:, :, None, None], 0.0)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, v).reshape(num_seqs, num_heads, head_dim)
-    # a sequence with no context (graph padding) has all -inf scores: give it zeros, not NaN
-    out = torch.where((ctx > 0)[:, None, None], out, torch.zeros((), dtype=out.dtype))
-    return out.to(q.dtype)
+    out = torch.matmul(probs, v)  # [B, Hkv, G, D]
+    if plan.empty is not None:
+        # a sequence with no context (graph padding) has all -inf scores: give it zeros, not NaN
+        out.masked_fill_(plan.empty[..., None], 0.0)
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 def attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

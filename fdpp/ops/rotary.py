@@ -65,14 +65,17 @@ def apply_rotary(
     """
     cos_sin = cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
     rot = cos_sin.shape[-1]
-    cos, sin = cos_sin.chunk(2, dim=-1)  # [T, rot/2]
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
+    cos, sin = cos_sin[:, None].chunk(2, dim=-1)  # [T, 1, rot/2]
     return _rotate(q, cos, sin, rot, is_neox), _rotate(k, cos, sin, rot, is_neox)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_neox: bool) -> torch.Tensor:
-    x_rot = x[..., :rot].float()
+    # NOTE: the fp32 full-width case (the CPU decode: two calls per layer and step) takes no slice and no
+    # casts; each such no-op view costs about as much as one of the few-element products here.
+    full = rot == x.shape[-1]
+    x_rot = x if full else x[..., :rot]
+    if x_rot.dtype != torch.float32:
+        x_rot = x_rot.float()
     if is_neox:
         x1, x2 = x_rot.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -80,9 +83,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int, is_
         x1 = x_rot[..., 0::2]
         x2 = x_rot[..., 1::2]
         out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
-    if rot == x.shape[-1]:
-        return out.to(x.dtype)
-    return torch.cat([out.to(x.dtype), x[..., rot:]], dim=-1)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    return out if full else torch.cat([out, x[..., rot:]], dim=-1)
 
 
 def rope_and_store_kv(
