@@ -77,8 +77,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="attention implementation (auto: Triton on GPU, PyTorch reference on CPU)")
     g.add_argument("--linear-backend", default="auto", choices=["auto", "reference", "cpu", "table", "gemv", "flat", "cublas"],
                    help="linear layer implementation (auto: the tuned lookup table on GPU; on CPU 'cpu', the "
-                   "reference matmul with 4-bit weights at decode sizes in PyTorch's packed int4 kernel; "
-                   "'reference' dequantizes them instead)")
+                   "reference matmul with 4- and 8-bit weights in PyTorch's packed int4 kernel; 'reference' "
+                   "dequantizes them instead)")
     g.add_argument("--quantization", default=None, metavar="METHOD",
                    help="weight quantization: auto (the checkpoint's own, kept quantized on every device: GGUF "
                    "blocks, AWQ, GPTQ, FP8), fp8 | int8 | int4 | q4_k (quantize at load), none (dequantize a "

@@ -48,8 +48,8 @@ def build_model(
     parameter (through the parameter's ``weight_loader``), so no second copy of the model exists.
     ``weights=None`` fills the model with random weights (benchmarks with real shapes).
     ``quant`` (a ``fdpp.quant.config.QuantPlan``): which weights are quantized (``mark_quantized_layers``).
-    ``packed_cpu_int4``: on the CPU, 4-bit weights go to PyTorch's packed int4 kernel (the ``cpu`` linear
-    backend), packed now; False: every quantized weight is planned for memoized dequantization instead.
+    ``packed_cpu_int4``: on the CPU, 4- and 8-bit weights go to PyTorch's packed int4 kernel (the ``cpu``
+    linear backend), packed now; False: every quantized weight is planned for memoized dequantization instead.
     """
     cls = get_model_class(config)
     from fdpp.distributed.state import current_tp

@@ -80,7 +80,7 @@ def load_model(config: EngineConfig, device: torch.device) -> LoadedModel:
 
 
 def _packed_cpu_int4(config: EngineConfig) -> bool:
-    """Whether the engine's linear backend on the CPU is ``cpu`` (the default), which multiplies 4-bit
+    """Whether the engine's linear backend on the CPU is ``cpu`` (the default), which multiplies 4- and 8-bit
     weights in PyTorch's packed int4 kernel instead of dequantizing them."""
     return getattr(config, "linear_backend", "auto") in ("auto", "cpu")
 

@@ -45,8 +45,8 @@ class Backends:
     """The resolved implementation of each op (never "auto").
 
     attention: reference | triton (unified-max softmax where calibrated) | triton-sync;
-    linear: reference | cpu (the reference matmul; 4-bit weights at decode sizes through PyTorch's packed
-    int4 CPU kernel, ``fdpp.quant.cpu_int4``) | table (the tuned dataflow) | gemv | flat | cublas;
+    linear: reference | cpu (the reference matmul; 4- and 8-bit weights through PyTorch's packed int4 CPU
+    kernel, ``fdpp.quant.cpu_int4``) | table (the tuned dataflow) | gemv | flat | cublas;
     norm: reference | triton (RMSNorm, with the residual add fused);
     rotary: reference | triton (rotary embedding fused with the paged KV-cache store).
     """
@@ -67,7 +67,7 @@ class Backends:
     @classmethod
     def default(cls, device: torch.device | str) -> Backends:
         """The documented default of a device: Triton kernels and the tuned GEMM table on CUDA; on the CPU the
-        reference ops with the ``cpu`` linear (packed 4-bit weights); the reference ops elsewhere."""
+        reference ops with the ``cpu`` linear (packed 4- and 8-bit weights); the reference ops elsewhere."""
         kind = torch.device(device).type
         return _DEFAULT_CUDA if kind == "cuda" else _DEFAULT_CPU if kind == "cpu" else _DEFAULT_OTHER
 

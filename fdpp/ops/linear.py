@@ -3,8 +3,8 @@ implementations.
 
 Backends (``fdpp.ops.backend.linear_backend``):
 - ``reference``: plain PyTorch; a quantized weight is dequantized (memoized on the CPU) and multiplied densely.
-- ``cpu`` (the CPU default): the reference path, except that 4-bit weights at decode sizes run PyTorch's
-  packed int4 CPU kernel (``fdpp.quant.cpu_int4``); on other devices the same as ``reference``.
+- ``cpu`` (the CPU default): the reference path, except that 4- and 8-bit weights (q4_0, q4_1, q4_k, int4;
+  q8_0, int8) run PyTorch's packed int4 CPU kernel (``fdpp.quant.cpu_int4``); elsewhere the same as ``reference``.
 - ``cublas``: torch.nn.functional.linear (cuBLAS on a GPU) plus the epilogue in PyTorch (ImplC).
 - ``gemv`` / ``flat``: force the CUDA-core GEMV (ImplA) or the flat tensor-core GEMM (ImplB).
 - ``table``: the heuristic dataflow (the CUDA default): an O(1), sync-free lookup of (GPU, dtype, N, K, M)

@@ -12,8 +12,8 @@ float32 weights, 5.5 with three quarters of them memoized).
   many as fit in 0.9x the dense bytes and in that share of memory (packed bytes included);
 - with ``fraction`` (or ``$FDPP_CPU_DEQUANT_CACHE``, in [0, 1)): while packed + memoized bytes stay under
   ``fraction`` x the dense bytes, so memory stays below the dense model's; 0 memoizes nothing.
-Under the ``cpu`` linear backend (the CPU default) weights in a 4-bit affine format
-(``fdpp.quant.cpu_int4.packable``) are left out: PyTorch's packed int4 kernel multiplies them without a
+Under the ``cpu`` linear backend (the CPU default) weights in a format PyTorch's packed int4 kernel takes
+(``fdpp.quant.cpu_int4.packable``: 4- and 8-bit, not the LM head) are left out: PyTorch's packed int4 kernel multiplies them without a
 dense copy, so the plan covers the other formats only (the embedded model's Q8_0 embedding / LM head).
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ def plan_cpu_memoization(model: nn.Module, fraction: float | None = None, ram_by
                          packed_kernel: bool = False) -> dict[str, int]:
     """Mark the quantized weights of ``model`` to memoize (see the module docstring). ``ram_bytes``: the
     available memory the default rule sizes itself by (default ``available_ram_bytes()``; None: unknown).
-    ``packed_kernel``: the ``cpu`` linear backend will run the 4-bit weights through PyTorch's packed int4
-    kernel (``fdpp.quant.cpu_int4``), so they need no dense copy and are left out of the plan.
+    ``packed_kernel``: the ``cpu`` linear backend will run the ``packable`` weights through PyTorch's packed
+    int4 kernel (``fdpp.quant.cpu_int4``), so they need no dense copy and are left out of the plan.
 
     Returns ``{"packed_bytes", "dense_bytes", "memoized_bytes", "num_weights", "num_memoized"}`` over the
     quantized weights (tied weights counted once); ``dense_bytes`` is their size in the parameters' dtype."""
@@ -109,16 +109,16 @@ def warm_cpu_memoization(model: nn.Module) -> int:
 
 
 def count_packable(model: nn.Module) -> int:
-    """How many quantized weights of ``model`` (parts of merged ones included) the packed int4 kernel takes."""
-    from fdpp.quant.cpu_int4 import supports
+    """How many quantized weights of ``model`` (each part of a merged one counted) the packed int4 kernel
+    takes (``fdpp.quant.cpu_int4.packable``)."""
+    from fdpp.quant.cpu_int4 import packable
 
-    return sum(isinstance(p, QuantTensor) and supports(p)
-               for q, _ in _quantized_weights(model) for p in getattr(q, "parts", [q]))
+    return sum(len(getattr(q, "parts", [q])) for q, _ in _quantized_weights(model) if packable(q))
 
 
 def pack_cpu_int4(model: nn.Module) -> int:
-    """Put every 4-bit weight of ``model`` in the packed int4 CPU layout now, so that the first request
-    does not pay for it (``fdpp.quant.cpu_int4.pack_model``); returns how many."""
+    """Put every ``packable`` weight of ``model`` in the packed int4 CPU layout now, so that the first
+    request does not pay for it (``fdpp.quant.cpu_int4.pack_model``); returns how many."""
     from fdpp.quant.cpu_int4 import pack_model
 
     return pack_model(q for q, _ in _quantized_weights(model))

@@ -181,12 +181,12 @@ def quant_matmul(x2: torch.Tensor, weight) -> torch.Tensor:
 
 
 def pack_model(weights) -> int:
-    """Pack now (at load, so that no request pays for it) every weight of ``weights`` that the kernel
-    takes; returns how many."""
+    """Pack now (at load, so that no request pays for it) every ``packable`` weight of ``weights`` (each
+    part of a merged one); returns how many parts."""
     count = 0
     for q in weights:
-        for p in getattr(q, "parts", [q]):
-            if isinstance(p, QuantTensor) and supports(p):
+        if packable(q):
+            for p in getattr(q, "parts", [q]):
                 p.cpu_int4()
                 count += 1
     return count

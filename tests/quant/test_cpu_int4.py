@@ -114,3 +114,8 @@ def test_memoization_plan_leaves_4bit_weights_to_the_packed_kernel():
     assert model.b.weight.quant.memoize and not model.a.weight.quant.memoize
     assert plan_cpu_memoization(model, ram_bytes=1e12)["num_memoized"] == 2
     assert pack_cpu_int4(model) == 1 and model.a.weight.quant._cpu_int4
+    model.c = nn.Linear(256, 64, bias=False)  # a merged weight with a part the kernel does not take
+    mixed = QuantParts([quantize(torch.randn(32, 256, generator=g), "q4_0"),
+                        quantize(torch.randn(32, 256, generator=g), "q6_k")])
+    model.c.weight.quant = mixed
+    assert pack_cpu_int4(model) == 1 and not mixed.parts[0]._cpu_int4  # not packed in vain
