@@ -75,10 +75,6 @@ class PackedInt4:
     n: int
     planes: tuple[Plane, ...]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.planes for t in (p.data, p.scales_and_zeros))
-
 
 def _symmetric_int8_planes(q: torch.Tensor, scale: torch.Tensor, g: int) -> list:
     """Signed 8-bit q [N, K] with one scale per group of G: q = 16 hi + lo (hi in -8..7, lo in 0..15), so
