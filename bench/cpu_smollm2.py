@@ -9,6 +9,8 @@ fdpp variants (all ``LLM.generate`` with token ids, ``ignore_eos``):
 - ``reference``: ``linear_backend="reference"``, the Q4_1 weights dequantized to float32 once at load;
 - ``dense``: ``quantization="none"``, the checkpoint dequantized to a float32 model at load.
 transformers: the same GGUF dequantized to float32 by transformers, ``generate`` with a dynamic cache.
+``--sampling`` adds ``cpu`` with temperature 0.7 / top-p 0.9 (seeded), twice: top-p from the best 256 tokens
+(the CPU default, ``fdpp.layers.sampler``) and from the full sort (``TOP_P_CANDIDATES = 0``).
 
 Decode tok/s = (N - 1) / (wall(N) - wall(1)) (the brief's definition at B = 1), medians of ``--repeats`` runs
 after a warm-up, the variants interleaved run by run so that a noisy machine slows them alike; TTFT =
@@ -35,6 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
+    ap.add_argument("--sampling", action="store_true", help="also time top-p sampling (see above)")
     ap.add_argument("--out", default=None, help="folder for cpu_smollm2_<date>.json / .md")
     args = ap.parse_args()
     if args.threads:
@@ -50,8 +53,10 @@ def main() -> None:
     ids = variants["cpu"].apply_chat_template([{"role": "user", "content": PROMPT}])
     n = args.new_tokens
 
-    def fdpp_run(llm, tokens: int) -> tuple[float, list[int]]:
-        params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+    def fdpp_run(llm, tokens: int, sampled: bool = False) -> tuple[float, list[int]]:
+        params = SamplingParams(temperature=0.7 if sampled else 0, top_p=0.9 if sampled else 1.0,
+                                seed=0 if sampled else None,
+                                max_tokens=tokens, ignore_eos=True)
         t0 = time.perf_counter()
         out = llm.generate([ids], params, use_tqdm=False)[0]
         return time.perf_counter() - t0, list(out.outputs[0].token_ids)
@@ -61,6 +66,18 @@ def main() -> None:
     runners = {name: (lambda k, llm=llm: fdpp_run(llm, k)) for name, llm in variants.items()}
     if not args.no_transformers:
         runners["transformers"] = _transformers_runner(ids, variants["cpu"].get_tokenizer().eos_token_id)
+    if args.sampling:
+        from fdpp.layers import sampler
+
+        def sampled(tokens: int, candidates: int) -> tuple[float, list[int]]:
+            default, sampler.TOP_P_CANDIDATES = sampler.TOP_P_CANDIDATES, candidates
+            try:
+                return fdpp_run(variants["cpu"], tokens, sampled=True)
+            finally:
+                sampler.TOP_P_CANDIDATES = default
+
+        runners["cpu, top-p 0.9"] = lambda k: sampled(k, sampler.TOP_P_CANDIDATES)
+        runners["cpu, top-p 0.9, full sort"] = lambda k: sampled(k, 0)
     for run in runners.values():
         run(8)  # warm-up
     for _ in range(args.repeats):
@@ -78,7 +95,7 @@ def main() -> None:
                      "decode_tok_s_range": [min(decode), max(decode)],
                      "ttft_ms": 1e3 * statistics.median(r["wall_1"]),
                      "e2e_tok_s": n / statistics.median(r["wall_n"]),
-                     "same_greedy_tokens_as_reference": tokens[name] == tokens["reference"]})
+                     "same_greedy_tokens_as_reference": None if "top-p" in name else tokens[name] == tokens["reference"]})
     by = {r["variant"]: r for r in rows}
     targets = [{"name": "e2e.cpu_decode_vs_reference", "value": round(by["cpu"]["decode_tok_s"]
                                                                        / by["reference"]["decode_tok_s"], 3),
@@ -99,7 +116,8 @@ def main() -> None:
         "new_tokens": n,
         "repeats": args.repeats,
         "method": "decode tok/s = (N-1) / (wall(N) - wall(1)), medians, variants interleaved; TTFT = wall(1)",
-        "command": "python bench/cpu_smollm2.py" + (f" --threads {args.threads}" if args.threads else ""),
+        "command": "python bench/cpu_smollm2.py" + (f" --threads {args.threads}" if args.threads else "")
+                   + (" --sampling" if args.sampling else ""),
         "results": rows,
         "targets": targets,
     }
@@ -152,10 +170,14 @@ def markdown(res: dict) -> str:
     for r in res["results"]:
         lo, hi = r["decode_tok_s_range"]
         lines.append(f"| {r['variant']} | {r['decode_tok_s']:.1f} | {lo:.1f}-{hi:.1f} | {r['ttft_ms']:.0f} | "
-                     f"{r['e2e_tok_s']:.1f} | {'yes' if r['same_greedy_tokens_as_reference'] else 'no'} |")
+                     f"{r['e2e_tok_s']:.1f} | {_yes_no(r['same_greedy_tokens_as_reference'])} |")
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
-    lines += [f"| {t['name']} | {t['value']} | {t['goal']} | {'yes' if t['met'] else 'no'} |" for t in res["targets"]]
+    lines += [f"| {t['name']} | {t['value']} | {t['goal']} | {_yes_no(t['met'])} |" for t in res["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else "yes" if flag else "no"
 
 
 if __name__ == "__main__":
