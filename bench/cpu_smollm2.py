@@ -11,6 +11,8 @@ fdpp variants (all ``LLM.generate`` with token ids, ``ignore_eos``):
 transformers: the same GGUF dequantized to float32 by transformers, ``generate`` with a dynamic cache.
 ``--sampling`` adds ``cpu`` with temperature 0.7 / top-p 0.9 (seeded), twice: top-p from the best 256 tokens
 (the CPU default, ``fdpp.layers.sampler``) and from the full sort (``TOP_P_CANDIDATES = 0``).
+``--ttft-lens`` times the prefill of long prompts (TTFT = wall(1), prefix cache off, medians of 3) for ``cpu``
+and ``reference``: where the dense float32 GEMM of the dequantized weights is the faster one.
 
 Decode tok/s = (N - 1) / (wall(N) - wall(1)) (the brief's definition at B = 1), medians of ``--repeats`` runs
 after a warm-up, the variants interleaved run by run so that a noisy machine slows them alike; TTFT =
@@ -38,6 +40,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--no-transformers", action="store_true", help="skip the transformers peer")
     ap.add_argument("--sampling", action="store_true", help="also time top-p sampling (see above)")
+    ap.add_argument("--ttft-lens", type=int, nargs="*", default=[], metavar="N",
+                    help="also time the prefill of N-token prompts, cpu vs reference (see above)")
     ap.add_argument("--out", default=None, help="folder for cpu_smollm2_<date>.json / .md")
     args = ap.parse_args()
     if args.threads:
@@ -96,6 +100,7 @@ def main() -> None:
                      "ttft_ms": 1e3 * statistics.median(r["wall_1"]),
                      "e2e_tok_s": n / statistics.median(r["wall_n"]),
                      "same_greedy_tokens_as_reference": None if "top-p" in name else tokens[name] == tokens["reference"]})
+    ttft = _ttft_rows(args.ttft_lens) if args.ttft_lens else []
     by = {r["variant"]: r for r in rows}
     targets = [{"name": "e2e.cpu_decode_vs_reference", "value": round(by["cpu"]["decode_tok_s"]
                                                                        / by["reference"]["decode_tok_s"], 3),
@@ -117,8 +122,10 @@ def main() -> None:
         "repeats": args.repeats,
         "method": "decode tok/s = (N-1) / (wall(N) - wall(1)), medians, variants interleaved; TTFT = wall(1)",
         "command": "python bench/cpu_smollm2.py" + (f" --threads {args.threads}" if args.threads else "")
-                   + (" --sampling" if args.sampling else ""),
+                   + (" --sampling" if args.sampling else "")
+                   + (" --ttft-lens " + " ".join(map(str, args.ttft_lens)) if args.ttft_lens else ""),
         "results": rows,
+        "ttft_long_prompts": ttft,
         "targets": targets,
     }
     print(json.dumps(res, indent=1))
@@ -128,6 +135,30 @@ def main() -> None:
             json.dump(res, f, indent=1)
         with open(stem + ".md", "w") as f:
             f.write(markdown(res))
+
+
+def _ttft_rows(lens: list[int]) -> list[dict]:
+    """TTFT of N-token prompts (token ids), cpu vs reference linear, prefix cache off, medians of 3."""
+    from fdpp import LLM, SamplingParams
+
+    llms = {b: LLM(device="cpu", show_progress=False, linear_backend=b, enable_prefix_caching=False)
+            for b in ("cpu", "reference")}
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    rows = []
+    for n in lens:
+        prompt = [[1] + [100 + (i * 7919) % 40000 for i in range(n - 1)]]
+        times: dict[str, list[float]] = {b: [] for b in llms}
+        for llm in llms.values():
+            llm.generate(prompt, params, use_tqdm=False)  # warm-up
+        for _ in range(3):
+            for b, llm in llms.items():
+                t0 = time.perf_counter()
+                llm.generate(prompt, params, use_tqdm=False)
+                times[b].append(1e3 * (time.perf_counter() - t0))
+        rows.append({"prompt_tokens": n, **{f"ttft_ms_{b}": statistics.median(v) for b, v in times.items()}})
+    for llm in llms.values():
+        llm.close()
+    return rows
 
 
 def _transformers_runner(ids: list[int], eos: int):
@@ -171,6 +202,10 @@ def markdown(res: dict) -> str:
         lo, hi = r["decode_tok_s_range"]
         lines.append(f"| {r['variant']} | {r['decode_tok_s']:.1f} | {lo:.1f}-{hi:.1f} | {r['ttft_ms']:.0f} | "
                      f"{r['e2e_tok_s']:.1f} | {_yes_no(r['same_greedy_tokens_as_reference'])} |")
+    if res.get("ttft_long_prompts"):
+        lines += ["", "| prompt tokens | TTFT ms, cpu | TTFT ms, reference | cpu / reference |", "|---|---|---|---|"]
+        lines += [f"| {r['prompt_tokens']} | {r['ttft_ms_cpu']:.0f} | {r['ttft_ms_reference']:.0f} | "
+                  f"{r['ttft_ms_cpu'] / r['ttft_ms_reference']:.2f} |" for r in res["ttft_long_prompts"]]
     lines += ["", "| target | value | goal | met |", "|---|---|---|---|"]
     lines += [f"| {t['name']} | {t['value']} | {t['goal']} | {_yes_no(t['met'])} |" for t in res["targets"]]
     return "\n".join(lines) + "\n"
