@@ -34,6 +34,7 @@ output is sliced.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,9 @@ _ROW_MULTIPLE = 16
 _KERNEL_GROUPS = (256, 128, 64, 32)
 
 
+@functools.cache
 def kernel_available() -> bool:
-    """Whether this torch has the packed int4 CPU kernel (torch >= 2.5)."""
+    """Whether this torch has the packed int4 CPU kernel (torch >= 2.5); asked once (every matmul checks it)."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and \
         hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
